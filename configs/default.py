@@ -1,0 +1,96 @@
+"""Shared defaults for every run. Other configs start from `get_config()` here and override.
+
+Every field the code reads lives here, with one spelling; `--config.<path>=value` overrides it
+on the command line.
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # Input pipeline (ddpm.data).
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "mnist5k"  # mnist5k | tfds:<name> | folder:<path> | npz:<path>
+    config.data.image_size = 32
+    config.data.channels = 1
+    config.data.data_dir = placeholder(str)  # TFDS data_dir (None = TFDS default)
+    config.data.train_split = "train"
+    config.data.eval_split = "test"
+    config.data.image_key = "image"
+    config.data.label_key = "label"
+    config.data.random_flip = False
+    config.data.skip_corrupt = False
+    config.data.num_workers = 0  # grain worker processes; 0 = in the main process
+    config.data.prefetch = 2  # batches buffered ahead of the train step
+
+    # Network (ddpm.models).
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "unet"
+    config.model.ch = 64
+    config.model.ch_mult = (1, 2, 2)
+    config.model.num_res_blocks = 2
+    config.model.attention_resolutions = (16,)
+    config.model.num_heads = 4
+    config.model.head_dim = placeholder(int)  # set: heads = channels // head_dim
+    config.model.dropout = 0.1
+    config.model.num_classes = placeholder(int)  # None = unconditional; else null label = n
+    config.model.resblock_updown = False
+    config.model.scale_shift_norm = False  # AdaGN-style time conditioning
+    config.model.num_groups = 32
+    config.model.learn_sigma = False
+    config.model.time_embed_freqs = placeholder(int)  # None = ch // 2 frequencies
+    config.model.time_embed_max_period = 10000.0
+    config.model.dtype = "float32"  # compute dtype, e.g. bfloat16
+    config.model.param_dtype = "float32"
+    config.model.remat = False
+
+    # Forward process and objective (ddpm.schedules, ddpm.diffusion).
+    config.diffusion = ml_collections.ConfigDict()
+    config.diffusion.schedule = "linear"  # linear | cosine | scaled_linear | sigmoid
+    config.diffusion.num_timesteps = 1000
+    config.diffusion.prediction = "eps"  # eps | x0 | v
+    config.diffusion.loss_weighting = "none"  # none | min_snr
+    config.diffusion.min_snr_gamma = 5.0
+    config.diffusion.zero_terminal_snr = False
+
+    # Optimisation and bookkeeping (ddpm.train).
+    config.training = ml_collections.ConfigDict()
+    config.training.num_steps = 10_000
+    config.training.batch_size = 128  # global, over all devices and hosts
+    config.training.optimizer = "adamw"  # adam | adamw
+    config.training.learning_rate = 2e-4
+    config.training.lr_schedule = "constant"  # constant | cosine (after warmup)
+    config.training.warmup_steps = 1000
+    config.training.weight_decay = 0.0
+    config.training.adam_b2 = 0.999
+    config.training.grad_clip = 1.0
+    config.training.grad_accum_steps = 1
+    config.training.ema_decay = 0.9999
+    config.training.ema_warmup = False
+    config.training.label_dropout = 0.1
+    config.training.log_every = 50
+    config.training.checkpoint_every = 1000
+    config.training.keep_checkpoints = 3
+    config.training.sample_every = 5000
+
+    # Generation (ddpm.samplers).
+    config.sample = ml_collections.ConfigDict()
+    config.sample.method = "ddim"  # ddpm | ddim | dpm++2m | dpm++2s | euler | heun
+    config.sample.num_steps = 50
+    config.sample.eta = 0.0
+    config.sample.spacing = "trailing"  # leading | trailing | linspace
+    config.sample.guidance_scale = 1.0
+    config.sample.num_samples = 64
+    config.sample.batch_size = 64
+    config.sample.labels = placeholder(int)  # None = all classes in rows; else one class id
+    config.sample.clip_x0 = True  # pixel space only
+
+    # Evaluation (ddpm.evaluate).
+    config.eval = ml_collections.ConfigDict()
+    config.eval.metrics = ("bpd",)
+    config.eval.num_samples = 1000
+    return config

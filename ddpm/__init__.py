@@ -1,0 +1,1 @@
+"""Denoising diffusion models as functional JAX/Flax programs."""
