@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.ch_mult = (1, 2, 2)
     config.model.num_res_blocks = 2
     config.model.attention_resolutions = (16,)
+    config.model.mid_attention = True  # self-attention in the middle block (DDPM: True)
     config.model.num_heads = 4
     config.model.head_dim = placeholder(int)  # set: heads = channels // head_dim
     config.model.dropout = 0.1

@@ -1,0 +1,166 @@
+"""Building blocks of the U-Net: timestep embedding, ResBlock, self-attention, resampling.
+
+Every module computes in `dtype` (e.g. bfloat16) and keeps its parameters in `param_dtype`
+(float32). Images are NHWC.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike, DTypeLike
+
+Array = jax.Array
+
+# DDPM's `default_init(1.0)`: variance scaling over fan_avg with a uniform distribution.
+default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+
+
+def timestep_embedding(t: ArrayLike, dim: int, max_period: float = 10000.0) -> Array:
+    """Sinusoidal embedding of (possibly fractional) timesteps, transformer-style.
+
+    With h = dim // 2 frequencies f_i = max_period^(-i / h), i = 0..h-1:
+        emb(t) = [cos(t f_0), ..., cos(t f_{h-1}), sin(t f_0), ..., sin(t f_{h-1})]
+    and a trailing zero column when `dim` is odd.
+
+    t: [B] int or float. Returns [B, dim] float32.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def _conv(features: int, dtype: DTypeLike, param_dtype: DTypeLike, **kw) -> nn.Conv:
+    """3x3 'SAME' convolution (unless `kernel_size`/`strides` are overridden in `kw`)."""
+    kw.setdefault("kernel_size", (3, 3))
+    kw.setdefault("kernel_init", default_init)
+    return nn.Conv(features, padding="SAME", dtype=dtype, param_dtype=param_dtype, **kw)
+
+
+def _upsample_nearest(x: Array) -> Array:
+    """[B, H, W, C] -> [B, 2H, 2W, C], nearest neighbour."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def _downsample_avg(x: Array) -> Array:
+    """[B, H, W, C] -> [B, H/2, W/2, C], 2x2 average pooling."""
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a 3x3 stride-2 convolution. x: [B, H, W, C] -> [B, H/2, W/2, C]."""
+
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        return _conv(x.shape[-1], self.dtype, self.param_dtype, strides=(2, 2))(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W (nearest neighbour) then a 3x3 convolution. [B, H, W, C] -> [B, 2H, 2W, C]."""
+
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        return _conv(x.shape[-1], self.dtype, self.param_dtype)(_upsample_nearest(x))
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the time(+label) embedding.
+
+    h = conv(act(norm(x)));  h = h + dense(act(emb))  (or, with `scale_shift_norm`,
+    h = norm(h) * (1 + scale) + shift);  h = conv(dropout(act(norm(h))));  out = skip(x) + h,
+    where skip is a 1x1 convolution when the channel count changes. With `resample` = "down"
+    or "up" the block also halves or doubles H and W (BigGAN style: both branches are
+    resampled after the first norm/activation).
+
+    x: [B, H, W, C_in], emb: [B, E]. Returns [B, H', W', out_ch] in `dtype`.
+    """
+
+    out_ch: int
+    num_groups: int = 32
+    dropout: float = 0.0
+    scale_shift_norm: bool = False
+    resample: str | None = None  # None | "down" | "up"
+    deterministic: bool = True  # no dropout (evaluation)
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    def _norm(self, name: str) -> nn.GroupNorm:
+        return nn.GroupNorm(
+            self.num_groups, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+
+    @nn.compact
+    def __call__(self, x: Array, emb: Array) -> Array:
+        h = nn.silu(self._norm("norm1")(x))
+        if self.resample == "down":
+            h, x = _downsample_avg(h), _downsample_avg(x)
+        elif self.resample == "up":
+            h, x = _upsample_nearest(h), _upsample_nearest(x)
+        h = _conv(self.out_ch, self.dtype, self.param_dtype, name="conv1")(h)
+
+        emb_dim = 2 * self.out_ch if self.scale_shift_norm else self.out_ch
+        emb_out = nn.Dense(
+            emb_dim,
+            kernel_init=default_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="emb_proj",
+        )(nn.silu(emb))[:, None, None, :]
+        if self.scale_shift_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = self._norm("norm2")(h) * (1 + scale) + shift
+        else:
+            h = self._norm("norm2")(h + emb_out)
+        h = nn.silu(h)
+        h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+        h = _conv(self.out_ch, self.dtype, self.param_dtype, name="conv2")(h)
+
+        if x.shape[-1] != self.out_ch:
+            x = _conv(self.out_ch, self.dtype, self.param_dtype, kernel_size=(1, 1), name="skip")(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions, with a residual connection.
+
+    out = x + proj(attention(q, k, v)),  q, k, v = dense(norm(x)), via
+    `jax.nn.dot_product_attention` (a fused kernel where the backend has one).
+    Heads: `num_heads`, or C // `head_dim` when `head_dim` is set.
+
+    x: [B, H, W, C]. Returns [B, H, W, C] in `dtype`.
+    """
+
+    num_heads: int = 1
+    head_dim: int | None = None
+    num_groups: int = 32
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, h, w, c = x.shape
+        heads = c // self.head_dim if self.head_dim else self.num_heads
+        dense = lambda feats, name: nn.Dense(
+            feats,
+            kernel_init=default_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+        y = nn.GroupNorm(self.num_groups, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        qkv = dense(3 * c, "qkv")(y.reshape(b, h * w, c))
+        q, k, v = jnp.split(qkv.reshape(b, h * w, 3, heads, c // heads), 3, axis=2)
+        y = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])  # [B, T, N, D]
+        y = dense(c, "proj")(y.reshape(b, h * w, c))
+        return x + y.reshape(b, h, w, c)

@@ -1,0 +1,273 @@
+"""The DDPM U-Net (Ho et al. 2020), with the options of its successors.
+
+Encoder: a 3x3 input conv, then per level `num_res_blocks` ResBlocks (each followed by
+self-attention when the feature map's resolution is in `attention_resolutions`) and a
+downsample (except the last level). Middle: ResBlock, attention, ResBlock. Decoder: per
+level `num_res_blocks + 1` ResBlocks on the concatenation with the matching encoder
+activation (attention as in the encoder) and an upsample (except the first level).
+Output: GroupNorm, SiLU, a zero-initialised 3x3 conv — a fresh model outputs zeros.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.typing import ArrayLike, DTypeLike
+
+from ddpm.models.layers import (
+    AttentionBlock,
+    Downsample,
+    ResBlock,
+    Upsample,
+    _conv,
+    default_init,
+    timestep_embedding,
+)
+
+Array = jax.Array
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UNet(nn.Module):
+    """Denoiser eps/x0/v = f(x_t, t[, label]).
+
+    Fields mirror `config.model` (see `configs/default.py`); `out_channels` is the image's
+    channel count (doubled when `learn_sigma`).
+    """
+
+    out_channels: int
+    ch: int = 64
+    ch_mult: Sequence[int] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: Sequence[int] = (16,)
+    num_heads: int = 4
+    head_dim: int | None = None
+    mid_attention: bool = True
+    dropout: float = 0.0
+    num_classes: int | None = None
+    resblock_updown: bool = False
+    scale_shift_norm: bool = False
+    num_groups: int = 32
+    time_embed_freqs: int | None = None
+    time_embed_max_period: float = 10000.0
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(
+        self, x: ArrayLike, t: ArrayLike, labels: ArrayLike | None = None, train: bool = False
+    ) -> Array:
+        """x: [B, H, W, C] float, t: [B] int or float (fractional t is fine),
+        labels: [B] int in [0, num_classes] (num_classes = the null label of classifier-free
+        guidance) or None (= all null; ignored by an unconditional model).
+        `train=True` enables dropout and then needs `rngs={"dropout": key}`.
+        Returns [B, H, W, out_channels] float32.
+        """
+        x = jnp.asarray(x)
+        levels = len(self.ch_mult)
+        factor = 2 ** (levels - 1)
+        if x.ndim != 4 or x.shape[1] % factor or x.shape[2] % factor:
+            raise ValueError(
+                f"U-Net input of shape {x.shape}: expected [B, H, W, C] with H and W divisible "
+                f"by 2^(len(ch_mult)-1)={factor}"
+            )
+        res_block = nn.remat(ResBlock) if self.remat else ResBlock
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        block = lambda out_ch, name, resample=None: res_block(
+            out_ch,
+            num_groups=self.num_groups,
+            dropout=self.dropout,
+            scale_shift_norm=self.scale_shift_norm,
+            resample=resample,
+            deterministic=not train,
+            name=name,
+            **common,
+        )
+        attention = lambda name: AttentionBlock(
+            self.num_heads, self.head_dim, self.num_groups, name=name, **common
+        )
+
+        emb = self._embed(t, labels)
+
+        h = _conv(self.ch, name="conv_in", **common)(x.astype(self.dtype))
+        hs = [h]
+        for level, mult in enumerate(self.ch_mult):
+            for i in range(self.num_res_blocks):
+                h = block(self.ch * mult, f"down{level}_res{i}")(h, emb)
+                if h.shape[1] in self.attention_resolutions:
+                    h = attention(f"down{level}_attn{i}")(h)
+                hs.append(h)
+            if level != levels - 1:
+                if self.resblock_updown:
+                    h = block(h.shape[-1], f"down{level}_resample", "down")(h, emb)
+                else:
+                    h = Downsample(name=f"down{level}_resample", **common)(h)
+                hs.append(h)
+
+        h = block(h.shape[-1], "mid_res0")(h, emb)
+        if self.mid_attention:
+            h = attention("mid_attn")(h)
+        h = block(h.shape[-1], "mid_res1")(h, emb)
+
+        for level in reversed(range(levels)):
+            for i in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, hs.pop()], axis=-1)
+                h = block(self.ch * self.ch_mult[level], f"up{level}_res{i}")(h, emb)
+                if h.shape[1] in self.attention_resolutions:
+                    h = attention(f"up{level}_attn{i}")(h)
+            if level != 0:
+                if self.resblock_updown:
+                    h = block(h.shape[-1], f"up{level}_resample", "up")(h, emb)
+                else:
+                    h = Upsample(name=f"up{level}_resample", **common)(h)
+
+        h = nn.GroupNorm(self.num_groups, name="norm_out", **common)(h)
+        h = _conv(self.out_channels, kernel_init=nn.initializers.zeros, name="conv_out", **common)(
+            nn.silu(h)
+        )
+        return h.astype(jnp.float32)
+
+    def _embed(self, t: ArrayLike, labels: ArrayLike | None) -> Array:
+        """Time MLP (+ label embedding). t: [B], labels: [B] or None. Returns [B, 4*ch]."""
+        dim = 4 * self.ch
+        freqs = self.time_embed_freqs or self.ch // 2
+        emb = timestep_embedding(t, 2 * freqs, self.time_embed_max_period)
+        dense = lambda name: nn.Dense(
+            dim,
+            kernel_init=default_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+        emb = dense("time_dense1")(emb.astype(self.dtype))
+        emb = dense("time_dense2")(nn.silu(emb))
+        if self.num_classes is not None:
+            if labels is None:
+                labels = jnp.full(emb.shape[:1], self.num_classes, jnp.int32)
+            emb = emb + nn.Embed(
+                self.num_classes + 1,
+                dim,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="label_embed",
+            )(jnp.asarray(labels, jnp.int32))
+        return emb
+
+
+def _levels(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
+    """(resolution, channels) of each U-Net level, highest resolution first."""
+    m = config.model
+    return [(config.data.image_size // 2**i, m.ch * mult) for i, mult in enumerate(m.ch_mult)]
+
+
+def _fmt(values) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def validate_unet_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming the first invalid `config.model.*` / `config.data.*` field."""
+    m, d = config.model, config.data
+    if not isinstance(d.channels, int) or d.channels < 1:
+        raise ValueError(f"config.data.channels={d.channels!r} must be a positive int")
+    if not isinstance(m.ch, int) or m.ch < 1:
+        raise ValueError(f"config.model.ch={m.ch!r} must be a positive int")
+    if len(m.ch_mult) == 0 or any(not isinstance(c, int) or c < 1 for c in m.ch_mult):
+        raise ValueError(
+            f"config.model.ch_mult={tuple(m.ch_mult)!r} must be a non-empty tuple of positive "
+            "ints, e.g. (1, 2, 2)"
+        )
+    if not isinstance(m.num_res_blocks, int) or m.num_res_blocks < 1:
+        raise ValueError(f"config.model.num_res_blocks={m.num_res_blocks!r} must be an int >= 1")
+    factor = 2 ** (len(m.ch_mult) - 1)
+    size = d.image_size
+    if not isinstance(size, int) or size < 1 or size % factor:
+        lo = max(factor, size // factor * factor) if isinstance(size, int) else factor
+        raise ValueError(
+            f"config.data.image_size={size!r} is not divisible by 2^(len(config.model.ch_mult)-1)"
+            f"={factor}; sizes that work are multiples of {factor}, e.g. {lo} or {lo + factor} "
+            "(or pad the images, or use fewer levels in config.model.ch_mult)"
+        )
+    levels = _levels(config)
+    resolutions = [r for r, _ in levels]
+    bad = [r for r in m.attention_resolutions if r not in resolutions]
+    if bad:
+        raise ValueError(
+            f"config.model.attention_resolutions={tuple(m.attention_resolutions)!r} is not a "
+            f"subset of the resolutions of the U-Net (resolutions: {_fmt(resolutions)})"
+        )
+    if not isinstance(m.num_groups, int) or m.num_groups < 1:
+        raise ValueError(f"config.model.num_groups={m.num_groups!r} must be a positive int")
+    for _, c in levels:
+        if c % m.num_groups:
+            raise ValueError(
+                f"config.model.num_groups={m.num_groups} does not divide the channel count {c} "
+                f"(channels: {_fmt(c for _, c in levels)} = config.model.ch * ch_mult)"
+            )
+    attn_channels = [c for r, c in levels if r in m.attention_resolutions]
+    if m.mid_attention:
+        attn_channels.append(levels[-1][1])
+    for c in attn_channels:
+        if m.head_dim is not None:
+            if m.head_dim < 1 or c % m.head_dim:
+                raise ValueError(
+                    f"config.model.head_dim={m.head_dim} does not divide the channel count {c} "
+                    "of an attention block"
+                )
+        elif m.num_heads < 1 or c % m.num_heads:
+            raise ValueError(
+                f"config.model.num_heads={m.num_heads} does not divide the channel count {c} "
+                "of an attention block"
+            )
+    if not 0.0 <= m.dropout < 1.0:
+        raise ValueError(f"config.model.dropout={m.dropout!r} must be in [0, 1)")
+    if m.num_classes is not None and (not isinstance(m.num_classes, int) or m.num_classes < 1):
+        raise ValueError(
+            f"config.model.num_classes={m.num_classes!r} must be None (unconditional) or an "
+            "int >= 1"
+        )
+    if m.time_embed_freqs is not None and m.time_embed_freqs < 1:
+        raise ValueError(
+            f"config.model.time_embed_freqs={m.time_embed_freqs!r} must be None (= ch // 2) "
+            "or an int >= 1"
+        )
+    if (m.time_embed_freqs or m.ch // 2) < 1:
+        raise ValueError(
+            f"config.model.ch={m.ch} gives no time-embedding frequencies (ch // 2 = 0); "
+            "set config.model.time_embed_freqs"
+        )
+    if not m.time_embed_max_period > 0:
+        raise ValueError(
+            f"config.model.time_embed_max_period={m.time_embed_max_period!r} must be > 0"
+        )
+    for field in ("dtype", "param_dtype"):
+        if m[field] not in DTYPES:
+            raise ValueError(f"config.model.{field}={m[field]!r} is not one of {_fmt(DTYPES)}")
+
+
+def unet_from_config(config: ml_collections.ConfigDict) -> UNet:
+    """Validate `config` and build the U-Net it describes."""
+    validate_unet_config(config)
+    m = config.model
+    return UNet(
+        out_channels=config.data.channels * (2 if m.learn_sigma else 1),
+        ch=m.ch,
+        ch_mult=tuple(m.ch_mult),
+        num_res_blocks=m.num_res_blocks,
+        attention_resolutions=tuple(m.attention_resolutions),
+        num_heads=m.num_heads,
+        head_dim=m.head_dim,
+        mid_attention=m.mid_attention,
+        dropout=m.dropout,
+        num_classes=m.num_classes,
+        resblock_updown=m.resblock_updown,
+        scale_shift_norm=m.scale_shift_norm,
+        num_groups=m.num_groups,
+        time_embed_freqs=m.time_embed_freqs,
+        time_embed_max_period=m.time_embed_max_period,
+        dtype=jnp.dtype(m.dtype),
+        param_dtype=jnp.dtype(m.param_dtype),
+        remat=m.remat,
+    )
