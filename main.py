@@ -6,7 +6,9 @@ Thin on purpose: flags and config here, everything else in `ddpm.train` / `ddpm.
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory holding everything of the run.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to run.")
 flags.mark_flags_as_required(["config", "workdir"])

@@ -83,7 +83,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.method = "ddim"  # ddpm | ddim | dpm++2m | dpm++2s | euler | heun
     config.sample.num_steps = 50
     config.sample.eta = 0.0
-    config.sample.spacing = "trailing"  # leading | trailing | linspace
+    config.sample.spacing = "trailing"  # leading | trailing | linspace | karras (not euler/heun)
+    config.sample.variance = (
+        "fixed_small"  # ddpm: fixed_small | fixed_large (learned if learn_sigma)
+    )
+    config.sample.dynamic_threshold = placeholder(float)  # Imagen quantile, e.g. 0.995 (pixels)
+    config.sample.churn = 0.0  # euler / heun: EDM S_churn
     config.sample.guidance_scale = 1.0
     config.sample.num_samples = 64
     config.sample.batch_size = 64

@@ -1,0 +1,39 @@
+"""The default run: class-conditional diffusion on the embedded MNIST-5k digits (2-core CPU).
+
+python main.py --config=configs/mnist.py --workdir=runs/mnist
+"""
+
+import ml_collections
+
+from configs import default, models
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = default.get_config()
+    config.data.source = "mnist5k"
+    config.data.image_size = 32  # 28x28 digits padded to 32x32
+    config.data.channels = 1
+    config.model = models.mnist_small()
+
+    config.diffusion.schedule = "cosine"
+    config.diffusion.num_timesteps = 1000
+    config.diffusion.prediction = "eps"
+
+    t = config.training
+    t.num_steps = 4000
+    t.batch_size = 64
+    t.learning_rate = 2e-3
+    t.warmup_steps = 200
+    t.lr_schedule = "cosine"
+    t.ema_decay = 0.999
+    t.ema_warmup = True
+    t.label_dropout = 0.1
+    t.log_every = 100
+    t.checkpoint_every = 500
+    t.sample_every = 2000
+
+    config.sample.method = "ddim"
+    config.sample.num_steps = 50
+    config.sample.guidance_scale = 2.0
+    config.sample.num_samples = 100  # 10 rows (one per digit) of 10
+    return config

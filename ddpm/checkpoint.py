@@ -1,0 +1,63 @@
+"""Orbax checkpoints of a run: train state, data-iterator position and config, by step.
+
+Each step is one orbax composite checkpoint under `workdir/checkpoints/<step>` with items
+`state` (the TrainState pytree), `data` (the iterator state, JSON) and `config` (JSON).
+Orbax writes to a temporary folder and renames it when complete, so a run killed mid-save
+leaves the previous checkpoint as the latest.
+"""
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Saves and restores the checkpoints of one workdir (async saves, last `keep` kept)."""
+
+    def __init__(self, workdir: str, *, keep: int, save_async: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=save_async
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict, config_json: dict) -> None:
+        """Starts saving `state` at `step` (returns before an async save finishes)."""
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config_json),
+            ),
+            force=True,
+        )
+
+    def restore(self, step: int, target_state: Any) -> tuple[Any, dict]:
+        """(state, data_state) of `step`, placed like `target_state`.
+
+        `target_state` is a pytree of arrays (or `jax.ShapeDtypeStruct`s with shardings) that
+        gives each leaf's shape, dtype and sharding: a checkpoint saved on any number of
+        devices restores onto the current mesh.
+        """
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
+            ),
+        )
+        return restored.state, restored.data
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -1,0 +1,604 @@
+"""Reverse-process samplers: DDPM, DDIM, DPM-Solver++ (2M, 2S), Euler and Heun (EDM).
+
+One core. `sample` builds the method's *grid* (a table of noise levels, one row per step) and
+runs the method's *step* function over it in a single `lax.scan`; methods differ only in those
+two functions. Between steps the state is x in the variance-preserving scale,
+x_t = alpha x_0 + sigma eps with alpha = sqrt(ab), sigma = sqrt(1 - ab). The ODE samplers also
+use the variance-exploding variable x / alpha and its noise level s = sigma / alpha (Karras et
+al., 2022), in which the probability-flow ODE reads dx/ds = eps(x, s).
+
+The model is called as `denoise_fn(x_t, t, labels)` with t: [B] float32. Timestep grids
+(ddpm, ddim, dpm++ with spacing leading, trailing or linspace) pass integer-valued t; Karras
+sigmas (euler, heun, or spacing="karras") and the DPM++2S midpoints pass a fractional t
+found by interpolating log s on the schedule's table, like k-diffusion's `DiscreteSchedule`.
+Every grid ends at s = 0: the last step returns x_0.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm.diffusion import PREDICTIONS, predict_x0_eps, x0_to_eps
+from ddpm.schedules import Schedule
+
+Array = jax.Array
+Grid = dict[str, Array]  # every value has shape [num_steps]
+DenoiseFn = Callable[[Array, Array, Array | None], Array]
+Predict = Callable[[Array, Array, Array, Array], tuple[Array, Array, Array | None]]
+
+METHODS = ("ddpm", "ddim", "dpm++2m", "dpm++2s", "euler", "heun")
+SPACINGS = ("leading", "trailing", "linspace", "karras")
+VARIANCES = ("fixed_small", "fixed_large", "learned")
+KARRAS_METHODS = ("euler", "heun")  # always on Karras sigmas; `spacing` does not apply
+
+
+# --------------------------------------------------------------------------------------------
+# Noise levels.
+
+
+def timesteps(num_timesteps: int, num_steps: int, spacing: str = "trailing") -> np.ndarray:
+    """The discrete timesteps a sampler visits, in visiting (descending) order.  -> [n] int64.
+
+    With T = num_timesteps and n = num_steps (0-based t, as in `Schedule`):
+      leading:  (T // n) * [n-1, ..., 1, 0]            e.g. T=1000, n=50: 980, 960, ..., 0
+      trailing: round(T - i T / n) - 1, i = 0..n-1      e.g. 999, 979, ..., 19 (starts at T-1)
+      linspace: round(linspace(T - 1, 0, n))            e.g. 999, 979, ..., 0 (both ends)
+    (the `timestep_spacing` options of diffusers). With n = T all three give T-1, ..., 0.
+    The fourth sampler spacing, karras, has fractional timesteps: see `karras_sigmas`.
+    """
+    _check_spacing(spacing)
+    if spacing == "karras":
+        raise ValueError("spacing='karras' has no integer timesteps; see karras_sigmas")
+    _check_num_steps(num_steps, num_timesteps, discrete=True)
+    T, n = num_timesteps, num_steps
+    if spacing == "leading":
+        ts = np.arange(n - 1, -1, -1) * (T // n)
+    elif spacing == "trailing":
+        ts = np.round(T - np.arange(n) * (T / n)).astype(np.int64) - 1
+    else:
+        ts = np.round(np.linspace(T - 1, 0, n)).astype(np.int64)
+    return ts.astype(np.int64)
+
+
+def log_sigmas(schedule: Schedule) -> Array:
+    """log s_t = log(sigma_t / alpha_t), the variance-exploding noise level of each t.  -> [T]."""
+    return jnp.log(schedule.sqrt_one_minus_alpha_bars) - jnp.log(schedule.sqrt_alpha_bars)
+
+
+def sigma_to_t(schedule: Schedule, sigma: Array) -> Array:
+    """Fractional timestep of a VE noise level: linear interpolation of t in log s.
+
+    sigma: any shape, > 0 -> float32 of the same shape, clamped to [0, T-1].
+    """
+    grid = jnp.arange(schedule.num_timesteps, dtype=jnp.float32)
+    return jnp.interp(jnp.log(sigma), log_sigmas(schedule), grid)
+
+
+def t_to_sigma(schedule: Schedule, t: Array) -> Array:
+    """VE noise level s(t) at a fractional timestep (inverse of `sigma_to_t`).  t: any shape."""
+    grid = jnp.arange(schedule.num_timesteps, dtype=jnp.float32)
+    return jnp.exp(jnp.interp(jnp.asarray(t, jnp.float32), grid, log_sigmas(schedule)))
+
+
+def karras_sigmas(sigma_min: Array, sigma_max: Array, num_steps: int, rho: float = 7.0) -> Array:
+    """EDM noise levels s_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho.
+
+    Returns [n] float32, descending from sigma_max to sigma_min (n = 1: just sigma_max).
+    """
+    ramp = jnp.linspace(0.0, 1.0, num_steps) if num_steps > 1 else jnp.zeros((1,))
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def _schedule_karras_sigmas(schedule: Schedule, num_steps: int, rho: float) -> Array:
+    """`karras_sigmas` between the schedule's levels s_0 and s_{T-1}.  -> [n] float32."""
+    log_s = log_sigmas(schedule)
+    return karras_sigmas(jnp.exp(log_s[0]), jnp.exp(log_s[-1]), num_steps, rho)
+
+
+def _vp(s: Array) -> tuple[Array, Array]:
+    """(alpha, sigma) of the VP process at VE level s: alpha = 1/sqrt(1 + s^2), sigma = s alpha."""
+    alpha = jax.lax.rsqrt(1.0 + jnp.square(s))
+    return alpha, s * alpha
+
+
+def _log_snr(alpha: Array, sigma: Array) -> Array:
+    """lambda = log(alpha / sigma), the half log-SNR of DPM-Solver."""
+    return jnp.log(alpha) - jnp.log(sigma)
+
+
+# --------------------------------------------------------------------------------------------
+# Grids: one row per step. Common fields: index (int32), last (bool), t (model time of the
+# current level), alpha, sigma (current VP level, that of the carried x), alpha_next, sigma_next.
+
+
+def _discrete_grid(schedule: Schedule, num_steps: int, spacing: str, opts: "_Options") -> Grid:
+    """The levels of `timesteps(T, n, spacing)` (or n Karras sigmas for spacing="karras", at
+    fractional t), then x_0 (alpha = 1, sigma = 0).
+
+    `beta` is the beta of the respaced process (improved DDPM), 1 - ab_t / ab_next. On integer
+    timesteps it is -expm1(sum of log(1 - b_s) over next < s <= t), so it equals
+    `schedule.betas` for n = T; on Karras levels, -expm1(2 log(alpha / alpha_next)).
+    """
+    n = num_steps
+    if spacing == "karras":
+        s = _schedule_karras_sigmas(schedule, n, opts.rho)
+        alpha, sigma = _vp(s)
+        t = sigma_to_t(schedule, s)
+        alpha_next = jnp.append(alpha[1:], 1.0)
+        sigma_next = jnp.append(sigma[1:], 0.0)
+        beta = -jnp.expm1(2.0 * (jnp.log(alpha) - jnp.log(alpha_next)))
+    else:
+        T = schedule.num_timesteps
+        ts = timesteps(T, n, spacing)
+        nxt = ts[1:]
+        segment = np.full(T, n)  # timesteps above ts[0] (leading) fall in the dropped segment n
+        for i, (hi, lo) in enumerate(zip(ts, np.append(nxt, -1), strict=True)):
+            segment[lo + 1 : hi + 1] = i
+        log_keep = jax.ops.segment_sum(jnp.log1p(-schedule.betas), segment, num_segments=n + 1)
+        t = jnp.asarray(ts, jnp.float32)
+        alpha = schedule.sqrt_alpha_bars[ts]
+        sigma = schedule.sqrt_one_minus_alpha_bars[ts]
+        alpha_next = jnp.append(schedule.sqrt_alpha_bars[nxt], 1.0)
+        sigma_next = jnp.append(schedule.sqrt_one_minus_alpha_bars[nxt], 0.0)
+        beta = -jnp.expm1(log_keep[:n])
+    return dict(
+        index=jnp.arange(n, dtype=jnp.int32),
+        last=jnp.arange(n) == n - 1,
+        t=t,
+        alpha=alpha,
+        sigma=sigma,
+        alpha_next=alpha_next,
+        sigma_next=sigma_next,
+        beta=beta,
+    )
+
+
+def _ddpm_grid(schedule: Schedule, num_steps: int, spacing: str, opts: "_Options") -> Grid:
+    """Adds the posterior q(x_next | x_t, x_0) of the (respaced) process:
+
+    mean = coef_x0 x_0 + coef_xt x_t, coef_x0 = beta alpha_next / sigma^2,
+    coef_xt = sigma_next^2 sqrt(1 - beta) / sigma^2; variance beta~ = beta sigma_next^2 / sigma^2,
+    its log clipped at the last step to the previous step's value (as in DDPM).
+    """
+    g = _discrete_grid(schedule, num_steps, spacing, opts)
+    beta, var_ratio = g["beta"], jnp.square(g["sigma_next"] / g["sigma"])
+    posterior = beta * var_ratio
+    clip_last = posterior[-2] if num_steps > 1 else beta[-1]
+    g["log_var_small"] = jnp.log(posterior.at[-1].set(clip_last))
+    g["log_var_large"] = jnp.log(beta)
+    g["coef_x0"] = beta * g["alpha_next"] / jnp.square(g["sigma"])
+    g["coef_xt"] = var_ratio * jnp.sqrt(1.0 - beta)
+    return g
+
+
+def _dpm_grid(schedule: Schedule, num_steps: int, spacing: str, opts: "_Options") -> Grid:
+    """Adds DPM-Solver++ coefficients, in lambda = log(alpha / sigma), h = lambda_next - lambda:
+
+    first order (DDIM): x_next = ratio x + coef D with ratio = sigma_next / sigma and
+    coef = -alpha_next expm1(-h); second-order multistep (2M) uses
+    D + c (D - D_prev), c = h / (2 h_prev), except at the first and the last step (c = 0).
+    The last step (to sigma = 0, lambda = inf) is first order: ratio = 0, coef = 1, x_next = D.
+    """
+    g = _discrete_grid(schedule, num_steps, spacing, opts)
+    lam = _log_snr(g["alpha"], g["sigma"])
+    h = lam[1:] - lam[:-1]  # [n-1]: all steps but the last
+    g["ratio"] = jnp.append(g["sigma"][1:] / g["sigma"][:-1], 0.0)
+    g["coef"] = jnp.append(-g["alpha"][1:] * jnp.expm1(-h), 1.0)
+    g["c"] = jnp.concatenate([jnp.zeros(1), 0.5 * h[1:] / h[:-1], jnp.zeros(1)])[:num_steps]
+    # 2S midpoint: lambda + h/2, i.e. the geometric mean of the VE levels.
+    s = g["sigma"] / g["alpha"]
+    s_mid = jnp.append(jnp.sqrt(s[1:] * s[:-1]), s[-1])  # the last row is unused
+    g["alpha_mid"], g["sigma_mid"] = _vp(s_mid)
+    g["t_mid"] = sigma_to_t(schedule, s_mid)
+    g["coef_mid"] = jnp.append(-g["alpha_mid"][:-1] * jnp.expm1(-0.5 * h), 0.0)
+    return g
+
+
+def _karras_grid(schedule: Schedule, num_steps: int, spacing: str, opts: "_Options") -> Grid:
+    """Karras sigmas between the schedule's s_0 and s_{T-1}, then 0, with EDM churn:
+
+    s_hat = min(s (1 + gamma), s_max), gamma = min(churn / n, sqrt(2) - 1) where
+    tmin <= s <= tmax (capped at s_max = s_{T-1}: the model was never trained above it).
+    """
+    del spacing
+    s = _schedule_karras_sigmas(schedule, num_steps, opts.rho)
+    s_next = jnp.append(s[1:], 0.0)
+    in_range = (s >= opts.churn_tmin) & (s <= opts.churn_tmax)
+    gamma = jnp.where(in_range, min(opts.churn / num_steps, np.sqrt(2.0) - 1.0), 0.0)
+    s_hat = jnp.minimum(s * (1.0 + gamma), s[0])  # stay within the model's levels
+    alpha, sigma = _vp(s)
+    alpha_hat, _ = _vp(s_hat)
+    alpha_next, sigma_next = _vp(s_next)
+    s_next_model = jnp.where(s_next > 0, s_next, s[-1])  # the last row is unused (no 2nd call)
+    return dict(
+        index=jnp.arange(num_steps, dtype=jnp.int32),
+        last=jnp.arange(num_steps) == num_steps - 1,
+        t=sigma_to_t(schedule, s_hat),
+        alpha=alpha,
+        sigma=sigma,
+        alpha_next=alpha_next,
+        sigma_next=sigma_next,
+        s=s,
+        s_hat=s_hat,
+        alpha_hat=alpha_hat,
+        s_next=s_next,
+        t_next=sigma_to_t(schedule, s_next_model),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Steps: (predict, x, aux, row, key, opts) -> (x_next, aux). `predict(x, t, alpha, sigma)`
+# returns (x_0, eps, variance channels or None) for x: [B, ...] at a scalar level.
+
+
+def _ddpm_step(predict: Predict, x: Array, aux: Any, g: Grid, key: Array, opts: "_Options"):
+    """Ancestral step x_next ~ N(posterior mean, variance); no noise at the last step.
+
+    learned variance (improved DDPM): log var = f log beta + (1 - f) log beta~, f = (v + 1) / 2.
+    """
+    x0, _, v = predict(x, g["t"], g["alpha"], g["sigma"])
+    mean = g["coef_x0"] * x0 + g["coef_xt"] * x
+    if opts.variance == "fixed_small":
+        log_var = g["log_var_small"]
+    elif opts.variance == "fixed_large":
+        log_var = g["log_var_large"]
+    else:
+        frac = (v + 1.0) / 2.0
+        log_var = frac * g["log_var_large"] + (1.0 - frac) * g["log_var_small"]
+    std = jnp.where(g["last"], 0.0, jnp.exp(0.5 * log_var))
+    return mean + std * jax.random.normal(key, x.shape, x.dtype), aux
+
+
+def _ddim_step(predict: Predict, x: Array, aux: Any, g: Grid, key: Array, opts: "_Options"):
+    """x_next = alpha_next x_0 + sqrt(sigma_next^2 - s^2) eps + s z,
+    s^2 = eta^2 (sigma_next^2 / sigma^2) (1 - ab_t / ab_next)  (Song et al., 2021, eq. 16)."""
+    x0, eps, _ = predict(x, g["t"], g["alpha"], g["sigma"])
+    var = opts.eta**2 * g["beta"] * jnp.square(g["sigma_next"] / g["sigma"])
+    x_next = g["alpha_next"] * x0 + jnp.sqrt(jnp.maximum(g["sigma_next"] ** 2 - var, 0.0)) * eps
+    if opts.eta > 0:
+        x_next = x_next + jnp.sqrt(var) * jax.random.normal(key, x.shape, x.dtype)
+    return x_next, aux
+
+
+def _dpmpp_2m_step(predict: Predict, x: Array, d_prev: Array, g: Grid, key: Array, opts):
+    """DPM-Solver++(2M) (Lu et al., 2022, alg. 2): ratio x + coef (D + c (D - D_prev))."""
+    del key, opts
+    x0, _, _ = predict(x, g["t"], g["alpha"], g["sigma"])
+    return g["ratio"] * x + g["coef"] * (x0 + g["c"] * (x0 - d_prev)), x0
+
+
+def _dpmpp_2s_step(predict: Predict, x: Array, aux: Any, g: Grid, key: Array, opts):
+    """DPM-Solver++(2S) (Lu et al., 2022, alg. 1, r = 1/2): a first-order step to the lambda
+    midpoint, then ratio x + coef D(x_mid); the last step returns D(x) (one model call)."""
+    del key, opts
+    x0, _, _ = predict(x, g["t"], g["alpha"], g["sigma"])
+
+    def second_order() -> Array:
+        x_mid = (g["sigma_mid"] / g["sigma"]) * x + g["coef_mid"] * x0
+        x0_mid, _, _ = predict(x_mid, g["t_mid"], g["alpha_mid"], g["sigma_mid"])
+        return g["ratio"] * x + g["coef"] * x0_mid
+
+    return jax.lax.cond(g["last"], lambda: x0, second_order), aux
+
+
+def _karras_step(heun: bool) -> Callable[..., tuple[Array, Any]]:
+    """Euler / Heun on dx/ds = eps in the VE variable x / alpha (Karras et al., 2022, alg. 2)."""
+
+    def step(predict: Predict, x: Array, aux: Any, g: Grid, key: Array, opts: "_Options"):
+        x_ve = x / g["alpha"]
+        if opts.churn > 0:
+            extra = jnp.sqrt(jnp.maximum(jnp.square(g["s_hat"]) - jnp.square(g["s"]), 0.0))
+            x_ve = x_ve + extra * opts.churn_noise * jax.random.normal(key, x.shape, x.dtype)
+        a_hat, ds = g["alpha_hat"], g["s_next"] - g["s_hat"]
+        _, eps, _ = predict(x_ve * a_hat, g["t"], a_hat, a_hat * g["s_hat"])
+        euler = x_ve + ds * eps
+        if heun:
+
+            def correct() -> Array:
+                a, s = g["alpha_next"], g["s_next"]
+                _, eps_next, _ = predict(euler * a, g["t_next"], a, a * s)
+                return x_ve + ds * 0.5 * (eps + eps_next)
+
+            euler = jax.lax.cond(g["last"], lambda: euler, correct)
+        return euler * g["alpha_next"], aux
+
+    return step
+
+
+def _no_aux(x: Array) -> tuple[()]:
+    return ()
+
+
+# name -> (grid, step, initial aux from x_T)
+_METHOD_TABLE = {
+    "ddpm": (_ddpm_grid, _ddpm_step, _no_aux),
+    "ddim": (_discrete_grid, _ddim_step, _no_aux),
+    "dpm++2m": (_dpm_grid, _dpmpp_2m_step, jnp.zeros_like),
+    "dpm++2s": (_dpm_grid, _dpmpp_2s_step, _no_aux),
+    "euler": (_karras_grid, _karras_step(heun=False), _no_aux),
+    "heun": (_karras_grid, _karras_step(heun=True), _no_aux),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Model wrapper: guidance, parameterization, variance channels, x_0 clipping.
+
+
+class _Options(NamedTuple):
+    eta: float
+    variance: str
+    prediction: str
+    clip_x0: bool
+    dynamic_threshold: float | None
+    guidance_interval: tuple[float, float] | None
+    null_label: int | None
+    rho: float
+    churn: float
+    churn_tmin: float
+    churn_tmax: float
+    churn_noise: float
+
+
+def _threshold_x0(x0: Array, opts: _Options) -> Array:
+    """Dynamic thresholding (Saharia et al., 2022): per sample, r = max(quantile(|x_0|, p), 1),
+    x_0 -> clip(x_0, -r, r) / r; or plain clipping to [-1, 1]. Pixel space only."""
+    if opts.dynamic_threshold is not None:
+        flat = jnp.abs(x0).reshape(x0.shape[0], -1)
+        r = jnp.maximum(jnp.quantile(flat, opts.dynamic_threshold, axis=1), 1.0)
+        r = r.reshape((-1,) + (1,) * (x0.ndim - 1))
+        return jnp.clip(x0, -r, r) / r
+    return jnp.clip(x0, -1.0, 1.0)
+
+
+def _make_predict(
+    denoise_fn: DenoiseFn, labels: Array | None, scale: Array | None, opts: _Options
+) -> Predict:
+    """predict(x, t, alpha, sigma) -> (x_0, eps, variance channels | None); t, alpha, sigma
+    are scalars. With guidance (scale not None) cond and uncond go through one batched call:
+    out = uncond + s (cond - uncond) on the model output (the variance channels: cond's)."""
+    learned = opts.variance == "learned"
+
+    def call(x: Array, t: Array, sigma_ve: Array) -> Array:
+        batch = x.shape[0]
+        if scale is None:
+            return denoise_fn(x, jnp.full((batch,), t, jnp.float32), labels).astype(jnp.float32)
+        null = jnp.full_like(labels, opts.null_label)
+        both = denoise_fn(
+            jnp.concatenate([x, x]),
+            jnp.full((2 * batch,), t, jnp.float32),
+            jnp.concatenate([labels, null]),
+        ).astype(jnp.float32)
+        cond, uncond = both[:batch], both[batch:]
+        s = scale
+        if opts.guidance_interval is not None:
+            lo, hi = opts.guidance_interval
+            s = jnp.where((sigma_ve >= lo) & (sigma_ve <= hi), scale, 1.0)
+        if learned:  # guide the mean channels only
+            mean_c, var_c = jnp.split(cond, 2, axis=-1)
+            mean_u, _ = jnp.split(uncond, 2, axis=-1)
+            return jnp.concatenate([mean_u + s * (mean_c - mean_u), var_c], axis=-1)
+        return uncond + s * (cond - uncond)
+
+    def predict(x: Array, t: Array, alpha: Array, sigma: Array):
+        out = call(x, t, sigma / alpha)
+        v = None
+        if learned:
+            out, v = jnp.split(out, 2, axis=-1)
+        x0, eps = predict_x0_eps(out, x, alpha, sigma, opts.prediction)
+        if opts.clip_x0 or opts.dynamic_threshold is not None:
+            x0 = _threshold_x0(x0, opts)
+            eps = x0_to_eps(x, x0, alpha, sigma)
+        return x0, eps, v
+
+    return predict
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (host side, before any tracing).
+
+
+def _check_spacing(spacing: str) -> None:
+    if spacing not in SPACINGS:
+        raise ValueError(f"config.sample.spacing={spacing!r} is not one of {', '.join(SPACINGS)}")
+
+
+def _check_num_steps(num_steps: int, num_timesteps: int, *, discrete: bool) -> None:
+    ok = isinstance(num_steps, int | np.integer) and num_steps >= 1
+    if not ok or (discrete and num_steps > num_timesteps):
+        bound = f"in [1, {num_timesteps}] (config.diffusion.num_timesteps)" if discrete else ">= 1"
+        raise ValueError(f"config.sample.num_steps={num_steps!r} must be an integer {bound}")
+
+
+def validate(
+    method: str,
+    num_steps: int,
+    num_timesteps: int,
+    *,
+    spacing: str = "trailing",
+    eta: float = 0.0,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+) -> None:
+    """Raises ValueError naming the config field for an unusable sampler configuration."""
+    if method not in METHODS:
+        raise ValueError(f"config.sample.method={method!r} is not one of {', '.join(METHODS)}")
+    _check_spacing(spacing)
+    discrete = method not in KARRAS_METHODS and spacing != "karras"
+    _check_num_steps(num_steps, num_timesteps, discrete=discrete)
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"config.sample.eta={eta!r} must lie in [0, 1]")
+    if prediction not in PREDICTIONS:
+        raise ValueError(
+            f"config.diffusion.prediction={prediction!r} is not one of {', '.join(PREDICTIONS)}"
+        )
+    if variance not in VARIANCES:
+        raise ValueError(f"variance={variance!r} is not one of {', '.join(VARIANCES)}")
+
+
+def _guidance_on(guidance_scale: Any) -> bool:
+    """Static: guidance runs unless the scale is None or the Python number 1 (a traced scale
+    always runs it, so changing its value does not recompile)."""
+    if guidance_scale is None:
+        return False
+    return not (isinstance(guidance_scale, int | float) and guidance_scale == 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points.
+
+
+def sample(
+    denoise_fn: DenoiseFn,
+    schedule: Schedule,
+    shape: tuple[int, ...],
+    rng: Array,
+    *,
+    method: str = "ddim",
+    num_steps: int = 50,
+    eta: float = 0.0,
+    spacing: str = "trailing",
+    guidance_scale: float | Array | None = None,
+    labels: Array | None = None,
+    null_label: int | None = None,
+    guidance_interval: tuple[float, float] | None = None,
+    prediction: str = "eps",
+    clip_x0: bool = False,
+    dynamic_threshold: float | None = None,
+    variance: str = "fixed_small",
+    rho: float = 7.0,
+    churn: float = 0.0,
+    churn_tmin: float = 0.0,
+    churn_tmax: float = float("inf"),
+    churn_noise: float = 1.0,
+) -> Array:
+    """Draws x_0 by running `method` from x_T ~ N(0, I); pure, one `lax.scan`, jit-compatible.
+
+    Args:
+      denoise_fn: `denoise_fn(x_t, t, labels) -> output`, x_t: [B, ...] float32, t: [B] float32,
+        labels: [B] int32 or None; output: x_t's shape in the `prediction` parameterization
+        (last axis doubled for variance="learned": [mean channels, variance interpolation v]).
+      schedule: the forward process the model was trained on.
+      shape: [B, ...] of the samples (static).
+      rng: PRNG key: split into the x_T noise and per-step keys (`fold_in(key, step)`).
+      method: one of `METHODS` (static). ddpm: ancestral, respaced to `num_steps` as in improved
+        DDPM; ddim: eta in [0, 1]; dpm++2m / dpm++2s: DPM-Solver++ second order; euler / heun:
+        probability-flow ODE on Karras sigmas (rho), with optional churn.
+      num_steps: number of steps (static); in [1, T] for the discrete methods. Model calls:
+        num_steps, except dpm++2s and heun: 2 num_steps - 1 (doubled batch with guidance).
+      eta: DDIM noise (0 = deterministic; 1 with all T steps = DDPM ancestral).
+      spacing: grid of the methods other than euler/heun (static): leading | trailing |
+        linspace (integer timesteps, see `timesteps`) or karras (Karras sigmas, rho).
+      guidance_scale: classifier-free guidance scale s; None or the Python number 1.0 = off
+        (one model call per evaluation); anything else (a jnp scalar may be traced) = on.
+      labels: [B] int32 class ids, or None for an unconditional model.
+      null_label: the "no class" id fed for the unconditional half (needed with guidance).
+      guidance_interval: (s_lo, s_hi): guide only where the VE level sigma/alpha lies in it.
+      prediction: the model's parameterization, eps | x0 | v.
+      clip_x0: clip predicted x_0 to [-1, 1] (pixel space only).
+      dynamic_threshold: quantile p of Imagen's dynamic thresholding (replaces clip_x0).
+      variance: ddpm's variance: fixed_small (posterior beta~), fixed_large (beta) or learned.
+      rho: the Karras sigmas' exponent.
+      churn, churn_tmin, churn_tmax, churn_noise: euler/heun options (EDM S_churn,
+        S_tmin, S_tmax, S_noise); churn > 0 is an error for other methods.
+
+    Returns:
+      x_0: `shape` float32.
+    """
+    validate(
+        method,
+        num_steps,
+        schedule.num_timesteps,
+        spacing=spacing,
+        eta=eta,
+        prediction=prediction,
+        variance=variance,
+    )
+    if churn > 0 and method not in KARRAS_METHODS:
+        raise ValueError(f"churn={churn} applies to {', '.join(KARRAS_METHODS)}, not {method!r}")
+    if dynamic_threshold is not None and not 0.0 < dynamic_threshold <= 1.0:
+        raise ValueError(f"dynamic_threshold={dynamic_threshold!r} must lie in (0, 1]")
+    guided = _guidance_on(guidance_scale)
+    if guided and (labels is None or null_label is None):
+        raise ValueError(
+            "config.sample.guidance_scale != 1 needs labels and a null label "
+            "(config.model.num_classes set: the null label is num_classes)"
+        )
+    opts = _Options(
+        eta=float(eta),
+        variance=variance,
+        prediction=prediction,
+        clip_x0=bool(clip_x0),
+        dynamic_threshold=dynamic_threshold,
+        guidance_interval=guidance_interval,
+        null_label=null_label,
+        rho=float(rho),
+        churn=float(churn),
+        churn_tmin=float(churn_tmin),
+        churn_tmax=float(churn_tmax),
+        churn_noise=float(churn_noise),
+    )
+    if labels is not None:
+        labels = jnp.asarray(labels, jnp.int32)
+    scale = jnp.asarray(guidance_scale, jnp.float32) if guided else None
+    predict = _make_predict(denoise_fn, labels, scale, opts)
+
+    make_grid, step, init_aux = _METHOD_TABLE[method]
+    grid = make_grid(schedule, num_steps, spacing, opts)
+    noise_key, step_key = jax.random.split(rng)
+    x_T = jax.random.normal(noise_key, shape, jnp.float32)
+
+    def body(carry: tuple[Array, Any], row: Grid) -> tuple[tuple[Array, Any], None]:
+        x, aux = carry
+        key = jax.random.fold_in(step_key, row["index"])
+        return step(predict, x, aux, row, key, opts), None
+
+    (x0, _), _ = jax.lax.scan(body, (x_T, init_aux(x_T)), grid)
+    return x0
+
+
+def make_sampler(
+    model_fn: Callable[[Any, Array, Array, Array | None], Array],
+    schedule: Schedule,
+    shape: tuple[int, ...],
+    *,
+    guidance: bool = False,
+    **options: Any,
+) -> Callable[..., Array]:
+    """A jitted `fn(params, rng, labels=None, guidance_scale=None) -> x_0 [shape] float32`.
+
+    `model_fn(params, x_t, t, labels) -> output`. params, rng, labels and guidance_scale are
+    traced, so new values reuse the compiled sampler; the static configuration is `shape`,
+    `guidance` (on: guidance_scale is required and traced) and `options` (keywords of `sample`
+    other than guidance_scale and labels), validated here.
+    """
+    for name in ("guidance_scale", "labels"):
+        if name in options:
+            raise ValueError(f"make_sampler: pass {name} to the returned function, not here")
+    validate(
+        options.get("method", "ddim"),
+        options.get("num_steps", 50),
+        schedule.num_timesteps,
+        spacing=options.get("spacing", "trailing"),
+        eta=options.get("eta", 0.0),
+        prediction=options.get("prediction", "eps"),
+        variance=options.get("variance", "fixed_small"),
+    )
+
+    def run(params: Any, rng: Array, labels: Array | None = None, guidance_scale=None) -> Array:
+        if guidance == (guidance_scale is None):
+            raise ValueError(f"make_sampler(guidance={guidance}): guidance_scale={guidance_scale}")
+        return sample(
+            lambda x, t, y: model_fn(params, x, t, y),
+            schedule,
+            shape,
+            rng,
+            guidance_scale=guidance_scale,
+            labels=labels,
+            **options,
+        )
+
+    return jax.jit(run)

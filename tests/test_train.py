@@ -1,0 +1,216 @@
+"""Training end to end on tiny configs: compile once, learning, exact resume, signals, errors."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from ddpm import generate, models, sharding, train
+from tests.tiny import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_tiny(workdir, overrides, *, slow=False, env=None) -> subprocess.Popen:
+    args = [sys.executable, "-m", "tests.run_tiny", str(workdir), json.dumps(overrides)]
+    return subprocess.Popen(
+        args + (["--slow"] if slow else []),
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+def _steps(workdir) -> list[int]:
+    """Steps of the finished checkpoints (orbax renames `<step>.orbax-checkpoint-tmp` when done)."""
+    names = (os.path.basename(p) for p in glob.glob(os.path.join(workdir, "checkpoints", "*")))
+    return sorted(int(name) for name in names if name.isdigit())
+
+
+def _wait_for_checkpoint(workdir, proc, minimum_step: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(s >= minimum_step for s in _steps(workdir)):
+            return
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.05)
+    raise TimeoutError(f"no checkpoint >= {minimum_step} in {workdir}")
+
+
+def _saved_state(workdir, step: int):
+    return ocp.StandardCheckpointer().restore(
+        os.path.join(workdir, "checkpoints", str(step), "state")
+    )
+
+
+def test_loss_decreases_and_step_compiles_once(tmp_path):
+    config = tiny_config(num_steps=60, log_every=10, learning_rate=3e-3)
+    final = train.train_and_evaluate(config, str(tmp_path))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [10, 20, 30, 40, 50, 60]
+    # A zero-initialised output layer starts at loss E[eps^2] = 1; 60 steps bring it well below.
+    assert lines[0]["loss"] > 0.5 and lines[-1]["loss"] < 0.6 * lines[0]["loss"], lines
+    assert final["loss"] == lines[-1]["loss"]
+    assert os.path.exists(tmp_path / "samples" / "step_0000060.png")
+    assert os.path.isdir(tmp_path / "tensorboard") and os.listdir(tmp_path / "tensorboard")
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["ch"] == 8
+
+    # The jitted step compiles once for repeated calls with new states and batches.
+    model, mesh = models.create_model(config), sharding.create_mesh()
+    tx, lr_fn = train.make_optimizer(config.training)
+    step_fn = train.make_train_step(config, model, tx, lr_fn, train.build_schedule(config), mesh)
+    state = train.init_train_state(jax.random.key(0), config, model, tx, mesh)
+    for i in range(3):
+        batch = {
+            "image": jax.random.uniform(jax.random.key(i), (8, 16, 16, 1), minval=-1, maxval=1),
+            "label": jnp.arange(8, dtype=jnp.int32) % 10,
+        }
+        state, metrics = step_fn(state, sharding.global_batch(batch, mesh))
+    assert int(state.step) == 3 and bool(metrics["finite"])
+    assert step_fn._cache_size() == 1
+
+
+def test_exact_resume_after_sigkill_and_sigterm(tmp_path):
+    overrides = {"num_steps": 40, "checkpoint_every": 10}
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    uninterrupted = _run_tiny(reference, overrides)
+
+    killed = _run_tiny(resumed, overrides, slow=True)
+    _wait_for_checkpoint(resumed, killed, 10)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert max(_steps(resumed)) < 40
+
+    terminated = _run_tiny(resumed, overrides, slow=True)
+    _wait_for_checkpoint(resumed, terminated, 20)
+    terminated.send_signal(signal.SIGTERM)
+    out = _finish(terminated)
+    assert "SIGTERM: saved checkpoint at step" in out, out
+    saved_at = int(out.split("SIGTERM: saved checkpoint at step ")[1].split(";")[0])
+    assert 20 <= saved_at < 40 and saved_at in _steps(resumed)
+
+    out = _finish(_run_tiny(resumed, overrides))
+    assert f"Resumed from checkpoint at step {saved_at}" in out, out
+    _finish(uninterrupted)
+    a, b = _saved_state(reference, 40), _saved_state(resumed, 40)
+    assert int(b["step"]) == 40
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)  # bitwise identical on CPU
+
+
+def test_four_devices_match_one_device():
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.four_devices"],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "PYTHONPATH": ROOT,
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    # Same global batch, 3 Adam steps at lr <= 1e-3 (warmup): only the order of the gradient
+    # all-reduce differs, so parameters agree to float32 rounding, well under 1e-5.
+    maxdiff = float(out.stdout.split("maxdiff ")[1].split()[0])
+    assert maxdiff < 1e-5, out.stdout
+    assert "state on devices: 1" in out.stdout and "state on devices: 4" in out.stdout
+    assert (
+        "config.training.batch_size=6 must be a positive multiple of the device count (4"
+        in out.stdout
+    )
+
+
+def test_non_finite_loss_stops_without_saving_it(tmp_path):
+    config = tiny_config(num_steps=20, learning_rate=1e30, warmup_steps=0, checkpoint_every=1)
+    with pytest.raises(
+        train.NonFiniteError, match=r"Non-finite loss or gradient at step \d+"
+    ) as err:
+        train.train_and_evaluate(config, str(tmp_path))
+    bad_step = int(str(err.value).split("at step ")[1].split()[0])
+    saved = _steps(tmp_path)
+    assert saved and max(saved) == bad_step - 1
+    for step in saved:
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_saved_state(tmp_path, step)))
+
+
+def test_incompatible_workdir_is_a_clear_error(tmp_path):
+    train.train_and_evaluate(tiny_config(num_steps=2), str(tmp_path))
+    other = tiny_config(num_steps=4)
+    other.model.ch = 16
+    with pytest.raises(ValueError, match="config.model.ch: workdir has 8, new config 16"):
+        train.train_and_evaluate(other, str(tmp_path))
+    # Dropout does not change the parameters: resuming with another value is fine.
+    resumed = tiny_config(num_steps=4)
+    resumed.model.dropout = 0.0
+    train.train_and_evaluate(resumed, str(tmp_path))
+    assert _steps(tmp_path)[-1] == 4
+
+
+def test_sample_mode_writes_grid_and_npz(tmp_path):
+    config = tiny_config(num_steps=3)
+    train.train_and_evaluate(config, str(tmp_path))
+    config.sample.num_samples, config.sample.batch_size = 12, 8  # two batches, one padded
+    png = generate.sample_from_workdir(config, str(tmp_path))
+    assert png.endswith("samples/ddim_5.png") and os.path.getsize(png) > 0
+    saved = np.load(png.replace(".png", ".npz"))
+    assert saved["images"].shape == (12, 16, 16, 1) and saved["images"].dtype == np.uint8
+    np.testing.assert_array_equal(saved["labels"], [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+
+
+def test_sample_mode_without_checkpoint_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        generate.sample_from_workdir(tiny_config(), str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("training.optimizer", "sgd", "config.training.optimizer='sgd' is not one of adam, adamw"),
+        (
+            "diffusion.prediction",
+            "score",
+            "config.diffusion.prediction='score' is not one of eps, x0, v",
+        ),
+        ("training.ema_decay", 1.0, "config.training.ema_decay=1.0 must be >= 0 and < 1"),
+        ("training.num_steps", 0, "config.training.num_steps=0 must be >= 1"),
+        ("diffusion.zero_terminal_snr", True, "needs config.diffusion.prediction='v'"),
+    ],
+)
+def test_invalid_config_fields_fail_at_start(tmp_path, field, value, message):
+    config = tiny_config()
+    section, key = field.split(".")
+    config[section][key] = value
+    with pytest.raises(
+        ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")
+    ):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_unknown_config_field_fails(tmp_path):
+    config = tiny_config()
+    config.training.learning_rat = 1e-3
+    with pytest.raises(
+        ValueError, match=r"unknown config field\(s\): config.training.learning_rat"
+    ):
+        train.train_and_evaluate(config, str(tmp_path))
