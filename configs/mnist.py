@@ -11,7 +11,7 @@ from configs import default, models
 def get_config() -> ml_collections.ConfigDict:
     config = default.get_config()
     config.data.source = "mnist5k"
-    config.data.image_size = 32  # 28x28 digits padded to 32x32
+    config.data.image_size = 28  # the digits as they are (3 U-Net levels: 28, 14, 7)
     config.data.channels = 1
     config.model = models.mnist_small()
 

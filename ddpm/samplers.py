@@ -115,6 +115,15 @@ def _log_snr(alpha: Array, sigma: Array) -> Array:
 # current level), alpha, sigma (current VP level, that of the carried x), alpha_next, sigma_next.
 
 
+def _grid(num_steps: int, **rows: Array) -> Grid:
+    """A grid of `num_steps` rows: the given per-step arrays plus `index` and `last`."""
+    return dict(
+        index=jnp.arange(num_steps, dtype=jnp.int32),
+        last=jnp.arange(num_steps) == num_steps - 1,
+        **rows,
+    )
+
+
 def _discrete_grid(schedule: Schedule, num_steps: int, spacing: str, opts: "_Options") -> Grid:
     """The levels of `timesteps(T, n, spacing)` (or n Karras sigmas for spacing="karras", at
     fractional t), then x_0 (alpha = 1, sigma = 0).
@@ -145,9 +154,8 @@ def _discrete_grid(schedule: Schedule, num_steps: int, spacing: str, opts: "_Opt
         alpha_next = jnp.append(schedule.sqrt_alpha_bars[nxt], 1.0)
         sigma_next = jnp.append(schedule.sqrt_one_minus_alpha_bars[nxt], 0.0)
         beta = -jnp.expm1(log_keep[:n])
-    return dict(
-        index=jnp.arange(n, dtype=jnp.int32),
-        last=jnp.arange(n) == n - 1,
+    return _grid(
+        n,
         t=t,
         alpha=alpha,
         sigma=sigma,
@@ -214,9 +222,8 @@ def _karras_grid(schedule: Schedule, num_steps: int, spacing: str, opts: "_Optio
     alpha_hat, _ = _vp(s_hat)
     alpha_next, sigma_next = _vp(s_next)
     s_next_model = jnp.where(s_next > 0, s_next, s[-1])  # the last row is unused (no 2nd call)
-    return dict(
-        index=jnp.arange(num_steps, dtype=jnp.int32),
-        last=jnp.arange(num_steps) == num_steps - 1,
+    return _grid(
+        num_steps,
         t=sigma_to_t(schedule, s_hat),
         alpha=alpha,
         sigma=sigma,
