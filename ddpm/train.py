@@ -156,7 +156,7 @@ def train_step(
 
     decay = ema_decay_at(state.step, config.training.ema_decay, config.training.ema_warmup)
     if config.training.grad_accum_steps > 1:  # average only the params of real updates
-        decay = jnp.where(optax.MultiSteps.has_updated(opt_state), decay, 1.0)
+        decay = jnp.where(tx.has_updated(opt_state), decay, 1.0)
     ema_params = jax.tree.map(
         lambda e, p: decay * e + (1.0 - decay) * p.astype(jnp.float32), state.ema_params, params
     )

@@ -214,3 +214,41 @@ def test_unknown_config_field_fails(tmp_path):
         ValueError, match=r"unknown config field\(s\): config.training.learning_rat"
     ):
         train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_gradient_accumulation_updates_every_k_steps():
+    config = tiny_config(
+        grad_accum_steps=2, ema_decay=0.5, ema_warmup=False, warmup_steps=0, lr_schedule="constant"
+    )
+    model, mesh = models.create_model(config), sharding.create_mesh()
+    tx, lr_fn = train.make_optimizer(config.training)
+    step_fn = train.make_train_step(config, model, tx, lr_fn, train.build_schedule(config), mesh)
+    state = train.init_train_state(jax.random.key(0), config, model, tx, mesh)
+    batch = {
+        "image": jax.random.uniform(jax.random.key(1), (8, 16, 16, 1), minval=-1, maxval=1),
+        "label": jnp.arange(8, dtype=jnp.int32),
+    }
+    initial = jax.device_get(state)
+    after_one, _ = step_fn(state, sharding.global_batch(batch, mesh))
+    after_one = jax.device_get(after_one)
+    # The first micro-step only accumulates: parameters and their EMA are unchanged.
+    for tree in ("params", "ema_params"):
+        for a, b in zip(
+            jax.tree.leaves(getattr(initial, tree)),
+            jax.tree.leaves(getattr(after_one, tree)),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(a, b)
+    after_two, _ = step_fn(
+        jax.device_put(after_one, sharding.replicated(mesh)), sharding.global_batch(batch, mesh)
+    )
+    # conv_out: the only layer with a gradient at init, as it is zero-initialised.
+    kernel = lambda s: np.asarray(s.params["conv_out"]["kernel"])  # noqa: E731
+    assert not np.array_equal(kernel(after_one), kernel(after_two))
+    # EMA with decay 0.5 moves half-way to the new parameters on the real update.
+    np.testing.assert_allclose(
+        after_two.ema_params["conv_out"]["kernel"],
+        0.5 * kernel(after_one) + 0.5 * kernel(after_two),
+        rtol=1e-5,
+        atol=1e-7,
+    )
