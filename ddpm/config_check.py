@@ -67,10 +67,14 @@ def _get(config: ml_collections.ConfigDict, path: str):
     return value
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first invalid field (data, diffusion, training)."""
+def validate(config: ml_collections.ConfigDict) -> data.DatasetInfo:
+    """Raises ValueError naming the first invalid field (data, diffusion, training).
+
+    Returns the data source's metadata, read while validating it (for a folder source that
+    means indexing the folder, so callers should not read it again).
+    """
     check_known_fields(config)
-    data.validate_data_config(config)
+    info = data.dataset_info(config)
     _choice(config, "diffusion.schedule", schedules.SCHEDULE_NAMES)
     _choice(config, "diffusion.prediction", diffusion.PREDICTIONS)
     _choice(config, "diffusion.loss_weighting", diffusion.LOSS_WEIGHTINGS)
@@ -101,6 +105,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _range(config, "training.label_dropout", 0, 1)
     _range(config, "training.adam_b2", 0, 1)
     _range(config, "sample.num_samples", 1)
+    return info
 
 
 def check_workdir_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -13,11 +13,6 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def from_uint8(images: np.ndarray) -> np.ndarray:
-    """uint8 [..., H, W, C] -> float32 in [-1, 1]."""
-    return np.asarray(images, np.float32) / 127.5 - 1.0
-
-
 def make_grid(images: np.ndarray, num_cols: int | None = None, padding: int = 2) -> np.ndarray:
     """Tiles uint8 images [N, H, W, C] into one uint8 image, row-major, with white padding.
 

@@ -82,26 +82,23 @@ class RunLogger:
         self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self._jsonl.flush()
 
-    def write_image(self, tag: str, step: int, image: np.ndarray) -> None:
-        """uint8 [H, W, C] image to TensorBoard."""
-        if self.enabled:
-            self._writer.add_image(tag, image, step, dataformats="HWC")
-            self._writer.flush()
+    def write_grid(self, step: int, samples: np.ndarray, num_cols: int) -> str | None:
+        """Saves samples [N, H, W, C] in [-1, 1] as `samples/step_XXXXXXX.png` and to TensorBoard.
+
+        Returns the PNG's path (None where this logger is disabled).
+        """
+        if not self.enabled:
+            return None
+        grid = images.make_grid(images.to_uint8(samples), num_cols)
+        path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
+        images.save_png(path, grid)
+        self._writer.add_image("samples", grid, step, dataformats="HWC")
+        self._writer.flush()
+        print(f"Wrote sample grid {path}", flush=True)
+        return path
 
     def close(self) -> None:
         if self.enabled:
             self._bar.close()
             self._writer.close()
             self._jsonl.close()
-
-
-def write_grid(
-    logger: RunLogger, workdir: str, step: int, samples: np.ndarray, num_cols: int
-) -> str:
-    """Saves samples [N, H, W, C] in [-1, 1] as `samples/step_XXXXXXX.png` and to TensorBoard."""
-    grid = images.make_grid(images.to_uint8(samples), num_cols)
-    path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
-    images.save_png(path, grid)
-    logger.write_image("samples", step, grid)
-    print(f"Wrote sample grid {path}", flush=True)
-    return path

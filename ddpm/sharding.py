@@ -4,8 +4,6 @@ The mesh has one axis, `data`: batches are split along it, parameters are replic
 are placed with `NamedSharding`s and `jax.jit` propagates them; there is no pmap.
 """
 
-from typing import Any
-
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -52,8 +50,3 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
         for k, v in local_batch.items()
     }
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Places every leaf of `tree` replicated on the mesh."""
-    return jax.device_put(tree, replicated(mesh))

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from ddpm import checkpoint, config_check, data, diffusion, models, samplers, sharding
-from ddpm.run_logging import RunLogger, write_grid
+from ddpm.run_logging import RunLogger
 from ddpm.schedules import Schedule, get_schedule
 
 
@@ -140,7 +140,7 @@ def train_step(
             {"params": params}, x_t, t, labels, train=True, rngs={"dropout": dropout_rng}
         )
 
-    (loss, aux), grads = jax.value_and_grad(diffusion.loss, has_aux=True)(
+    (loss, _), grads = jax.value_and_grad(diffusion.loss, has_aux=True)(
         state.params,
         apply_fn,
         schedule,
@@ -176,7 +176,6 @@ def train_step(
         "learning_rate": lr_fn(state.step // accum),
         "finite": finite,
     }
-    del aux
     return new_state, metrics
 
 
@@ -297,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Writes `config.json`, `checkpoints/`, `tensorboard/`, `metrics.jsonl` and `samples/`.
     """
-    config_check.validate(config)
+    info = config_check.validate(config)
     mesh = sharding.create_mesh()
     global_batch = config.training.batch_size
     per_device = sharding.per_device_batch_size(global_batch, mesh, "config.training.batch_size")
@@ -312,7 +311,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-        info = data.dataset_info(config)
         if info.class_names is not None:
             with open(os.path.join(workdir, "class_names.json"), "w") as f:
                 json.dump(info.class_names, f, indent=1)
@@ -352,8 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         images = sample_grid(
             state.ema_params, sample_rng, None if labels is None else jnp.asarray(labels)
         )
-        if is_main:
-            write_grid(logger, workdir, step, np.asarray(images), grid_cols)
+        logger.write_grid(step, np.asarray(images), grid_cols)
 
     step = int(state.step)
     last_metrics: dict[str, float] = {}
