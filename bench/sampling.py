@@ -19,7 +19,7 @@ import numpy as np
 
 from ddpm import samplers
 from ddpm.diffusion import alpha_sigma, predict_x0_eps
-from ddpm.models import create_model, null_label
+from ddpm.models import create_model, input_shape, null_label
 from ddpm.schedules import get_schedule
 
 # Model evaluations per sample for a given step count.
@@ -84,8 +84,7 @@ def main() -> None:
     config = importlib.import_module(args.config).get_config()
     model = create_model(config)
     schedule = get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-    size, channels = config.data.image_size, config.data.channels
-    shape = (args.batch, size, size, channels)
+    shape = (args.batch, *input_shape(config))
     null = null_label(config)
     labels = None if null is None else jnp.arange(args.batch, dtype=jnp.int32) % null
     params = model.init(jax.random.key(0), jnp.zeros(shape), jnp.zeros((args.batch,)), labels)

@@ -82,8 +82,7 @@ def create_train_state(
     """
     init_rng, train_rng = jax.random.split(rng)
     init_rng = jax.random.wrap_key_data(jax.random.bits(init_rng, (4,), jnp.uint32), impl="rbg")
-    size, channels = config.data.image_size, config.data.channels
-    x = jnp.zeros((1, size, size, channels), jnp.float32)
+    x = jnp.zeros((1, *models.input_shape(config)), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     labels = None if config.model.num_classes is None else jnp.zeros((1,), jnp.int32)
     params = model.init(init_rng, x, t, labels)["params"]
@@ -250,7 +249,7 @@ def make_grid_sampler(
     labels: [num] int32, or None for unconditional models.
     """
     s = config.sample
-    shape = (num, config.data.image_size, config.data.image_size, config.data.channels)
+    shape = (num, *models.input_shape(config))
     guidance = config.model.num_classes is not None and s.guidance_scale != 1.0
 
     def model_fn(params, x_t, t, labels):

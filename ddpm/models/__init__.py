@@ -7,7 +7,7 @@ from ddpm.models.unet import UNet, unet_from_config
 
 MODELS = {"unet": unet_from_config}
 
-__all__ = ["MODELS", "UNet", "create_model", "null_label"]
+__all__ = ["MODELS", "UNet", "create_model", "input_shape", "null_label"]
 
 
 def create_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -24,3 +24,13 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
 def null_label(config: ml_collections.ConfigDict) -> int | None:
     """The label index meaning "no class" (classifier-free guidance), or None if unconditional."""
     return config.model.num_classes
+
+
+def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Shape of one example as the denoising network sees it (no batch axis): (H, W, C).
+
+    Every shape the run layer builds (init, sample grids, samplers) comes from here, so a model
+    family whose input is not `config.data`'s image (latents, 1-D signals) changes only this.
+    """
+    size = config.data.image_size
+    return (size, size, config.data.channels)
