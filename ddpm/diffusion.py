@@ -174,3 +174,189 @@ def loss(
     mse = jnp.mean(jnp.square(output - target), axis=tuple(range(1, x0.ndim)))
     per_example = loss_weight(snr(schedule, t), prediction, weighting, min_snr_gamma) * mse
     return jnp.mean(per_example), {"per_example": per_example, "t": t}
+
+
+# --------------------------------------------------------------------------------------------
+# Variational bound (Ho et al., 2020, eq. 5), in bits per dimension.
+
+VARIANCES = ("fixed_small", "fixed_large", "learned")
+
+
+def normal_kl(mean1: Array, logvar1: Array, mean2: Array, logvar2: Array) -> Array:
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats."""
+    return 0.5 * (
+        logvar2
+        - logvar1
+        + jnp.exp(logvar1 - logvar2)
+        + jnp.square(mean1 - mean2) * jnp.exp(-logvar2)
+        - 1.0
+    )
+
+
+def _log_diff_exp(a: Array, b: Array) -> Array:
+    """log(exp(a) - exp(b)) for a >= b, without cancelling to log(0) when b -> a."""
+    return a + jnp.log(-jnp.expm1(jnp.minimum(b - a, 0.0)))
+
+
+def discretized_gaussian_log_likelihood(x: Array, mean: Array, log_scale: Array) -> Array:
+    """log P(x) of 8-bit data under N(mean, exp(log_scale)^2) discretized to 256 bins.
+
+    x: float32 on the grid k / 127.5 - 1, k = 0..255; bin k covers x +- 1/255, the first and the
+    last bin extend to -inf and +inf, so the probabilities of the 256 bins sum to 1. Computed
+    with log-CDF differences taken in whichever tail the bin lies (no 1e-12 floor). Elementwise,
+    in nats.
+    """
+    inv_scale = jnp.exp(-log_scale)
+    upper = (x - mean + 1.0 / 255.0) * inv_scale
+    lower = (x - mean - 1.0 / 255.0) * inv_scale
+    log_ndtr = jax.scipy.special.log_ndtr
+    # A bin right of the mean: P = Phi(-lower) - Phi(-upper); left of it: Phi(upper) - Phi(lower).
+    right = (lower + upper) > 0
+    inner = jnp.where(
+        right,
+        _log_diff_exp(log_ndtr(-lower), log_ndtr(-upper)),
+        _log_diff_exp(log_ndtr(upper), log_ndtr(lower)),
+    )
+    return jnp.where(x < -0.999, log_ndtr(upper), jnp.where(x > 0.999, log_ndtr(-lower), inner))
+
+
+def reverse_log_variance(
+    schedule: Schedule, t: Array, ndim: int, variance: str, v: Array | None = None
+) -> Array:
+    """log variance of the model's reverse step p(x_{t-1} | x_t).  t: [B] int.
+
+    fixed_small: the posterior's beta~_t (its log clipped at t = 0); fixed_large: beta_t, with
+    beta~_1 at t = 0 as in DDPM; learned (improved DDPM): f log beta_t + (1 - f) log beta~_t with
+    f = (v + 1) / 2 from the model's variance channels v [B, ...]. -> [B, 1, ...] or v's shape.
+    """
+    small = gather(schedule.posterior_log_variance_clipped, t, ndim)
+    large_table = jnp.log(schedule.betas).at[0].set(schedule.posterior_log_variance_clipped[0])
+    large = gather(large_table, t, ndim)
+    if variance == "fixed_small":
+        return small
+    if variance == "fixed_large":
+        return large
+    if variance == "learned":
+        if v is None:
+            raise ValueError("variance='learned' needs the model's variance channels v")
+        frac = (v + 1.0) / 2.0
+        return frac * jnp.log(gather(schedule.betas, t, ndim)) + (1.0 - frac) * small
+    raise ValueError(f"variance={variance!r} is not one of {', '.join(VARIANCES)}")
+
+
+def _bits_per_dim(nats: Array) -> Array:
+    """Elementwise nats [B, ...] -> mean over all but the batch axis, in bits.  -> [B]."""
+    return jnp.mean(nats, axis=tuple(range(1, nats.ndim))) / jnp.log(2.0)
+
+
+def prior_bpd(schedule: Schedule, x0: Array) -> Array:
+    """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim.  x0: [B, ...] -> [B]."""
+    t_last = jnp.full((x0.shape[0],), schedule.num_timesteps - 1, jnp.int32)
+    alpha, sigma = alpha_sigma(schedule, t_last, x0.ndim)
+    return _bits_per_dim(normal_kl(alpha * x0, 2.0 * jnp.log(sigma), 0.0, 0.0))
+
+
+def vlb_term(
+    schedule: Schedule,
+    x0: Array,
+    x_t: Array,
+    t: Array,
+    output: Array,
+    *,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+    clip_x0: bool = False,
+) -> Array:
+    """One term of the bound in bits/dim, for a model `output` at (x_t, t).  -> [B] float32.
+
+    t >= 1 (0-based; the paper's L_{t}, t >= 2): KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t));
+    t = 0: the decoder's -log p(x_0 | x_1), a Gaussian discretized to 8 bits. The model's mean
+    is the posterior mean at its predicted x_0 (clipped to [-1, 1] if `clip_x0`); its variance
+    comes from `reverse_log_variance`. x0, x_t: [B, ...] float32; t: [B] int; output: model
+    output in `prediction`'s parameterization (with the variance channels appended last when
+    variance="learned").
+    """
+    v = None
+    if variance == "learned":
+        output, v = jnp.split(output, 2, axis=-1)
+    alpha, sigma = alpha_sigma(schedule, t, x0.ndim)
+    x0_pred, _ = predict_x0_eps(output, x_t, alpha, sigma, prediction)
+    if clip_x0:
+        x0_pred = jnp.clip(x0_pred, -1.0, 1.0)
+    true_mean, _, true_log_var = q_posterior(schedule, x0, x_t, t)
+    model_mean, _, _ = q_posterior(schedule, x0_pred, x_t, t)
+    model_log_var = reverse_log_variance(schedule, t, x0.ndim, variance, v)
+    kl = _bits_per_dim(normal_kl(true_mean, true_log_var, model_mean, model_log_var))
+    decoder = -_bits_per_dim(
+        discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)
+    )
+    return jnp.where(t == 0, decoder, kl)
+
+
+def vlb_terms(
+    model_fn: Callable[[Array, Array], Array],
+    schedule: Schedule,
+    x0: Array,
+    t_rows: Array,
+    rng: Array,
+    **term_kw,
+) -> Array:
+    """Bound terms at the timesteps `t_rows` [n, B] int32, one `lax.scan` step per row.
+
+    model_fn(x_t, t) -> output, with t: [B] float32. Row i draws its noise from
+    fold_in(rng, i). Returns [n, B] float32 bits/dim (`vlb_term` of each row; term_kw are its
+    keyword options).
+    """
+    x0 = x0.astype(jnp.float32)
+
+    def body(_, row):
+        i, t = row
+        noise = jax.random.normal(jax.random.fold_in(rng, i), x0.shape, jnp.float32)
+        x_t = q_sample(schedule, x0, t, noise)
+        output = model_fn(x_t, t.astype(jnp.float32)).astype(jnp.float32)
+        return None, vlb_term(schedule, x0, x_t, t, output, **term_kw)
+
+    rows = (jnp.arange(t_rows.shape[0]), t_rows.astype(jnp.int32))
+    return jax.lax.scan(body, None, rows)[1]
+
+
+def vlb_bpd(model_fn, schedule: Schedule, x0: Array, rng: Array, **term_kw) -> dict[str, Array]:
+    """The full bound L_T + sum_t L_t over all T timesteps, in bits/dim (T model calls).
+
+    Returns {"bpd": [B] total, "prior": [B] L_T, "terms": [T, B] L_t in timestep order}.
+    """
+    batch = x0.shape[0]
+    t_rows = jnp.broadcast_to(
+        jnp.arange(schedule.num_timesteps)[:, None], (schedule.num_timesteps, batch)
+    )
+    terms = vlb_terms(model_fn, schedule, x0, t_rows, rng, **term_kw)
+    prior = prior_bpd(schedule, x0)
+    return {"bpd": prior + jnp.sum(terms, axis=0), "prior": prior, "terms": terms}
+
+
+def vlb_bpd_importance(
+    model_fn,
+    schedule: Schedule,
+    x0: Array,
+    rng: Array,
+    proposal: Array,
+    num_draws: int,
+    **term_kw,
+) -> dict[str, Array]:
+    """Unbiased estimate of the bound from `num_draws` timesteps per example.
+
+    t_k ~ proposal ([T] probabilities, all > 0), bpd = L_T + mean_k L_{t_k} / proposal[t_k]
+    (improved DDPM uses proposal ~ sqrt(E[L_t^2]), which makes the estimate's variance small).
+    Returns {"bpd": [B], "prior": [B], "stderr": [B] standard error of the mean over draws}.
+    """
+    if num_draws < 2:
+        raise ValueError(f"num_draws={num_draws} must be >= 2 (its spread gives the stderr)")
+    t_rng, noise_rng = jax.random.split(rng)
+    batch = x0.shape[0]
+    t_rows = jax.random.choice(
+        t_rng, schedule.num_timesteps, (num_draws, batch), p=proposal, replace=True
+    )
+    weighted = vlb_terms(model_fn, schedule, x0, t_rows, noise_rng, **term_kw) / proposal[t_rows]
+    prior = prior_bpd(schedule, x0)
+    stderr = jnp.std(weighted, axis=0, ddof=1) / jnp.sqrt(num_draws)
+    return {"bpd": prior + jnp.mean(weighted, axis=0), "prior": prior, "stderr": stderr}
