@@ -14,9 +14,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Input pipeline (ddpm.data).
     config.data = ml_collections.ConfigDict()
-    config.data.source = "mnist5k"  # mnist5k | tfds:<name> | folder:<path> | npz:<path>
+    config.data.source = "mnist5k"  # mnist5k | tfds:<name> | folder:<path> | npz:<path> | sines
     config.data.image_size = 32
     config.data.channels = 1
+    config.data.length = placeholder(int)  # 1-D signals (source="sines"): L of [L, C]; else None
     config.data.data_dir = placeholder(str)  # TFDS data_dir (None = TFDS default)
     config.data.train_split = "train"
     config.data.eval_split = "test"
@@ -48,6 +49,23 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"  # compute dtype, e.g. bfloat16
     config.model.param_dtype = "float32"
     config.model.remat = False
+    # DiT only (name="dit"; also uses num_heads, dropout, num_classes, learn_sigma, dtype, remat,
+    # time_embed_freqs with None = 128).
+    config.model.patch_size = 2
+    config.model.hidden_size = 384
+    config.model.depth = 12
+    config.model.mlp_ratio = 4.0
+
+    # Text conditioning by cross-attention (ddpm.text, ddpm.models.context); needs
+    # model.num_classes = None. source: None (off) | "captions" (MNIST captions measured from
+    # each digit, a word-level tokenizer and a text encoder trained with the denoiser) |
+    # "npz:<path>" (precomputed embeddings per caption: captions, embeddings [N, L, D], mask).
+    config.text = ml_collections.ConfigDict()
+    config.text.source = placeholder(str)
+    config.text.max_length = 12  # tokens L (npz: its L)
+    config.text.width = 64  # context width D (npz: its D)
+    config.text.depth = 2  # text encoder layers ("captions")
+    config.text.num_heads = 4
 
     # Forward process and objective (ddpm.schedules, ddpm.diffusion).
     config.diffusion = ml_collections.ConfigDict()
@@ -77,6 +95,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.checkpoint_every = 1000
     config.training.keep_checkpoints = 3
     config.training.sample_every = 5000
+    # Devices that split each parameter, its EMA and optimizer state (FSDP); must divide the
+    # device count. 1 = plain data parallel. Arrays under fsdp_min_size elements stay whole.
+    config.training.fsdp = 1
+    config.training.fsdp_min_size = 2**14
 
     # Generation (ddpm.samplers).
     config.sample = ml_collections.ConfigDict()
@@ -93,10 +115,41 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.num_samples = 64
     config.sample.batch_size = 64
     config.sample.labels = placeholder(int)  # None = all classes in rows; else one class id
+    config.sample.prompt = placeholder(str)  # text models: None = "a handwritten <digit>" rows
     config.sample.clip_x0 = True  # pixel space only
+
+    # Latent diffusion (ddpm.latent). Stage 1 trains model.name="autoencoder" (a KL-autoencoder,
+    # ddpm.models.autoencoder); stage 2 names that run's workdir and trains the denoiser on its
+    # latents, sampling in latent space (sample.clip_x0 must be False there) and decoding.
+    config.latent = ml_collections.ConfigDict()
+    config.latent.z_channels = 4  # latent channels (stage 2: must equal the stage-1 run's)
+    config.latent.factor = 4  # spatial downsampling f = 2^(len(ch_mult)-1) of the autoencoder
+    config.latent.recon_loss = "l1"  # stage 1: l1 | l2
+    config.latent.kl_weight = 1e-6  # stage 1: beta (LDM's scale: recon summed over pixels)
+    config.latent.autoencoder_workdir = placeholder(str)  # stage 2: the stage-1 run; None=pixels
+    config.latent.scale_factor = placeholder(float)  # stage 2: None = 1 / std of the latents
+    config.latent.sample_posterior = True  # stage 2: train on z ~ q(z|x) (False: its mean)
+
+    # Editing with a trained run (ddpm.editing): --mode=inpaint / --mode=img2img.
+    config.edit = ml_collections.ConfigDict()
+    config.edit.input = "0"  # a PNG path, or the index of a test-set example
+    config.edit.mask = "center"  # inpaint: center | left_half | random_boxes (regions to
+    # generate) or a PNG path (white = keep, black = generate)
+    config.edit.strength = 0.6  # img2img (SDEdit): noise level to start from, in (0, 1]
+    config.edit.jump_length = 10  # inpaint, RePaint: steps per resampled block
+    config.edit.resample = 1  # inpaint, RePaint: passes per block (1 = plain replacement)
+    config.edit.num_samples = 8  # results per input
 
     # Evaluation (ddpm.evaluate).
     config.eval = ml_collections.ConfigDict()
-    config.eval.metrics = ("bpd",)
-    config.eval.num_samples = 1000
+    config.eval.metrics = ("bpd",)  # any of bpd | fd | accuracy | pr | fid
+    config.eval.num_samples = 1000  # generated samples per guidance scale (fd, accuracy, pr, fid)
+    config.eval.guidance_scales = ()  # e.g. (0, 1, 3); () = (sample.guidance_scale,)
+    config.eval.batch_size = 100  # test images per bound evaluation / samples per sampler call
+    config.eval.bpd_examples = 100  # test images for the full-T bound (T model calls each)
+    config.eval.bpd_importance_examples = 500  # test images for the importance-sampled bound
+    config.eval.bpd_importance_draws = 16  # timesteps per image of the importance-sampled bound
+    config.eval.classifier_steps = 500  # training steps of the feature/accuracy classifier
+    config.eval.inception_weights = placeholder(str)  # fid: the converted FID Inception .npz
+    config.eval.reference_split = "train"  # real images the generated ones are compared with
     return config

@@ -54,3 +54,43 @@ def mnist_small() -> ml_collections.ConfigDict:
         num_classes=10,
         num_groups=8,
     )
+
+
+# DiT (Peebles & Xie 2023, table 1): size -> (hidden_size, depth, num_heads).
+DIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+DIT_PATCHES = (2, 4, 8)
+
+
+def dit(size: str = "XL", patch: int = 2, **overrides) -> ml_collections.ConfigDict:
+    """The DiT paper's DiT-{S,B,L,XL}/{2,4,8} (MLP ratio 4, no dropout); `overrides` set other
+    `config.model` fields, e.g. num_classes=1000, learn_sigma=True as in the paper."""
+    if size not in DIT_SIZES:
+        raise ValueError(f"DiT size {size!r} is not one of {', '.join(DIT_SIZES)}")
+    if patch not in DIT_PATCHES:
+        raise ValueError(f"DiT patch size {patch!r} is not one of {DIT_PATCHES}")
+    hidden, depth, heads = DIT_SIZES[size]
+    return _model(
+        name="dit",
+        patch_size=patch,
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=4.0,
+        dropout=0.0,
+        **overrides,
+    )
+
+
+def mnist_dit() -> ml_collections.ConfigDict:
+    """Class-conditional DiT for MNIST at 28x28x1 on a 2-core CPU: 4x4 patches (7x7 = 49
+    tokens), width 128, 6 blocks of 4 heads; 1.8M parameters."""
+    return _model(
+        name="dit",
+        patch_size=4,
+        hidden_size=128,
+        depth=6,
+        num_heads=4,
+        mlp_ratio=4.0,
+        dropout=0.0,
+        num_classes=10,
+    )

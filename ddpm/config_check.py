@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 import ml_collections
 
-from ddpm import data, diffusion, schedules
+from ddpm import data, diffusion, latent, schedules
 
 # Fields that fix the network and the data's shape: a workdir trained with other values cannot
 # be resumed with these. (Model fields that change neither, like dropout, may change.)
-SHAPE_FIELDS = ("data.image_size", "data.channels", "model")
+SHAPE_FIELDS = ("data.image_size", "data.channels", "model", "text")
 _FREE_MODEL_FIELDS = ("dropout", "dtype", "param_dtype", "remat")
 
 
@@ -95,9 +95,11 @@ def validate(config: ml_collections.ConfigDict) -> data.DatasetInfo:
         "checkpoint_every",
         "keep_checkpoints",
         "sample_every",
+        "fsdp",
     ):
         _range(config, f"training.{path}", 1)
     _range(config, "training.learning_rate", 0, low_inclusive=False)
+    _range(config, "training.fsdp_min_size", 0)
     _range(config, "training.warmup_steps", 0)
     _range(config, "training.weight_decay", 0)
     _range(config, "training.grad_clip", 0, low_inclusive=False)
@@ -105,7 +107,38 @@ def validate(config: ml_collections.ConfigDict) -> data.DatasetInfo:
     _range(config, "training.label_dropout", 0, 1)
     _range(config, "training.adam_b2", 0, 1)
     _range(config, "sample.num_samples", 1)
+    _validate_latent(config)
     return info
+
+
+def _validate_latent(config: ml_collections.ConfigDict) -> None:
+    """config.latent: both stages' shapes, stage 1's loss, stage 2's pixel-only sample options."""
+    lat = config.latent
+    _range(config, "latent.z_channels", 1)
+    if lat.factor < 1 or lat.factor & (lat.factor - 1):
+        raise ValueError(f"config.latent.factor={lat.factor!r} must be a power of 2, e.g. 4 or 8")
+    _choice(config, "latent.recon_loss", latent.RECON_LOSSES)
+    _range(config, "latent.kl_weight", 0)
+    if lat.autoencoder_workdir is None:
+        return
+    if config.model.name == "autoencoder":
+        raise ValueError(
+            "config.latent.autoencoder_workdir is set (stage 2) but config.model.name="
+            "'autoencoder': stage 2 trains a denoiser, e.g. 'unet'"
+        )
+    if config.data.image_size % lat.factor:
+        raise ValueError(
+            f"config.data.image_size={config.data.image_size} is not divisible by "
+            f"config.latent.factor={lat.factor}"
+        )
+    if lat.scale_factor is not None:
+        _range(config, "latent.scale_factor", 0, low_inclusive=False)
+    if config.sample.clip_x0 or config.sample.dynamic_threshold is not None:
+        raise ValueError(
+            f"config.sample.clip_x0={config.sample.clip_x0!r} / config.sample.dynamic_threshold="
+            f"{config.sample.dynamic_threshold!r}: clipping to [-1, 1] is for pixels, not "
+            "latents; set clip_x0=False and dynamic_threshold=None for latent diffusion"
+        )
 
 
 def check_workdir_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -120,10 +153,15 @@ def check_workdir_compatible(config: ml_collections.ConfigDict, workdir: str) ->
     for field in SHAPE_FIELDS:
         old_value, new_value = _get_json(saved, field), _get_json(new, field)
         if isinstance(old_value, dict) and isinstance(new_value, dict):
+            # A field the saved config lacks was added to configs/default.py after that run
+            # was made: it had the field's default.
+            from configs import default
+
+            defaults = _get_json(json.loads(default.get_config().to_json_best_effort()), field)
             for key in sorted(set(old_value) | set(new_value)):
                 if key in _FREE_MODEL_FIELDS:
                     continue
-                if old_value.get(key) != new_value.get(key):
+                if old_value.get(key, defaults.get(key)) != new_value.get(key):
                     differences.append((f"{field}.{key}", old_value.get(key), new_value.get(key)))
         elif old_value != new_value:
             differences.append((field, old_value, new_value))

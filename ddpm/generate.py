@@ -1,19 +1,31 @@
 """`main.py --mode=sample`: restore the EMA parameters of a workdir and draw samples."""
 
-import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 
-from ddpm import checkpoint, config_check, images, models, sharding, train
+from ddpm import (
+    checkpoint,
+    conditioning,
+    config_check,
+    images,
+    latent,
+    models,
+    sharding,
+    signals,
+    train,
+)
 
 
 def restore_ema_params(config: ml_collections.ConfigDict, workdir: str, model) -> tuple[dict, int]:
-    """(EMA parameters, step) of the latest checkpoint in `workdir`, replicated on all devices."""
+    """(EMA parameters, step) of the latest checkpoint in `workdir`, on this run's devices.
+
+    Laid out as training lays them out (replicated, or split over config.training.fsdp devices),
+    whatever the devices the checkpoint was written on.
+    """
     ckpt = checkpoint.Checkpointer(workdir, keep=config.training.keep_checkpoints)
     try:
         step = ckpt.latest_step()
@@ -23,55 +35,74 @@ def restore_ema_params(config: ml_collections.ConfigDict, workdir: str, model) -
                 f"--config=<config> --workdir={workdir}"
             )
         tx, _ = train.make_optimizer(config.training)
-        init = functools.partial(train.create_train_state, config=config, model=model, tx=tx)
-        abstract = jax.eval_shape(init, jax.random.key(0))
-        replicated = sharding.replicated(sharding.create_mesh())
-        target = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract
-        )
+        mesh = sharding.create_mesh(fsdp=config.training.fsdp)
+        target = train.abstract_train_state(config, model, tx, mesh)
         state, _ = ckpt.restore(step, target)
     finally:
         ckpt.close()
     return state.ema_params, step
 
 
+def prepare(config: ml_collections.ConfigDict, workdir: str):
+    """Validated start-up of a mode that samples from a trained `workdir` (sample, inpaint,
+    img2img): -> (config, model, schedule, stage1 or None); config gets latent diffusion's
+    saved scale factor (read from the stage-1 and this workdir). Bad config: a ValueError."""
+    config_check.validate(config)
+    if config.model.name == "autoencoder":
+        raise ValueError(
+            "config.model.name='autoencoder' is not a generative model: --mode=sample needs a "
+            "diffusion run (its reconstructions are the grids in the workdir's samples/)"
+        )
+    stage1 = latent.load_stage1(config, sharding.create_mesh(fsdp=config.training.fsdp))
+    if stage1 is not None:  # the scale factor training used, saved in workdir/config.json
+        config = latent.with_scale_factor(config, workdir, stage1, estimate=False)
+    config_check.check_workdir_compatible(config, workdir)
+    return config, models.create_model(config), train.build_schedule(config), stage1
+
+
+def save_samples(stem: str, samples: np.ndarray, labels: np.ndarray, num_cols: int) -> str:
+    """Writes `stem`.png (a grid; signals: a plot) and `stem`.npz (uint8 images, or float32
+    signals, and labels), and for 1-D signals [N, L, C] also `stem`.wav. -> the PNG's path."""
+    images.save_png(stem + ".png", images.sample_grid(samples, num_cols))
+    if samples.ndim == 3:
+        signals.save_wav(stem + ".wav", samples)
+        np.savez_compressed(stem + ".npz", signals=samples.astype(np.float32), labels=labels)
+    else:
+        np.savez_compressed(stem + ".npz", images=images.to_uint8(samples), labels=labels)
+    print(f"Wrote {stem}.png and .npz" + (" and .wav" if samples.ndim == 3 else ""), flush=True)
+    return stem + ".png"
+
+
 def sample_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """Writes `samples/<method>_<steps>.png` (a grid) and `.npz` (uint8 images, labels).
+    """Writes `samples/<method>_<steps>.png` (a grid) and `.npz` (uint8 images, labels); for
+    1-D signals a plot, float32 signals and a `.wav` (see `save_samples`).
 
     Samples `config.sample.num_samples` images in batches of `config.sample.batch_size` with
-    the method, steps and guidance of `config.sample`; returns the PNG's path.
+    the method, steps and guidance of `config.sample`; returns the PNG's path. Latent
+    diffusion: sampled latents decoded by the frozen stage-1 decoder.
     """
-    config_check.validate(config)
-    config_check.check_workdir_compatible(config, workdir)
-    model = models.create_model(config)
-    schedule = train.build_schedule(config)
+    config, model, schedule, stage1 = prepare(config, workdir)
     s = config.sample
     batch = min(s.batch_size, s.num_samples)
-    sampler = train.make_grid_sampler(config, model, schedule, batch)
-    labels, num_cols = train.grid_labels(config)
+    sampler = train.make_grid_sampler(config, model, schedule, batch, stage1)
+    labels, num_cols, prompts = conditioning.grid_cond(config)  # labels: any condition pytree
     params, step = restore_ema_params(config, workdir, model)
     print(
         f"Sampling {s.num_samples} images with {s.method}, {s.num_steps} steps, guidance "
-        f"{s.guidance_scale}, from the EMA parameters of step {step}",
+        f"{s.guidance_scale}, from the EMA parameters of step {step}"
+        + (f"; prompts {sorted(set(prompts))}" if prompts else ""),
         flush=True,
     )
 
     rng = jax.random.fold_in(jax.random.key(config.seed), 2)
     outputs = []
     for i, start in enumerate(tqdm.trange(0, s.num_samples, batch, desc="sample")):
-        batch_labels = None
-        if labels is not None:
-            batch_labels = jnp.asarray(np.resize(labels[start : start + batch], batch))
-        x = sampler(params, jax.random.fold_in(rng, i), batch_labels)
-        outputs.append(images.to_uint8(np.asarray(x)))
+        x = sampler(params, jax.random.fold_in(rng, i), conditioning.take(labels, start, batch))
+        outputs.append(np.asarray(x))
     samples = np.concatenate(outputs)[: s.num_samples]
 
     stem = os.path.join(workdir, "samples", f"{s.method}_{s.num_steps}")
-    images.save_png(stem + ".png", images.make_grid(samples, num_cols))
-    np.savez_compressed(
-        stem + ".npz",
-        images=samples,
-        labels=np.zeros(len(samples), np.int32) if labels is None else labels[: s.num_samples],
-    )
-    print(f"Wrote {stem}.png and {stem}.npz", flush=True)
-    return stem + ".png"
+    if not isinstance(labels, np.ndarray):  # unconditional, or text (prompts printed above)
+        labels = np.zeros(len(samples), np.int32)
+    labels = labels[: s.num_samples]
+    return save_samples(stem, samples, labels, num_cols)

@@ -6,6 +6,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from ddpm import signals
+
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[..., H, W, C] float in [-1, 1] -> uint8 in [0, 255] (values outside are clipped)."""
@@ -33,6 +35,14 @@ def make_grid(images: np.ndarray, num_cols: int | None = None, padding: int = 2)
         top, left = padding + row * (h + padding), padding + col * (w + padding)
         grid[top : top + h, left : left + w] = image
     return grid
+
+
+def sample_grid(samples: np.ndarray, num_cols: int | None = None) -> np.ndarray:
+    """A uint8 grid image [H', W', C'] of samples in [-1, 1]: images [N, H, W, C] tiled by
+    `make_grid`, or 1-D signals [N, L, C] plotted by `signals.plot_signals`."""
+    if samples.ndim == 3:
+        return signals.plot_signals(samples, num_cols)
+    return make_grid(to_uint8(samples), num_cols)
 
 
 def save_png(path: str, image: np.ndarray) -> None:

@@ -83,13 +83,14 @@ class RunLogger:
         self._jsonl.flush()
 
     def write_grid(self, step: int, samples: np.ndarray, num_cols: int) -> str | None:
-        """Saves samples [N, H, W, C] in [-1, 1] as `samples/step_XXXXXXX.png` and to TensorBoard.
+        """Saves samples [N, H, W, C] (or signals [N, L, C], plotted) in [-1, 1] as
+        `samples/step_XXXXXXX.png` and to TensorBoard.
 
         Returns the PNG's path (None where this logger is disabled).
         """
         if not self.enabled:
             return None
-        grid = images.make_grid(images.to_uint8(samples), num_cols)
+        grid = images.sample_grid(samples, num_cols)
         path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
         images.save_png(path, grid)
         self._writer.add_image("samples", grid, step, dataformats="HWC")

@@ -320,6 +320,77 @@ def _no_aux(x: Array) -> tuple[()]:
     return ()
 
 
+# --------------------------------------------------------------------------------------------
+# Editing: SDEdit start strength, inpainting by replacement, RePaint resampling. All three
+# reshape the grid (host side, static) and add a few lines to the one scan body.
+
+
+def kept_steps(num_steps: int, strength: float) -> int:
+    """Steps an SDEdit run of `strength` in (0, 1] takes: floor(strength n) (as diffusers), the
+    last ones of the n-step grid; 0 means no step (the input is returned as it is)."""
+    return min(int(np.floor(strength * num_steps + 1e-6)), num_steps)
+
+
+def _truncate(grid: Grid, keep: int) -> Grid:
+    """The last `keep` rows of `grid`; the first of them restarts the multistep history (c = 0)."""
+    g = {k: v[len(v) - keep :] for k, v in grid.items()}
+    if "c" in g:
+        g["c"] = g["c"].at[0].set(0.0)
+    return g
+
+
+def repaint_order(num_steps: int, jump_length: int, resample: int) -> tuple[np.ndarray, ...]:
+    """RePaint's schedule (Lugmayr et al., 2022) over the rows of an n-step grid.
+
+    The rows are taken in blocks of `jump_length`; each block is run `resample` times, and
+    before every repeat the state is noised back from the block's end level to its start
+    level (a "jump"). Returns (row [M] int, jump [M] bool, src [M] int): scan item i runs grid
+    row `row[i]`, or for a jump goes from the level after row `src[i]` to the level of row
+    `row[i]`; M = resample n + (resample - 1) ceil(n / jump_length) items.
+    """
+    rows, jumps, srcs = [], [], []
+    for begin in range(0, num_steps, jump_length):
+        end = min(begin + jump_length, num_steps)
+        for r in range(resample):
+            if r:
+                rows.append(begin), jumps.append(True), srcs.append(end - 1)
+            rows.extend(range(begin, end))
+            jumps.extend([False] * (end - begin))
+            srcs.extend(range(begin, end))
+    return np.array(rows), np.array(jumps), np.array(srcs)
+
+
+def _repaint_grid(grid: Grid, jump_length: int, resample: int) -> Grid:
+    """`grid` expanded by `repaint_order`: rows repeated, plus `jump` (bool) and the level
+    `alpha_from`, `sigma_from` a jump starts at; `index` counts scan items (per-item keys), and
+    the first step after a jump restarts the multistep history (c = 0)."""
+    rows, jumps, srcs = repaint_order(len(grid["index"]), jump_length, resample)
+    g = {k: v[rows] for k, v in grid.items()}
+    g["index"] = jnp.arange(len(rows), dtype=jnp.int32)
+    g["jump"] = jnp.asarray(jumps)
+    g["alpha_from"], g["sigma_from"] = grid["alpha_next"][srcs], grid["sigma_next"][srcs]
+    if "c" in g:
+        g["c"] = jnp.where(jnp.asarray(np.append(False, jumps[:-1])), 0.0, g["c"])
+    return g
+
+
+def _renoise(x: Array, g: Grid, key: Array) -> Array:
+    """Forward process from level (alpha_from, sigma_from) up to (alpha, sigma) of row g:
+    x' = (alpha / alpha_from) x + sqrt(sigma^2 - (alpha / alpha_from)^2 sigma_from^2) z."""
+    ratio = g["alpha"] / g["alpha_from"]
+    std = jnp.sqrt(jnp.maximum(jnp.square(g["sigma"]) - jnp.square(ratio * g["sigma_from"]), 0.0))
+    return ratio * x + std * jax.random.normal(key, x.shape, x.dtype)
+
+
+def _replace_known(
+    x: Array, known: Array, mask: Array, alpha: Array, sigma: Array, key: Array
+) -> Array:
+    """Replacement inpainting: where mask = 1 the state becomes q_sample(known) at the state's
+    level, alpha known + sigma z; elsewhere it is kept.  x: [B, ...]; known, mask broadcast."""
+    noisy = alpha * known + sigma * jax.random.normal(key, x.shape, x.dtype)
+    return jnp.where(mask > 0.5, noisy, x)
+
+
 # name -> (grid, step, initial aux from x_T)
 _METHOD_TABLE = {
     "ddpm": (_ddpm_grid, _ddpm_step, _no_aux),
@@ -342,7 +413,7 @@ class _Options(NamedTuple):
     clip_x0: bool
     dynamic_threshold: float | None
     guidance_interval: tuple[float, float] | None
-    null_label: int | None
+    null_label: Any  # int, or a pytree of fill values like the conditioning
     rho: float
     churn: float
     churn_tmin: float
@@ -373,11 +444,12 @@ def _make_predict(
         batch = x.shape[0]
         if scale is None:
             return denoise_fn(x, jnp.full((batch,), t, jnp.float32), labels).astype(jnp.float32)
-        null = jnp.full_like(labels, opts.null_label)
+        # labels may be a pytree (text conditioning): null_label holds one fill value per leaf.
+        null = jax.tree.map(jnp.full_like, labels, opts.null_label)
         both = denoise_fn(
             jnp.concatenate([x, x]),
             jnp.full((2 * batch,), t, jnp.float32),
-            jnp.concatenate([labels, null]),
+            jax.tree.map(lambda c, n: jnp.concatenate([c, n]), labels, null),
         ).astype(jnp.float32)
         cond, uncond = both[:batch], both[batch:]
         s = scale
@@ -446,6 +518,21 @@ def validate(
         raise ValueError(f"variance={variance!r} is not one of {', '.join(VARIANCES)}")
 
 
+def validate_edit(
+    jump_length: int, resample: int, strength: float, *, inpaint: bool, init: bool
+) -> None:
+    """Raises ValueError naming the config.edit field for unusable editing options."""
+    for name, value in (("jump_length", jump_length), ("resample", resample)):
+        if not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"config.edit.{name}={value!r} must be an integer >= 1")
+    if resample > 1 and not inpaint:
+        raise ValueError(f"config.edit.resample={resample} (RePaint) needs a mask to inpaint")
+    if not isinstance(strength, int | float) or not 0.0 < strength <= 1.0:
+        raise ValueError(f"config.edit.strength={strength!r} must lie in (0, 1]")
+    if strength < 1.0 and not init:
+        raise ValueError(f"config.edit.strength={strength} < 1 needs an input image (init)")
+
+
 def _guidance_on(guidance_scale: Any) -> bool:
     """Static: guidance runs unless the scale is None or the Python number 1 (a traced scale
     always runs it, so changing its value does not recompile)."""
@@ -470,7 +557,7 @@ def sample(
     spacing: str = "trailing",
     guidance_scale: float | Array | None = None,
     labels: Array | None = None,
-    null_label: int | None = None,
+    null_label: Any = None,
     guidance_interval: tuple[float, float] | None = None,
     prediction: str = "eps",
     clip_x0: bool = False,
@@ -481,6 +568,12 @@ def sample(
     churn_tmin: float = 0.0,
     churn_tmax: float = float("inf"),
     churn_noise: float = 1.0,
+    known: Array | None = None,
+    mask: Array | None = None,
+    jump_length: int = 10,
+    resample: int = 1,
+    init: Array | None = None,
+    strength: float = 1.0,
 ) -> Array:
     """Draws x_0 by running `method` from x_T ~ N(0, I); pure, one `lax.scan`, jit-compatible.
 
@@ -501,8 +594,10 @@ def sample(
         linspace (integer timesteps, see `timesteps`) or karras (Karras sigmas, rho).
       guidance_scale: classifier-free guidance scale s; None or the Python number 1.0 = off
         (one model call per evaluation); anything else (a jnp scalar may be traced) = on.
-      labels: [B] int32 class ids, or None for an unconditional model.
-      null_label: the "no class" id fed for the unconditional half (needed with guidance).
+      labels: [B] int32 class ids, or None for an unconditional model; or any conditioning
+        pytree with leading axis B (text: {"tokens": [B, L]}, see `ddpm.conditioning`).
+      null_label: the "no class" id fed for the unconditional half (needed with guidance); for
+        a pytree `labels`, a pytree of fill values, one per leaf.
       guidance_interval: (s_lo, s_hi): guide only where the VE level sigma/alpha lies in it.
       prediction: the model's parameterization, eps | x0 | v.
       clip_x0: clip predicted x_0 to [-1, 1] (pixel space only).
@@ -511,6 +606,19 @@ def sample(
       rho: the Karras sigmas' exponent.
       churn, churn_tmin, churn_tmax, churn_noise: euler/heun options (EDM S_churn,
         S_tmin, S_tmax, S_noise); churn > 0 is an error for other methods.
+      known, mask: inpainting (both or neither): known [B, ...] (or broadcastable to `shape`)
+        float32 image, mask of the same or a broadcastable shape, 1 = keep, 0 = generate.
+        Before the first step and after every step the kept region of the state is replaced by
+        q_sample(known) at the level the state has reached (the replacement method); at the
+        end it equals `known` exactly.
+      jump_length, resample: RePaint resampling (static, with a mask): each block of
+        `jump_length` steps runs `resample` times, noised back to the block's start level in
+        between (`repaint_order`); resample = 1 is plain replacement.
+      init, strength: SDEdit (static strength in (0, 1]): run only the last
+        `kept_steps(num_steps, strength)` steps of the grid, starting from
+        alpha init + sigma x_T at the first kept level (init: `shape`, or broadcastable).
+        strength = 1 is unconditional sampling (x_T as drawn, init unused); a strength that
+        keeps no step returns init.
 
     Returns:
       x_0: `shape` float32.
@@ -528,6 +636,9 @@ def sample(
         raise ValueError(f"churn={churn} applies to {', '.join(KARRAS_METHODS)}, not {method!r}")
     if dynamic_threshold is not None and not 0.0 < dynamic_threshold <= 1.0:
         raise ValueError(f"dynamic_threshold={dynamic_threshold!r} must lie in (0, 1]")
+    validate_edit(jump_length, resample, strength, inpaint=mask is not None, init=init is not None)
+    if (known is None) != (mask is None):
+        raise ValueError("inpainting needs both known (the image) and mask (1 = keep)")
     guided = _guidance_on(guidance_scale)
     if guided and (labels is None or null_label is None):
         raise ValueError(
@@ -548,7 +659,7 @@ def sample(
         churn_tmax=float(churn_tmax),
         churn_noise=float(churn_noise),
     )
-    if labels is not None:
+    if labels is not None and not isinstance(labels, dict):  # a dict: text conditioning
         labels = jnp.asarray(labels, jnp.int32)
     scale = jnp.asarray(guidance_scale, jnp.float32) if guided else None
     predict = _make_predict(denoise_fn, labels, scale, opts)
@@ -557,11 +668,39 @@ def sample(
     grid = make_grid(schedule, num_steps, spacing, opts)
     noise_key, step_key = jax.random.split(rng)
     x_T = jax.random.normal(noise_key, shape, jnp.float32)
+    if strength < 1.0:
+        keep = kept_steps(num_steps, strength)
+        init = jnp.broadcast_to(jnp.asarray(init, jnp.float32), shape)
+        if keep == 0:
+            return init
+        grid = _truncate(grid, keep)
+        x_T = grid["alpha"][0] * init + grid["sigma"][0] * x_T
+    inpaint = mask is not None
+    if inpaint:
+        known, mask = jnp.asarray(known, jnp.float32), jnp.asarray(mask, jnp.float32)
+        first_key = jax.random.fold_in(noise_key, 1)
+        x_T = _replace_known(x_T, known, mask, grid["alpha"][0], grid["sigma"][0], first_key)
+    repaint = resample > 1
+    if repaint:
+        grid = _repaint_grid(grid, jump_length, resample)
 
     def body(carry: tuple[Array, Any], row: Grid) -> tuple[tuple[Array, Any], None]:
         x, aux = carry
         key = jax.random.fold_in(step_key, row["index"])
-        return step(predict, x, aux, row, key, opts), None
+        if repaint:
+            x, aux = jax.lax.cond(
+                row["jump"],
+                lambda: (_renoise(x, row, key), aux),
+                lambda: step(predict, x, aux, row, key, opts),
+            )
+            alpha = jnp.where(row["jump"], row["alpha"], row["alpha_next"])
+            sigma = jnp.where(row["jump"], row["sigma"], row["sigma_next"])
+        else:
+            x, aux = step(predict, x, aux, row, key, opts)
+            alpha, sigma = row["alpha_next"], row["sigma_next"]
+        if inpaint:
+            x = _replace_known(x, known, mask, alpha, sigma, jax.random.fold_in(key, 1))
+        return (x, aux), None
 
     (x0, _), _ = jax.lax.scan(body, (x_T, init_aux(x_T)), grid)
     return x0
@@ -575,14 +714,16 @@ def make_sampler(
     guidance: bool = False,
     **options: Any,
 ) -> Callable[..., Array]:
-    """A jitted `fn(params, rng, labels=None, guidance_scale=None) -> x_0 [shape] float32`.
+    """A jitted `fn(params, rng, labels=None, guidance_scale=None, *, known=None, mask=None,
+    init=None) -> x_0 [shape] float32`.
 
-    `model_fn(params, x_t, t, labels) -> output`. params, rng, labels and guidance_scale are
-    traced, so new values reuse the compiled sampler; the static configuration is `shape`,
-    `guidance` (on: guidance_scale is required and traced) and `options` (keywords of `sample`
-    other than guidance_scale and labels), validated here.
+    `model_fn(params, x_t, t, labels) -> output`. params, rng, labels, guidance_scale and the
+    editing arrays (known, mask: inpainting; init: SDEdit, see `sample`) are traced, so new
+    values reuse the compiled sampler; the static configuration is `shape`, `guidance` (on:
+    guidance_scale is required and traced) and `options` (keywords of `sample` other than the
+    traced ones, e.g. strength, jump_length, resample), validated here.
     """
-    for name in ("guidance_scale", "labels"):
+    for name in ("guidance_scale", "labels", "known", "mask", "init"):
         if name in options:
             raise ValueError(f"make_sampler: pass {name} to the returned function, not here")
     validate(
@@ -594,8 +735,25 @@ def make_sampler(
         prediction=options.get("prediction", "eps"),
         variance=options.get("variance", "fixed_small"),
     )
+    strength = options.get("strength", 1.0)
+    validate_edit(
+        options.get("jump_length", 10),
+        options.get("resample", 1),
+        strength,
+        inpaint=options.get("resample", 1) > 1,
+        init=True,
+    )
 
-    def run(params: Any, rng: Array, labels: Array | None = None, guidance_scale=None) -> Array:
+    def run(
+        params: Any,
+        rng: Array,
+        labels: Array | None = None,
+        guidance_scale=None,
+        *,
+        known: Array | None = None,
+        mask: Array | None = None,
+        init: Array | None = None,
+    ) -> Array:
         if guidance == (guidance_scale is None):
             raise ValueError(f"make_sampler(guidance={guidance}): guidance_scale={guidance_scale}")
         return sample(
@@ -605,6 +763,9 @@ def make_sampler(
             rng,
             guidance_scale=guidance_scale,
             labels=labels,
+            known=known,
+            mask=mask,
+            init=init,
             **options,
         )
 

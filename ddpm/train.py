@@ -16,10 +16,19 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
-from ddpm import checkpoint, config_check, data, diffusion, models, samplers, sharding
+from ddpm import (
+    checkpoint,
+    conditioning,
+    config_check,
+    data,
+    diffusion,
+    latent,
+    models,
+    samplers,
+    sharding,
+)
 from ddpm.run_logging import RunLogger
 from ddpm.schedules import Schedule, get_schedule
 
@@ -82,10 +91,7 @@ def create_train_state(
     """
     init_rng, train_rng = jax.random.split(rng)
     init_rng = jax.random.wrap_key_data(jax.random.bits(init_rng, (4,), jnp.uint32), impl="rbg")
-    x = jnp.zeros((1, *models.input_shape(config)), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    labels = None if config.model.num_classes is None else jnp.zeros((1,), jnp.int32)
-    params = model.init(init_rng, x, t, labels)["params"]
+    params = model.init(init_rng, *models.init_inputs(config))["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -95,12 +101,34 @@ def create_train_state(
     )
 
 
+def abstract_train_state(
+    config: ml_collections.ConfigDict, model, tx, mesh: jax.sharding.Mesh
+) -> TrainState:
+    """`create_train_state`'s output as `jax.ShapeDtypeStruct`s with their shardings on `mesh`.
+
+    Nothing is computed. The shardings follow `sharding.state_shardings` (params, EMA and
+    optimizer moments split over the mesh's `fsdp` axis, small arrays replicated): the layout
+    the train step, `init_train_state` and checkpoint restores (onto any topology) share.
+    """
+    init = functools.partial(create_train_state, config=config, model=model, tx=tx)
+    shapes = jax.eval_shape(init, jax.random.key(0))
+    shardings = sharding.state_shardings(shapes, mesh, config.training.fsdp_min_size)
+    return jax.tree.map(
+        lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), shapes, shardings
+    )
+
+
+def _shardings(tree: Any) -> Any:
+    return jax.tree.map(lambda leaf: leaf.sharding, tree)
+
+
 def init_train_state(
     rng: jax.Array, config: ml_collections.ConfigDict, model, tx, mesh: jax.sharding.Mesh
 ) -> TrainState:
-    """`create_train_state` compiled and placed replicated on `mesh` (as the train step wants)."""
+    """`create_train_state` compiled and placed on `mesh` as `abstract_train_state` says."""
     init = functools.partial(create_train_state, config=config, model=model, tx=tx)
-    return jax.jit(init, out_shardings=sharding.replicated(mesh))(rng)
+    out_shardings = _shardings(abstract_train_state(config, model, tx, mesh))
+    return jax.jit(init, out_shardings=out_shardings)(rng)
 
 
 def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
@@ -114,41 +142,65 @@ def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
+    frozen: Any = None,
     *,
     model,
     tx: optax.GradientTransformation,
     lr_fn: optax.Schedule,
     schedule: Schedule,
     config: ml_collections.ConfigDict,
+    autoencoder=None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update: loss, grads, optax update and EMA, all in one compiled function.
 
     batch: {"image": [B, H, W, C] float32 in [-1, 1], "label": [B] int32}. A non-finite loss or
     gradient leaves the state unchanged and reports metrics["finite"] = False.
+    The objective: the autoencoder loss for `config.model.name == "autoencoder"` (stage 1 of
+    latent diffusion), else the diffusion loss, on the images, or (latent diffusion) on their
+    latents under the frozen `autoencoder` with parameters `frozen`.
     """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     label_rng, loss_rng = jax.random.split(rng)
-    labels = None
-    num_classes = config.model.num_classes
-    if num_classes is not None:
-        drop = jax.random.bernoulli(label_rng, config.training.label_dropout, batch["label"].shape)
-        labels = jnp.where(drop, models.null_label(config), batch["label"])
+    labels = conditioning.drop(  # class labels, text conditioning or None
+        config, conditioning.batch_cond(config, batch), label_rng, config.training.label_dropout
+    )
 
     def apply_fn(params, x_t, t, dropout_rng):
         return model.apply(
             {"params": params}, x_t, t, labels, train=True, rngs={"dropout": dropout_rng}
         )
 
-    (loss, _), grads = jax.value_and_grad(diffusion.loss, has_aux=True)(
-        state.params,
-        apply_fn,
-        schedule,
-        batch["image"],
-        loss_rng,
-        prediction=config.diffusion.prediction,
-        weighting=config.diffusion.loss_weighting,
-        min_snr_gamma=config.diffusion.min_snr_gamma,
-    )
+    x0 = batch["image"]
+    if autoencoder is not None:
+        x0 = latent.encode_latents(
+            autoencoder,
+            frozen,
+            x0,
+            jax.random.fold_in(rng, 2),
+            scale_factor=config.latent.scale_factor,
+            sample_posterior=config.latent.sample_posterior,
+        )
+    if config.model.name == "autoencoder":
+        (loss, aux), grads = jax.value_and_grad(latent.autoencoder_loss, has_aux=True)(
+            state.params,
+            model,
+            x0,
+            loss_rng,
+            recon_loss=config.latent.recon_loss,
+            kl_weight=config.latent.kl_weight,
+        )
+    else:
+        (loss, _), grads = jax.value_and_grad(diffusion.loss, has_aux=True)(
+            state.params,
+            apply_fn,
+            schedule,
+            x0,
+            loss_rng,
+            prediction=config.diffusion.prediction,
+            weighting=config.diffusion.loss_weighting,
+            min_snr_gamma=config.diffusion.min_snr_gamma,
+        )
+        aux = {}
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -174,6 +226,7 @@ def train_step(
         "grad_norm": grad_norm,
         "learning_rate": lr_fn(state.step // accum),
         "finite": finite,
+        **aux,
     }
     return new_state, metrics
 
@@ -185,16 +238,29 @@ def make_train_step(
     lr_fn: optax.Schedule,
     schedule: Schedule,
     mesh: jax.sharding.Mesh,
-) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """`train_step` jitted once for the mesh: state replicated, batch split over `data`."""
+    autoencoder=None,
+) -> Callable[..., tuple[TrainState, dict]]:
+    """`train_step` jitted once for `mesh`: `fn(state, batch)`, or for latent diffusion (the
+    stage-1 `autoencoder` given) `fn(state, batch, frozen_params)`.
+
+    The batch is split over all devices, the state laid out as `abstract_train_state` says
+    (replicated, or split over `fsdp`), the frozen parameters and the metrics replicated.
+    """
     step = functools.partial(
-        train_step, model=model, tx=tx, lr_fn=lr_fn, schedule=schedule, config=config
+        train_step,
+        model=model,
+        tx=tx,
+        lr_fn=lr_fn,
+        schedule=schedule,
+        config=config,
+        autoencoder=autoencoder,
     )
-    replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    state_shardings = _shardings(abstract_train_state(config, model, tx, mesh))
+    frozen = () if autoencoder is None else (sharding.replicated(mesh),)
     return jax.jit(
         step,
-        in_shardings=(replicated, batch_sharded),
-        out_shardings=(replicated, replicated),
+        in_shardings=(state_shardings, sharding.batch_sharded(mesh), *frozen),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
 
@@ -224,33 +290,35 @@ class NonFiniteError(FloatingPointError):
     """Raised when a train step produces a non-finite loss or gradient."""
 
 
-def grid_labels(config: ml_collections.ConfigDict) -> tuple[np.ndarray | None, int]:
-    """Labels [num_samples] int32 of a sample grid (None if unconditional) and its column count.
+def grid_labels(config: ml_collections.ConfigDict) -> tuple[Any, int]:
+    """The condition of a sample grid (labels [num_samples] int32, a text conditioning dict, or
+    None if unconditional) and its column count: see `conditioning.grid_cond`.
 
     Conditional models without `config.sample.labels` get one row per class, ceil(num_samples
     / num_classes) columns wide (the last classes miss out when num_samples is too small).
     """
-    num = config.sample.num_samples
-    num_classes = config.model.num_classes
-    square = int(np.ceil(np.sqrt(num)))
-    if num_classes is None:
-        return None, square
-    if config.sample.labels is not None:
-        return np.full((num,), config.sample.labels, np.int32), square
-    cols = -(-num // num_classes)
-    return np.repeat(np.arange(num_classes, dtype=np.int32), cols)[:num], cols
+    cond, cols, _ = conditioning.grid_cond(config)
+    return cond, cols
 
 
 def make_grid_sampler(
-    config: ml_collections.ConfigDict, model, schedule: Schedule, num: int
-) -> Callable[[Any, jax.Array, jax.Array | None], jax.Array]:
+    config: ml_collections.ConfigDict,
+    model,
+    schedule: Schedule,
+    num: int,
+    stage1: latent.Stage1 | None = None,
+    **edit: Any,
+) -> Callable[..., jax.Array]:
     """Jitted `fn(params, rng, labels) -> [num, H, W, C]` with the method/guidance of config.sample.
 
-    labels: [num] int32, or None for unconditional models.
+    labels: [num] int32, or None for unconditional models. Latent diffusion (`stage1` given):
+    the sampler runs in latent space and its output is decoded by the stage-1 decoder.
+    `edit`: static editing options of `samplers.sample` (strength, jump_length, resample; not
+    with stage1); fn then takes its editing arrays as keywords (known, mask, init).
     """
     s = config.sample
     shape = (num, *models.input_shape(config))
-    guidance = config.model.num_classes is not None and s.guidance_scale != 1.0
+    guidance = models.null_label(config) is not None and s.guidance_scale != 1.0
 
     def model_fn(params, x_t, t, labels):
         return model.apply({"params": params}, x_t, t, labels, train=False)
@@ -270,9 +338,17 @@ def make_grid_sampler(
         dynamic_threshold=s.dynamic_threshold,
         variance="learned" if config.model.learn_sigma else s.variance,
         churn=s.churn,
+        **edit,
     )
     scale = jnp.float32(s.guidance_scale) if guidance else None
-    return lambda params, rng, labels: sampler(params, rng, labels, scale)
+    if stage1 is None:
+        return lambda params, rng, labels, **arrays: sampler(params, rng, labels, scale, **arrays)
+    decode = jax.jit(
+        functools.partial(
+            latent.decode_latents, stage1.model, scale_factor=config.latent.scale_factor
+        )
+    )
+    return lambda params, rng, labels: decode(stage1.params, sampler(params, rng, labels, scale))
 
 
 def build_schedule(config: ml_collections.ConfigDict) -> Schedule:
@@ -296,13 +372,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Writes `config.json`, `checkpoints/`, `tensorboard/`, `metrics.jsonl` and `samples/`.
     """
     info = config_check.validate(config)
-    mesh = sharding.create_mesh()
+    mesh = sharding.create_mesh(fsdp=config.training.fsdp)
     global_batch = config.training.batch_size
     per_device = sharding.per_device_batch_size(global_batch, mesh, "config.training.batch_size")
+    stage1 = latent.load_stage1(config, mesh)  # latent diffusion: the frozen autoencoder
+    if stage1 is not None:
+        config = latent.with_scale_factor(config, workdir, stage1, estimate=True)
     model = models.create_model(config)
     schedule = build_schedule(config)
-    labels, grid_cols = grid_labels(config)
-    sample_grid = make_grid_sampler(config, model, schedule, config.sample.num_samples)
+    sample_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+    if config.model.name == "autoencoder":  # stage 1: held-out inputs above reconstructions
+        grid_images, grid_cols = latent.make_reconstruction_grid(config, model)
+    else:
+        labels, grid_cols = grid_labels(config)
+        labels = jax.tree.map(jnp.asarray, labels)
+        sample_grid = make_grid_sampler(config, model, schedule, config.sample.num_samples, stage1)
+
+        def grid_images(params):
+            return sample_grid(params, sample_rng, labels)
+
     config_check.check_workdir_compatible(config, workdir)
 
     is_main = jax.process_index() == 0
@@ -331,7 +419,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = init_train_state(jax.random.key(config.seed), config, model, tx, mesh)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.training.keep_checkpoints)
     state = _restore_or_init(ckpt, state, data_iter)
-    step_fn = make_train_step(config, model, tx, lr_fn, schedule, mesh)
+    step_fn = make_train_step(
+        config, model, tx, lr_fn, schedule, mesh, None if stage1 is None else stage1.model
+    )
+    frozen = () if stage1 is None else (stage1.params,)
     logger = RunLogger(
         workdir,
         config.training.num_steps,
@@ -340,16 +431,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         enabled=is_main,
     )
     config_json = json.loads(config.to_json_best_effort())
-    sample_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
 
     def save(step: int) -> None:
         ckpt.save(step, state, data_iter.get_state(), config_json)
 
     def draw_grid(step: int) -> None:
-        images = sample_grid(
-            state.ema_params, sample_rng, None if labels is None else jnp.asarray(labels)
-        )
-        logger.write_grid(step, np.asarray(images), grid_cols)
+        images = sharding.to_host(grid_images(state.ema_params), mesh)
+        logger.write_grid(step, images, grid_cols)
 
     step = int(state.step)
     last_metrics: dict[str, float] = {}
@@ -357,7 +445,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         with _StopRequest() as stop:
             while step < config.training.num_steps:
                 batch = sharding.global_batch(next(data_iter), mesh)
-                state, metrics = step_fn(state, batch)
+                state, metrics = step_fn(state, batch, *frozen)
                 metrics = jax.device_get(metrics)
                 if not metrics["finite"]:
                     raise NonFiniteError(

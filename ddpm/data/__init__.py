@@ -1,6 +1,7 @@
 """Input pipelines: numpy batches {"image": float32 [B, H, W, C] in [-1, 1], "label": int32 [B]}.
 
-Sources (config.data.source): "mnist5k" (embedded, offline, assets/README.md),
+Sources (config.data.source): "mnist5k" (embedded, offline, assets/README.md), "sines"
+(embedded 1-D signals [L, C], sines.py),
 "tfds:<name>" (prepared TFDS data, tfds_source.py), "folder:<path>" (folder.py),
 "npz:<path>" (arrays.py). Order, sharding and resumption: pipeline.py.
 """

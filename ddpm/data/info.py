@@ -7,9 +7,9 @@ from typing import Protocol
 import ml_collections
 import numpy as np
 
-from ddpm.data import arrays, folder, tfds_source
+from ddpm.data import arrays, folder, sines, tfds_source
 
-SOURCES = "mnist5k, tfds:<name>, folder:<path>, npz:<path>"
+SOURCES = "mnist5k, tfds:<name>, folder:<path>, npz:<path>, sines"
 CHANNELS = (1, 3, 4)
 SPLITS = ("train", "test")
 
@@ -20,7 +20,8 @@ class Source(Protocol):
     def __len__(self) -> int: ...
 
     def load(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """ids: [B] int -> (images [B, S, S, C] uint8, labels [B] int32)."""
+        """ids: [B] int -> (images [B, S, S, C] uint8, labels [B] int32); a signal source
+        (sines) gives float32 signals [B, L, C] in [-1, 1] instead of images."""
         ...
 
 
@@ -34,7 +35,7 @@ class DatasetInfo:
     """
 
     source: str
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, ...]  # (S, S, C), or (L, C) for a signal source
     split_sizes: dict[str, int]
     num_classes: int | None
     class_names: list[str] | None
@@ -48,7 +49,7 @@ class DatasetInfo:
 def parse_source(source: str) -> tuple[str, str]:
     """'folder:/data/x' -> ('folder', '/data/x'); 'mnist5k' -> ('mnist5k', '')."""
     kind, _, arg = str(source).partition(":")
-    if (kind == "mnist5k" and not arg) or (kind in ("tfds", "folder", "npz") and arg):
+    if (kind in ("mnist5k", "sines") and not arg) or (kind in ("tfds", "folder", "npz") and arg):
         return kind, arg
     raise ValueError(f"config.data.source={source!r} is not one of {SOURCES}")
 
@@ -66,10 +67,23 @@ def split_name(data: ml_collections.ConfigDict, split: str) -> str:
 
 def _check_fields(data: ml_collections.ConfigDict) -> None:
     """The scalar fields of config.data (no file access)."""
-    parse_source(data.source)
+    kind, _ = parse_source(data.source)
+    if kind == "sines":
+        if not isinstance(data.length, int) or data.length < 8:
+            raise ValueError(
+                f"config.data.length={data.length!r} must be an int >= 8 for "
+                "config.data.source='sines' (the signal length L)"
+            )
+        if not isinstance(data.channels, int) or data.channels < 1:
+            raise ValueError(f"config.data.channels={data.channels!r} must be a positive int")
+    elif data.length is not None:
+        raise ValueError(
+            f"config.data.length={data.length!r} is for 1-D signal sources (sines); "
+            f"config.data.source={data.source!r} holds images: leave it None"
+        )
     if not isinstance(data.image_size, int) or data.image_size <= 0:
         raise ValueError(f"config.data.image_size={data.image_size!r} must be a positive int")
-    if data.channels not in CHANNELS:
+    if kind != "sines" and data.channels not in CHANNELS:
         raise ValueError(f"config.data.channels={data.channels!r} is not one of 1, 3, 4")
     for field in ("num_workers", "prefetch"):
         value = data[field]
@@ -112,6 +126,11 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     kind, arg = parse_source(data.source)
     if kind == "tfds":
         return _tfds_info(data, arg)
+    if kind == "sines":
+        shape = (data.length, data.channels)
+        return DatasetInfo(
+            data.source, shape, dict(sines.SPLIT_SIZES), sines.NUM_BANDS, sines.CLASS_NAMES
+        )
     if kind == "folder":
         index = folder.index_folder(
             Path(arg).expanduser(), data.image_size, skip_corrupt=data.skip_corrupt
@@ -154,6 +173,8 @@ def open_source(config: ml_collections.ConfigDict, split: str) -> Source:
         return tfds_source.open_split(
             arg, data.data_dir, name, data.image_key, data.label_key, size, channels
         )
+    if kind == "sines":
+        return sines.SinesSource(check_split(split), data.length, channels)
     if kind == "folder":
         index = folder.index_folder(Path(arg).expanduser(), size, skip_corrupt=data.skip_corrupt)
         return folder.FolderSource(index, size, channels, data.skip_corrupt)

@@ -77,7 +77,8 @@ class BatchPlan:
 
 @dataclasses.dataclass(frozen=True)
 class ReadBatch:
-    """Batch index -> {"image": float32 [b, S, S, C] in [-1, 1], "label": int32 [b]}."""
+    """Batch index -> {"image": float32 [b, S, S, C] (signals: [b, L, C]) in [-1, 1],
+    "label": int32 [b]}."""
 
     source: info.Source
     plan: BatchPlan
@@ -88,7 +89,9 @@ class ReadBatch:
         images, labels = self.source.load(ids)
         if self.random_flip:
             images = transforms.flip_left_right(images, flips)
-        return {"image": transforms.to_float(images), "label": labels.astype(np.int32)}
+        if images.dtype == np.uint8:
+            images = transforms.to_float(images)
+        return {"image": images, "label": labels.astype(np.int32)}
 
 
 class DataIterator:

@@ -81,8 +81,10 @@ def fit_image(image: np.ndarray, size: int, *, pad_small: bool) -> np.ndarray:
 
 
 def flip_left_right(images: np.ndarray, flip: np.ndarray) -> np.ndarray:
-    """Mirror the images where `flip` is True.  images: [B, H, W, C], flip: [B] bool."""
-    return np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+    """Mirror the images (reverse the signals) where `flip` is True: the last spatial axis.
+    images: [B, H, W, C] or [B, L, C], flip: [B] bool."""
+    where = flip.reshape((-1,) + (1,) * (images.ndim - 1))
+    return np.where(where, np.flip(images, axis=-2), images)
 
 
 def to_float(images: np.ndarray) -> np.ndarray:

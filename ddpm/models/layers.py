@@ -1,7 +1,8 @@
 """Building blocks of the U-Net: timestep embedding, ResBlock, self-attention, resampling.
 
 Every module computes in `dtype` (e.g. bfloat16) and keeps its parameters in `param_dtype`
-(float32). Images are NHWC.
+(float32). Images are NHWC; every block also takes 1-D signals [B, L, C] (any number of
+spatial axes: convolutions, resampling and attention take it from the input's rank).
 """
 
 import math
@@ -35,21 +36,30 @@ def timestep_embedding(t: ArrayLike, dim: int, max_period: float = 10000.0) -> A
     return emb
 
 
-def _conv(features: int, dtype: DTypeLike, param_dtype: DTypeLike, **kw) -> nn.Conv:
-    """3x3 'SAME' convolution (unless `kernel_size`/`strides` are overridden in `kw`)."""
-    kw.setdefault("kernel_size", (3, 3))
+def _conv(features: int, dtype: DTypeLike, param_dtype: DTypeLike, rank: int = 2, **kw) -> nn.Conv:
+    """3x3 'SAME' convolution, 3 wide over each of `rank` spatial axes (unless
+    `kernel_size`/`strides` are overridden in `kw`)."""
+    kw.setdefault("kernel_size", (3,) * rank)
     kw.setdefault("kernel_init", default_init)
     return nn.Conv(features, padding="SAME", dtype=dtype, param_dtype=param_dtype, **kw)
 
 
+def _rank(x: Array) -> int:
+    """Number of spatial axes of x: [B, *spatial, C]."""
+    return x.ndim - 2
+
+
 def _upsample_nearest(x: Array) -> Array:
-    """[B, H, W, C] -> [B, 2H, 2W, C], nearest neighbour."""
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    """[B, H, W, C] -> [B, 2H, 2W, C] (or [B, L, C] -> [B, 2L, C]), nearest neighbour."""
+    for axis in range(1, x.ndim - 1):
+        x = jnp.repeat(x, 2, axis=axis)
+    return x
 
 
 def _downsample_avg(x: Array) -> Array:
-    """[B, H, W, C] -> [B, H/2, W/2, C], 2x2 average pooling."""
-    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+    """[B, H, W, C] -> [B, H/2, W/2, C] (or [B, L/2, C]), 2x2 (2) average pooling."""
+    window = (2,) * _rank(x)
+    return nn.avg_pool(x, window, strides=window)
 
 
 class Downsample(nn.Module):
@@ -60,7 +70,8 @@ class Downsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        return _conv(x.shape[-1], self.dtype, self.param_dtype, strides=(2, 2))(x)
+        rank = _rank(x)
+        return _conv(x.shape[-1], self.dtype, self.param_dtype, rank, strides=(2,) * rank)(x)
 
 
 class Upsample(nn.Module):
@@ -71,7 +82,7 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        return _conv(x.shape[-1], self.dtype, self.param_dtype)(_upsample_nearest(x))
+        return _conv(x.shape[-1], self.dtype, self.param_dtype, _rank(x))(_upsample_nearest(x))
 
 
 class ResBlock(nn.Module):
@@ -83,7 +94,9 @@ class ResBlock(nn.Module):
     or "up" the block also halves or doubles H and W (BigGAN style: both branches are
     resampled after the first norm/activation).
 
-    x: [B, H, W, C_in], emb: [B, E]. Returns [B, H', W', out_ch] in `dtype`.
+    x: [B, H, W, C_in], emb: [B, E], or None for an unconditioned block (the autoencoder's):
+    then h = conv(dropout(act(norm(h)))) with no embedding term. Returns [B, H', W', out_ch]
+    in `dtype`.
     """
 
     out_ch: int
@@ -101,44 +114,50 @@ class ResBlock(nn.Module):
         )
 
     @nn.compact
-    def __call__(self, x: Array, emb: Array) -> Array:
+    def __call__(self, x: Array, emb: Array | None) -> Array:
         h = nn.silu(self._norm("norm1")(x))
         if self.resample == "down":
             h, x = _downsample_avg(h), _downsample_avg(x)
         elif self.resample == "up":
             h, x = _upsample_nearest(h), _upsample_nearest(x)
-        h = _conv(self.out_ch, self.dtype, self.param_dtype, name="conv1")(h)
+        rank = _rank(x)
+        h = _conv(self.out_ch, self.dtype, self.param_dtype, rank, name="conv1")(h)
 
-        emb_dim = 2 * self.out_ch if self.scale_shift_norm else self.out_ch
-        emb_out = nn.Dense(
-            emb_dim,
-            kernel_init=default_init,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="emb_proj",
-        )(nn.silu(emb))[:, None, None, :]
-        if self.scale_shift_norm:
-            scale, shift = jnp.split(emb_out, 2, axis=-1)
-            h = self._norm("norm2")(h) * (1 + scale) + shift
+        if emb is None:
+            h = self._norm("norm2")(h)
         else:
-            h = self._norm("norm2")(h + emb_out)
+            emb_dim = 2 * self.out_ch if self.scale_shift_norm else self.out_ch
+            emb_out = nn.Dense(
+                emb_dim,
+                kernel_init=default_init,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="emb_proj",
+            )(nn.silu(emb)).reshape((-1,) + (1,) * rank + (emb_dim,))
+            if self.scale_shift_norm:
+                scale, shift = jnp.split(emb_out, 2, axis=-1)
+                h = self._norm("norm2")(h) * (1 + scale) + shift
+            else:
+                h = self._norm("norm2")(h + emb_out)
         h = nn.silu(h)
         h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
-        h = _conv(self.out_ch, self.dtype, self.param_dtype, name="conv2")(h)
+        h = _conv(self.out_ch, self.dtype, self.param_dtype, rank, name="conv2")(h)
 
         if x.shape[-1] != self.out_ch:
-            x = _conv(self.out_ch, self.dtype, self.param_dtype, kernel_size=(1, 1), name="skip")(x)
+            x = _conv(
+                self.out_ch, self.dtype, self.param_dtype, kernel_size=(1,) * rank, name="skip"
+            )(x)
         return x + h
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the H*W positions, with a residual connection.
+    """Multi-head self-attention over the H*W (or L) positions, with a residual connection.
 
     out = x + proj(attention(q, k, v)),  q, k, v = dense(norm(x)), via
     `jax.nn.dot_product_attention` (a fused kernel where the backend has one).
     Heads: `num_heads`, or C // `head_dim` when `head_dim` is set.
 
-    x: [B, H, W, C]. Returns [B, H, W, C] in `dtype`.
+    x: [B, H, W, C] or [B, L, C]. Returns x's shape in `dtype`.
     """
 
     num_heads: int = 1
@@ -149,7 +168,7 @@ class AttentionBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        b, h, w, c = x.shape
+        b, c = x.shape[0], x.shape[-1]
         heads = c // self.head_dim if self.head_dim else self.num_heads
         dense = lambda feats, name: nn.Dense(
             feats,
@@ -159,8 +178,67 @@ class AttentionBlock(nn.Module):
             name=name,
         )
         y = nn.GroupNorm(self.num_groups, dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        qkv = dense(3 * c, "qkv")(y.reshape(b, h * w, c))
-        q, k, v = jnp.split(qkv.reshape(b, h * w, 3, heads, c // heads), 3, axis=2)
+        qkv = dense(3 * c, "qkv")(y.reshape(b, -1, c))
+        q, k, v = jnp.split(qkv.reshape(b, -1, 3, heads, c // heads), 3, axis=2)
         y = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])  # [B, T, N, D]
-        y = dense(c, "proj")(y.reshape(b, h * w, c))
-        return x + y.reshape(b, h, w, c)
+        y = dense(c, "proj")(y.reshape(b, -1, c))
+        return x + y.reshape(x.shape)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries x onto a context sequence (no norm, no residual).
+
+    out = proj(attention(q = dense(x), k = dense(context), v = dense(context))) with masked
+    context positions excluded from the softmax (their values have no effect), via
+    `jax.nn.dot_product_attention`.
+
+    x: [B, T, C], context: [B, L, D], mask: [B, L] bool (at least one True per row).
+    Returns [B, T, C] in `dtype`.
+    """
+
+    num_heads: int = 1
+    kernel_init: nn.initializers.Initializer = default_init
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array, mask: Array) -> Array:
+        b, t, c = x.shape
+        heads = self.num_heads
+        dense = lambda feats, name: nn.Dense(
+            feats,
+            kernel_init=self.kernel_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+        q = dense(c, "q")(x).reshape(b, t, heads, c // heads)
+        kv = dense(2 * c, "kv")(context.astype(self.dtype))
+        k, v = jnp.split(kv.reshape(b, context.shape[1], 2, heads, c // heads), 2, axis=2)
+        y = jax.nn.dot_product_attention(q, k[:, :, 0], v[:, :, 0], mask=mask[:, None, None, :])
+        return dense(c, "proj")(y.reshape(b, t, c))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Cross-attention of the H*W positions onto a context, with a residual connection:
+    out = x + CrossAttention(norm(x), context, mask).  Heads as in `AttentionBlock`.
+
+    x: [B, H, W, C] (or [B, L, C]), context: [B, L', D], mask: [B, L'] bool. Returns x's
+    shape in `dtype`.
+    """
+
+    num_heads: int = 1
+    head_dim: int | None = None
+    num_groups: int = 32
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array, mask: Array) -> Array:
+        b, c = x.shape[0], x.shape[-1]
+        heads = c // self.head_dim if self.head_dim else self.num_heads
+        y = nn.GroupNorm(self.num_groups, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        y = CrossAttention(heads, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
+            y.reshape(b, -1, c), context, mask
+        )
+        return x + y.reshape(x.shape)

@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 from jax.typing import ArrayLike, DTypeLike
 
+from ddpm.models.context import ContextEncoder, ContextSpec, cond_arguments, context_spec
 from ddpm.models.layers import (
     AttentionBlock,
+    CrossAttentionBlock,
     Downsample,
     ResBlock,
     Upsample,
@@ -55,25 +57,44 @@ class UNet(nn.Module):
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
     remat: bool = False
+    context_spec: ContextSpec | None = None  # cross-attention on a token sequence (text)
 
     @nn.compact
     def __call__(
-        self, x: ArrayLike, t: ArrayLike, labels: ArrayLike | None = None, train: bool = False
+        self,
+        x: ArrayLike,
+        t: ArrayLike,
+        labels: ArrayLike | None = None,
+        train: bool = False,
+        *,
+        tokens: ArrayLike | None = None,
+        context: ArrayLike | None = None,
+        context_mask: ArrayLike | None = None,
     ) -> Array:
-        """x: [B, H, W, C] float, t: [B] int or float (fractional t is fine),
+        """x: [B, H, W, C] float (or a 1-D signal [B, L, C]: 1-D convolutions and attention),
+        t: [B] int or float (fractional t is fine),
         labels: [B] int in [0, num_classes] (num_classes = the null label of classifier-free
-        guidance) or None (= all null; ignored by an unconditional model).
+        guidance) or None (= all null; ignored by an unconditional model); or a dict of the
+        conditioning keywords (labels, tokens, context, context_mask) in its place.
+        With `context_spec`: tokens [B, L] int (PAD = 0), or context [B, L, D] with
+        context_mask [B, L] bool; rows without any (and neither given) mean "no text" (the
+        learned null context, see `ddpm.models.context`). Cross-attention follows every
+        self-attention block.
         `train=True` enables dropout and then needs `rngs={"dropout": key}`.
-        Returns [B, H, W, out_channels] float32.
+        Returns [B, H, W, out_channels] (or [B, L, out_channels]) float32.
         """
         x = jnp.asarray(x)
+        labels, tokens, context, context_mask = cond_arguments(
+            labels, tokens, context, context_mask
+        )
         levels = len(self.ch_mult)
         factor = 2 ** (levels - 1)
-        if x.ndim != 4 or x.shape[1] % factor or x.shape[2] % factor:
+        if x.ndim not in (3, 4) or any(n % factor for n in x.shape[1:-1]):
             raise ValueError(
-                f"U-Net input of shape {x.shape}: expected [B, H, W, C] with H and W divisible "
-                f"by 2^(len(ch_mult)-1)={factor}"
+                f"U-Net input of shape {x.shape}: expected [B, H, W, C] or [B, L, C] with H, W "
+                f"(L) divisible by 2^(len(ch_mult)-1)={factor}"
             )
+        rank = x.ndim - 2
         res_block = nn.remat(ResBlock) if self.remat else ResBlock
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block = lambda out_ch, name, resample=None: res_block(
@@ -86,19 +107,29 @@ class UNet(nn.Module):
             name=name,
             **common,
         )
-        attention = lambda name: AttentionBlock(
-            self.num_heads, self.head_dim, self.num_groups, name=name, **common
-        )
+        heads = (self.num_heads, self.head_dim, self.num_groups)
 
         emb = self._embed(t, labels)
+        ctx = None
+        if self.context_spec is not None:
+            ctx = ContextEncoder(self.context_spec, name="context", **common)(
+                x.shape[0], tokens, context, context_mask
+            )
 
-        h = _conv(self.ch, name="conv_in", **common)(x.astype(self.dtype))
+        def attention(h: Array, name: str) -> Array:
+            """Self-attention, then cross-attention onto the context (if any)."""
+            h = AttentionBlock(*heads, name=name, **common)(h)
+            if ctx is not None:
+                h = CrossAttentionBlock(*heads, name=f"{name}_cross", **common)(h, *ctx)
+            return h
+
+        h = _conv(self.ch, rank=rank, name="conv_in", **common)(x.astype(self.dtype))
         hs = [h]
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
                 h = block(self.ch * mult, f"down{level}_res{i}")(h, emb)
                 if h.shape[1] in self.attention_resolutions:
-                    h = attention(f"down{level}_attn{i}")(h)
+                    h = attention(h, f"down{level}_attn{i}")
                 hs.append(h)
             if level != levels - 1:
                 if self.resblock_updown:
@@ -109,7 +140,7 @@ class UNet(nn.Module):
 
         h = block(h.shape[-1], "mid_res0")(h, emb)
         if self.mid_attention:
-            h = attention("mid_attn")(h)
+            h = attention(h, "mid_attn")
         h = block(h.shape[-1], "mid_res1")(h, emb)
 
         for level in reversed(range(levels)):
@@ -117,7 +148,7 @@ class UNet(nn.Module):
                 h = jnp.concatenate([h, hs.pop()], axis=-1)
                 h = block(self.ch * self.ch_mult[level], f"up{level}_res{i}")(h, emb)
                 if h.shape[1] in self.attention_resolutions:
-                    h = attention(f"up{level}_attn{i}")(h)
+                    h = attention(h, f"up{level}_attn{i}")
             if level != 0:
                 if self.resblock_updown:
                     h = block(h.shape[-1], f"up{level}_resample", "up")(h, emb)
@@ -125,7 +156,8 @@ class UNet(nn.Module):
                     h = Upsample(name=f"up{level}_resample", **common)(h)
 
         h = nn.GroupNorm(self.num_groups, name="norm_out", **common)(h)
-        h = _conv(self.out_channels, kernel_init=nn.initializers.zeros, name="conv_out", **common)(
+        zeros = nn.initializers.zeros
+        h = _conv(self.out_channels, rank=rank, kernel_init=zeros, name="conv_out", **common)(
             nn.silu(h)
         )
         return h.astype(jnp.float32)
@@ -157,10 +189,17 @@ class UNet(nn.Module):
         return emb
 
 
+def _input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """(H, W, C) of the network's input: the image's, or the latents' for latent diffusion."""
+    from ddpm.models import input_shape  # the package imports this module
+
+    return input_shape(config)
+
+
 def _levels(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
     """(resolution, channels) of each U-Net level, highest resolution first."""
     m = config.model
-    return [(config.data.image_size // 2**i, m.ch * mult) for i, mult in enumerate(m.ch_mult)]
+    return [(_input_shape(config)[0] // 2**i, m.ch * mult) for i, mult in enumerate(m.ch_mult)]
 
 
 def _fmt(values) -> str:
@@ -182,11 +221,14 @@ def validate_unet_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(m.num_res_blocks, int) or m.num_res_blocks < 1:
         raise ValueError(f"config.model.num_res_blocks={m.num_res_blocks!r} must be an int >= 1")
     factor = 2 ** (len(m.ch_mult) - 1)
-    size = d.image_size
+    size = _input_shape(config)[0]
     if not isinstance(size, int) or size < 1 or size % factor:
         lo = max(factor, size // factor * factor) if isinstance(size, int) else factor
+        name = "config.data.image_size"
+        if config.latent.autoencoder_workdir is not None:
+            name = "the latent size config.data.image_size / config.latent.factor"
         raise ValueError(
-            f"config.data.image_size={size!r} is not divisible by 2^(len(config.model.ch_mult)-1)"
+            f"{name}={size!r} is not divisible by 2^(len(config.model.ch_mult)-1)"
             f"={factor}; sizes that work are multiples of {factor}, e.g. {lo} or {lo + factor} "
             "(or pad the images, or use fewer levels in config.model.ch_mult)"
         )
@@ -251,8 +293,13 @@ def unet_from_config(config: ml_collections.ConfigDict) -> UNet:
     """Validate `config` and build the U-Net it describes."""
     validate_unet_config(config)
     m = config.model
+    if config.text.source is not None and not (m.attention_resolutions or m.mid_attention):
+        raise ValueError(
+            f"config.text.source={config.text.source!r} needs attention blocks for its "
+            "cross-attention: set config.model.attention_resolutions or mid_attention=True"
+        )
     return UNet(
-        out_channels=config.data.channels * (2 if m.learn_sigma else 1),
+        out_channels=_input_shape(config)[-1] * (2 if m.learn_sigma else 1),
         ch=m.ch,
         ch_mult=tuple(m.ch_mult),
         num_res_blocks=m.num_res_blocks,
@@ -270,4 +317,5 @@ def unet_from_config(config: ml_collections.ConfigDict) -> UNet:
         dtype=jnp.dtype(m.dtype),
         param_dtype=jnp.dtype(m.param_dtype),
         remat=m.remat,
+        context_spec=context_spec(config),
     )

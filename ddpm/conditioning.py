@@ -1,0 +1,103 @@
+"""The conditioning pytree of a run: what the denoiser gets besides x_t and t.
+
+Class-conditional models take labels [B] int32; text models (`config.text.source`) a dict,
+{"tokens": [B, L] int32} (built-in encoder) or {"context": [B, L, D] float32,
+"context_mask": [B, L] bool} (precomputed embeddings); unconditional models None. The model
+family supplies the null condition (`ddpm.models.null_label`): fill values, one per leaf, so
+label dropout and guidance handle every kind alike with `jax.tree.map`.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ddpm import models, text
+
+Cond = jax.Array | dict[str, jax.Array] | None
+
+
+@functools.cache
+def _npz(path: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    return text.load_embeddings(path)
+
+
+def encode(config: ml_collections.ConfigDict, texts: list[str]) -> dict[str, np.ndarray]:
+    """The conditioning dict of `texts` for `config.text.source`: tokens [N, L] int32, or the
+    rows of the precomputed embeddings (every text must be one of the .npz's captions)."""
+    t = config.text
+    if t.source == "captions":
+        return {"tokens": text.tokenize(texts, t.max_length)}
+    path = t.source.removeprefix("npz:")
+    captions, embeddings, mask = _npz(path)
+    if embeddings.shape[1:] != (t.max_length, t.width):
+        raise ValueError(
+            f"{path} has embeddings [N, L, D] = {embeddings.shape}: set config.text.max_length="
+            f"{embeddings.shape[1]} and config.text.width={embeddings.shape[2]}"
+        )
+    rows = text.lookup(captions, texts, path)
+    return {"context": embeddings[rows], "context_mask": mask[rows]}
+
+
+def batch_cond(config: ml_collections.ConfigDict, batch: dict[str, jax.Array]) -> Cond:
+    """The condition of a training batch (traceable): labels, or the caption of each digit
+    (`text.caption_ids`) encoded; None for unconditional models."""
+    if config.text.source is not None:
+        table = encode(config, text.caption_table())
+        ids = text.caption_ids(batch["image"], batch["label"])
+        return jax.tree.map(lambda rows: jnp.asarray(rows)[ids], table)
+    if config.model.num_classes is not None:
+        return batch["label"]
+    return None
+
+
+def drop(config: ml_collections.ConfigDict, cond: Cond, rng: jax.Array, rate: float) -> Cond:
+    """Classifier-free guidance training: each example's condition becomes the null one with
+    probability `rate`."""
+    if cond is None:
+        return None
+    batch = jax.tree.leaves(cond)[0].shape[0]
+    dropped = jax.random.bernoulli(rng, rate, (batch,))
+
+    def where(leaf: jax.Array, null) -> jax.Array:
+        return jnp.where(dropped.reshape((batch,) + (1,) * (leaf.ndim - 1)), null, leaf)
+
+    return jax.tree.map(where, cond, models.null_label(config))
+
+
+def grid_cond(config: ml_collections.ConfigDict) -> tuple[Cond, int, list[str] | None]:
+    """(condition [num_samples] of a sample grid, its column count, the prompts or None).
+
+    Class-conditional: one row per class (or `config.sample.labels` everywhere); text: the
+    prompt `config.sample.prompt` everywhere, or one row per digit, "a handwritten <digit>".
+    """
+    num = config.sample.num_samples
+    square = int(np.ceil(np.sqrt(num)))
+    if config.text.source is not None:
+        if config.sample.prompt is not None:
+            prompts, cols = [config.sample.prompt] * num, square
+        else:
+            cols = -(-num // len(text.DIGITS))
+            prompts = [f"a handwritten {d}" for d in text.DIGITS for _ in range(cols)][:num]
+        return encode(config, prompts), cols, prompts
+    num_classes = config.model.num_classes
+    if num_classes is None:
+        return None, square, None
+    if config.sample.labels is not None:
+        return np.full((num,), config.sample.labels, np.int32), square, None
+    cols = -(-num // num_classes)
+    return np.repeat(np.arange(num_classes, dtype=np.int32), cols)[:num], cols, None
+
+
+def take(cond: Cond, start: int, size: int) -> Cond:
+    """Examples [start, start + size) of a host condition, wrapping around to fill `size`."""
+    if cond is None:
+        return None
+    return jax.tree.map(
+        lambda leaf: jnp.asarray(
+            np.take(leaf, np.arange(start, start + size), axis=0, mode="wrap")
+        ),
+        cond,
+    )

@@ -1,0 +1,159 @@
+"""`main.py --mode=inpaint` and `--mode=img2img`: edit one input with a trained workdir.
+
+Both run the sampler of `config.sample` (any method, with guidance) through the editing
+options of `ddpm.samplers.sample`: inpainting replaces the kept region at every step (with
+optional RePaint resampling, `config.edit.jump_length` / `resample`); img2img (SDEdit) starts
+from the input noised to `config.edit.strength`. The input is a PNG or a test-set example
+(`config.edit.input`); the mask a PNG or a named region to generate (`config.edit.mask`).
+Writes `samples/<mode>_<method>_<steps>.png`: one row, input | mask | results (img2img: input
+| results), and the `.npz` (and, for 1-D signals, `.wav`) of that row.
+"""
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from ddpm import data, generate, models, samplers, train
+from ddpm.data import transforms
+
+MODES = ("inpaint", "img2img")
+MASKS = ("center", "left_half", "random_boxes")
+
+
+def _index(spec) -> int | None:
+    """config.edit.input as a test-set index (an int or a string of digits), else None."""
+    if isinstance(spec, int):
+        return spec
+    return int(spec) if isinstance(spec, str) and spec.strip().isdigit() else None
+
+
+def validate_edit_config(config: ml_collections.ConfigDict, mode: str) -> None:
+    """Raises ValueError naming the config.edit field that cannot work (no data is read)."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not one of {', '.join(MODES)}")
+    e = config.edit
+    if _index(e.input) is None and not Path(str(e.input)).expanduser().is_file():
+        raise ValueError(
+            f"config.edit.input={e.input!r} is neither a test-set index (an int >= 0) nor an "
+            "existing PNG file"
+        )
+    if _index(e.input) is None and config.data.length is not None:
+        raise ValueError(
+            f"config.edit.input={e.input!r}: 1-D signal runs take a test-set index as input"
+        )
+    signal = config.data.length is not None
+    png_mask = not signal and Path(str(e.mask)).expanduser().is_file()
+    if mode == "inpaint" and e.mask not in MASKS and not png_mask:
+        kinds = f"one of {', '.join(MASKS)}" + ("" if signal else " or an existing PNG file")
+        raise ValueError(f"config.edit.mask={e.mask!r} is not {kinds}")
+    if not isinstance(e.num_samples, int) or e.num_samples < 1:
+        raise ValueError(f"config.edit.num_samples={e.num_samples!r} must be an int >= 1")
+    inpaint = mode == "inpaint"
+    samplers.validate_edit(
+        e.jump_length if inpaint else 1,
+        e.resample if inpaint else 1,
+        1.0 if inpaint else e.strength,
+        inpaint=inpaint,
+        init=True,
+    )
+    if config.latent.autoencoder_workdir is not None:
+        raise ValueError(
+            f"--mode={mode} edits in data space; config.latent.autoencoder_workdir is set "
+            "(latent diffusion), which it does not support"
+        )
+
+
+def named_mask(name: str, spatial: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Mask [*spatial, 1] float32, 1 = keep, 0 = generate, for a named region to generate:
+    center (the middle half of every axis), left_half (the first half of the last spatial
+    axis: left for images, start for signals), random_boxes (3 boxes, sides 1/8 - 3/8)."""
+    if name not in MASKS:
+        raise ValueError(f"config.edit.mask={name!r} is not one of {', '.join(MASKS)}")
+    mask = np.ones((*spatial, 1), np.float32)
+    if name == "center":
+        mask[tuple(slice(n // 4, n - n // 4) for n in spatial)] = 0
+    elif name == "left_half":
+        mask[(slice(None),) * (len(spatial) - 1) + (slice(0, spatial[-1] // 2),)] = 0
+    else:
+        for _ in range(3):
+            sides = [int(rng.integers(max(n // 8, 1), max(3 * n // 8, 2))) for n in spatial]
+            starts = [int(rng.integers(0, n - s + 1)) for n, s in zip(spatial, sides, strict=True)]
+            mask[tuple(slice(a, a + s) for a, s in zip(starts, sides, strict=True))] = 0
+    return mask
+
+
+def load_mask(spec: str, spatial: tuple[int, ...], seed: int) -> np.ndarray:
+    """config.edit.mask -> [*spatial, 1] float32 (1 = keep): a named mask, or a PNG resized
+    (nearest) to the data's size whose white (>= 128 gray) pixels are kept."""
+    if spec in MASKS:
+        return named_mask(spec, spatial, np.random.default_rng(seed))
+    gray = Image.open(Path(spec).expanduser()).convert("L")
+    gray = gray.resize(spatial[::-1], Image.Resampling.NEAREST)
+    return (np.asarray(gray) >= 128).astype(np.float32)[..., None]
+
+
+def load_input(config: ml_collections.ConfigDict) -> tuple[np.ndarray, int | None]:
+    """config.edit.input -> (x: the example's shape float32 in [-1, 1], label or None): test
+    example i of config.data's source, or a PNG fitted to the data's size and channels."""
+    spec = config.edit.input
+    index = _index(spec)
+    if index is not None:
+        source = data.info.open_source(config, "test")
+        if index >= len(source):
+            raise ValueError(f"config.edit.input={spec!r}: the test split has {len(source)}")
+        x, label = source.load(np.array([index]))
+        x = transforms.to_float(x) if x.dtype == np.uint8 else x
+        return x[0], int(label[0])
+    image = np.asarray(Image.open(Path(spec).expanduser()))
+    image = image[..., None] if image.ndim == 2 else image
+    image = transforms.convert_channels(image, config.data.channels)
+    image = transforms.fit_image(image, config.data.image_size, pad_small=True)
+    return transforms.to_float(image), None
+
+
+def _labels(config: ml_collections.ConfigDict, input_label: int | None, n: int):
+    """[n] int32 class ids: config.sample.labels, else the test example's label, else the null
+    label (unconditional); None for an unconditional model."""
+    if config.model.num_classes is None:
+        return None
+    label = config.sample.labels
+    if label is None:
+        label = input_label if input_label is not None else models.null_label(config)
+    return jnp.full((n,), label, jnp.int32)
+
+
+def edit_from_workdir(config: ml_collections.ConfigDict, workdir: str, mode: str) -> str:
+    """Runs `mode` (inpaint | img2img) on config.edit.input with the EMA parameters of
+    `workdir`; writes the grid input | mask | results and returns its path."""
+    validate_edit_config(config, mode)
+    config, model, schedule, _ = generate.prepare(config, workdir)
+    e, s = config.edit, config.sample
+    x, input_label = load_input(config)
+    n = e.num_samples
+    if mode == "inpaint":
+        mask = load_mask(e.mask, x.shape[:-1], config.seed)
+        options = dict(jump_length=e.jump_length, resample=e.resample)
+        arrays = {"known": jnp.asarray(x)[None], "mask": jnp.asarray(mask)[None]}
+        shown = [x, np.broadcast_to(2 * mask - 1, x.shape)]
+    else:
+        options, arrays = dict(strength=e.strength), {"init": jnp.asarray(x)[None]}
+        shown = [x]
+    sampler = train.make_grid_sampler(config, model, schedule, n, **options)
+    params, step = generate.restore_ema_params(config, workdir, model)
+    labels = _labels(config, input_label, n)
+    print(
+        f"{mode}: {n} results with {s.method}, {s.num_steps} steps, guidance "
+        f"{s.guidance_scale}, from the EMA parameters of step {step}",
+        flush=True,
+    )
+    rng = jax.random.fold_in(jax.random.key(config.seed), 3)
+    results = np.asarray(sampler(params, rng, labels, **arrays))
+    row = np.concatenate([np.stack(shown), results])
+    row_labels = np.full(len(row), -1 if labels is None else int(labels[0]), np.int32)
+    stem = os.path.join(workdir, "samples", f"{mode}_{s.method}_{s.num_steps}")
+    return generate.save_samples(stem, row, row_labels, len(row))

@@ -1,0 +1,338 @@
+"""`main.py --mode=eval`: numbers for a trained run, written to `workdir/eval/<step>.json`.
+
+Metrics (`config.eval.metrics`):
+  bpd       negative log-likelihood bound in bits/dim on the test split: the full bound over
+            all T timesteps on `eval.bpd_examples` images, and an importance-sampled estimate
+            (`eval.bpd_importance_draws` timesteps per image, proposal ~ sqrt(E[L_t^2]) measured
+            by the full bound) on `eval.bpd_importance_examples` images. Class-conditional
+            models are scored unconditionally (the null label: the model of p(x)).
+  fd        Fréchet distance between the features of generated and real images
+            (`eval.reference_split`) in the penultimate layer of the dataset's classifier
+            (`ddpm.classifier`); plus that of the real test split as a floor.
+  accuracy  fraction of class-conditional samples the classifier assigns to their class, with
+            the Inception-Score-style confidence of its predictions.
+  pr        improved precision and recall (k = 3) in the classifier's feature space.
+  fid       Fréchet distance in the pool features of the FID Inception network
+            (`eval.inception_weights`).
+Sample metrics are computed at every scale of `eval.guidance_scales` (class-conditional
+models; default: `sample.guidance_scale` alone), `eval.num_samples` samples each with the
+method and steps of `config.sample`; a sweep writes a CSV table and a plot of them too.
+"""
+
+import csv
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+from tensorboardX import SummaryWriter
+
+from ddpm import classifier, diffusion, generate, images, metrics, models, train
+
+METRICS = ("bpd", "fd", "accuracy", "pr", "fid")
+_CLASSIFIER_METRICS = ("fd", "accuracy", "pr")
+
+
+def metric_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """config.eval.metrics as a tuple of names; `--config.eval.metrics=bpd,fd` arrives as the
+    one string "bpd,fd", which is split at the commas."""
+    return tuple(name.strip() for item in config.eval.metrics for name in item.split(","))
+
+
+def guidance_scales(config: ml_collections.ConfigDict) -> tuple[float, ...]:
+    scales = tuple(config.eval.guidance_scales)
+    return scales or (float(config.sample.guidance_scale),)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks config.eval against the run before any compile or I/O; ValueError naming the
+    field otherwise."""
+    e = config.eval
+    chosen = metric_names(config)
+    unknown = [m for m in chosen if m not in METRICS]
+    if not chosen or unknown:
+        raise ValueError(
+            f"config.eval.metrics={chosen!r}: each must be one of {', '.join(METRICS)}"
+        )
+    for field in ("num_samples", "batch_size", "bpd_examples", "bpd_importance_examples"):
+        if e[field] < 1:
+            raise ValueError(f"config.eval.{field}={e[field]!r} must be >= 1")
+    if e.bpd_importance_draws < 2:
+        raise ValueError(f"config.eval.bpd_importance_draws={e.bpd_importance_draws} must be >= 2")
+    conditional = config.model.num_classes is not None
+    scales = guidance_scales(config)
+    if any(s < 0 for s in scales):
+        raise ValueError(f"config.eval.guidance_scales={scales!r} must be >= 0")
+    if not conditional and (scales != (1.0,) or "accuracy" in chosen):
+        raise ValueError(
+            "config.eval.guidance_scales and the accuracy metric need a class-conditional model "
+            f"(config.model.num_classes is None); got scales {scales!r}, metrics {chosen!r}"
+        )
+    if "bpd" in chosen and (
+        config.latent.autoencoder_workdir is not None
+        or config.data.length is not None
+        or config.text.source is not None
+    ):
+        raise ValueError(
+            "config.eval.metrics includes bpd, which is defined here for 8-bit pixel data and "
+            "label- or unconditional models: not for latent diffusion, 1-D signals or text"
+        )
+    if "fid" in chosen:
+        path = e.inception_weights
+        if path is None or not os.path.exists(path):
+            raise ValueError(
+                f"config.eval.metrics includes fid but config.eval.inception_weights={path!r} "
+                "is not a file: convert the FID Inception weights once (README, 'FID') and "
+                "point the field at the .npz"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Likelihood.
+
+
+def _make_bound_fns(config, model, schedule, params) -> tuple[Callable, Callable]:
+    """Jitted (full bound, importance-sampled bound) of an image batch, unconditional."""
+    null = models.null_label(config)
+    term_kw = {
+        "prediction": config.diffusion.prediction,
+        "variance": "learned" if config.model.learn_sigma else config.sample.variance,
+        "clip_x0": config.sample.clip_x0,
+    }
+
+    def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
+        labels = None if null is None else jnp.full((x_t.shape[0],), null, jnp.int32)
+        return model.apply({"params": params}, x_t, t, labels, train=False)
+
+    @jax.jit
+    def full(x0, rng):
+        out = diffusion.vlb_bpd(model_fn, schedule, x0, rng, **term_kw)
+        return out["bpd"], out["terms"]
+
+    @jax.jit
+    def importance(x0, rng, proposal):
+        out = diffusion.vlb_bpd_importance(
+            model_fn, schedule, x0, rng, proposal, config.eval.bpd_importance_draws, **term_kw
+        )
+        return out["bpd"], out["stderr"]
+
+    return full, importance
+
+
+def _batches(x: np.ndarray, batch_size: int):
+    """Fixed-size batches of x (the last one completed by wrapping; one compile) with the
+    number of real rows in each."""
+    for start in range(0, len(x), batch_size):
+        rows = np.arange(start, start + batch_size) % len(x)
+        yield jnp.asarray(x[rows]), min(batch_size, len(x) - start)
+
+
+def bpd_metrics(config, model, schedule, params, test_images: np.ndarray) -> dict[str, Any]:
+    """The bound on the first test images: {"bpd", "bpd_stderr", "bpd_examples",
+    "bpd_importance", "bpd_importance_stderr", "bpd_importance_examples"}."""
+    e = config.eval
+    full, importance = _make_bound_fns(config, model, schedule, params)
+    rng = jax.random.fold_in(jax.random.key(config.seed), 3)
+    totals, term_sums = [], np.zeros(schedule.num_timesteps)
+    subset = test_images[: e.bpd_examples]
+    for i, (x0, n) in enumerate(tqdm.tqdm(list(_batches(subset, e.batch_size)), desc="bpd")):
+        bpd, terms = full(x0, jax.random.fold_in(rng, i))
+        totals.append(np.asarray(bpd)[:n])
+        term_sums += np.sum(np.square(np.asarray(terms, np.float64)[:, :n]), axis=1)
+    totals = np.concatenate(totals)
+    # Proposal ~ sqrt(E[L_t^2]), mixed with 1 % uniform so that every t keeps some mass.
+    root = np.sqrt(term_sums / len(totals))
+    proposal = 0.99 * root / root.sum() + 0.01 / schedule.num_timesteps
+    estimates, errors = [], []
+    subset = test_images[: e.bpd_importance_examples]
+    for i, (x0, n) in enumerate(_batches(subset, e.batch_size)):
+        bpd, stderr = importance(x0, jax.random.fold_in(rng, 10_000 + i), jnp.asarray(proposal))
+        estimates.append(np.asarray(bpd)[:n])
+        errors.append(np.asarray(stderr)[:n])
+    estimates, errors = np.concatenate(estimates), np.concatenate(errors)
+    return {
+        "bpd": float(totals.mean()),
+        "bpd_stderr": float(totals.std(ddof=1) / np.sqrt(len(totals))) if len(totals) > 1 else 0.0,
+        "bpd_examples": len(totals),
+        "bpd_importance": float(estimates.mean()),
+        "bpd_importance_stderr": float(
+            np.sqrt(np.var(estimates, ddof=1) / len(estimates)) if len(estimates) > 1 else errors[0]
+        ),
+        "bpd_importance_examples": len(estimates),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Samples.
+
+
+def generate_samples(
+    config, model, schedule, params, stage1, scale: float, labels: np.ndarray | None
+) -> np.ndarray:
+    """`config.eval.num_samples` samples at guidance `scale`, quantised to 8 bits as saved
+    images are.  -> [N, H, W, C] float32 in [-1, 1]."""
+    cfg = config.copy_and_resolve_references()
+    cfg.sample.guidance_scale = scale
+    num, batch = cfg.eval.num_samples, min(cfg.eval.batch_size, cfg.eval.num_samples)
+    sampler = train.make_grid_sampler(cfg, model, schedule, batch, stage1)
+    rng = jax.random.fold_in(jax.random.key(config.seed), 4)
+    outputs = []
+    for i, start in enumerate(tqdm.trange(0, num, batch, desc=f"samples, guidance {scale:g}")):
+        batch_labels = None
+        if labels is not None:
+            batch_labels = jnp.asarray(
+                np.take(labels, np.arange(start, start + batch), mode="wrap")
+            )
+        outputs.append(np.asarray(sampler(params, jax.random.fold_in(rng, i), batch_labels)))
+    samples = np.concatenate(outputs)[:num]
+    return images.to_uint8(samples).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def _reference_stats(
+    config, workdir: str, name: str, features_fn
+) -> tuple[metrics.FeatureStats, np.ndarray]:
+    """Feature statistics of the reference split (cached in workdir/eval/stats/) and the
+    feature rows of its first eval.num_samples images (for precision/recall)."""
+    split = config.eval.reference_split
+    path = os.path.join(workdir, "eval", "stats", f"{name}_{split}.npz")
+    real_images, _ = classifier.load_split(config, split)
+    if os.path.exists(path):
+        stats = metrics.load_stats(path)
+        feats = classifier.apply_in_batches(features_fn, real_images[: config.eval.num_samples])
+    else:
+        feats = classifier.apply_in_batches(features_fn, real_images)
+        stats = metrics.feature_stats(feats[-1])
+        metrics.save_stats(path, stats)
+    return stats, feats[-1][: config.eval.num_samples]
+
+
+def sample_metrics(config, workdir, model, schedule, params, stage1, step) -> list[dict[str, Any]]:
+    """One dict of sample metrics per guidance scale; writes a sample grid of each."""
+    chosen = metric_names(config)
+    num_classes = config.model.num_classes
+    labels = None
+    if num_classes is not None:
+        labels = np.arange(config.eval.num_samples, dtype=np.int32) % num_classes
+    extractors: dict[str, Callable] = {}
+    if any(m in chosen for m in _CLASSIFIER_METRICS):
+        extractors["classifier"], _ = classifier.load_classifier(config, workdir)
+    if "fid" in chosen:
+        from ddpm import inception
+
+        params_inception = inception.load_fid_inception_params(config.eval.inception_weights)
+        extractors["inception"] = inception.make_feature_fn(params_inception)
+    references = {
+        name: _reference_stats(config, workdir, name, fn) for name, fn in extractors.items()
+    }
+
+    results = []
+    test_images, _ = classifier.load_split(config, "test")
+    floor = {}
+    if "fd" in chosen:
+        test_feats = classifier.apply_in_batches(extractors["classifier"], test_images)[-1]
+        floor["fd_real_test"] = metrics.frechet_distance_of(
+            metrics.feature_stats(test_feats), references["classifier"][0]
+        )
+    for scale in guidance_scales(config):
+        samples = generate_samples(config, model, schedule, params, stage1, scale, labels)
+        grid = images.make_grid(images.to_uint8(samples[:100]), 10)
+        images.save_png(os.path.join(workdir, "eval", f"{step}_guidance_{scale:g}.png"), grid)
+        row: dict[str, Any] = {"guidance_scale": scale, **floor}
+        if "classifier" in extractors:
+            probs, feats = classifier.apply_in_batches(extractors["classifier"], samples)
+            ref_stats, ref_feats = references["classifier"]
+            if "fd" in chosen:
+                row["fd"] = metrics.frechet_distance_of(metrics.feature_stats(feats), ref_stats)
+            if "accuracy" in chosen:
+                row.update(metrics.classifier_scores(probs, labels))
+            if "pr" in chosen:
+                row.update(metrics.precision_recall(ref_feats, feats))
+        if "inception" in extractors:
+            (feats,) = classifier.apply_in_batches(lambda x: (extractors["inception"](x),), samples)
+            row["fid"] = metrics.frechet_distance_of(
+                metrics.feature_stats(feats), references["inception"][0]
+            )
+        print(", ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
+        results.append(row)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Output.
+
+
+def write_guidance_table(path_stem: str, rows: list[dict[str, Any]]) -> None:
+    """`stem`.csv with one row per guidance scale, and `stem`.png plotting each metric
+    against the scale (only with more than one scale)."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path_stem + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    if len(rows) < 2:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    plotted = [k for k in keys if k not in ("guidance_scale", "fd_real_test")]
+    fig, axes = plt.subplots(1, len(plotted), figsize=(3.2 * len(plotted), 3.0), squeeze=False)
+    scales = [row["guidance_scale"] for row in rows]
+    for ax, key in zip(axes[0], plotted, strict=True):
+        ax.plot(scales, [row.get(key, np.nan) for row in rows], "o-")
+        ax.set_xlabel("guidance scale")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path_stem + ".png", dpi=100)
+    plt.close(fig)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Computes `config.eval.metrics` for the latest checkpoint of `workdir`; writes
+    `eval/<step>.json` (and TensorBoard scalars under eval/); returns the same dict."""
+    validate(config)
+    config, model, schedule, stage1 = generate.prepare(config, workdir)
+    params, step = generate.restore_ema_params(config, workdir, model)
+    chosen = metric_names(config)
+    results: dict[str, Any] = {"step": step, "metrics": list(chosen)}
+    print(f"Evaluating {', '.join(chosen)} at step {step} of {workdir}", flush=True)
+    if "bpd" in chosen:
+        test_images, _ = classifier.load_split(config, "test")
+        results.update(bpd_metrics(config, model, schedule, params, test_images))
+        print(
+            f"bpd {results['bpd']:.4f} +- {results['bpd_stderr']:.4f} (full bound, "
+            f"{results['bpd_examples']} images); importance-sampled "
+            f"{results['bpd_importance']:.4f} +- {results['bpd_importance_stderr']:.4f}",
+            flush=True,
+        )
+    if any(m != "bpd" for m in chosen):
+        results["sample"] = {
+            "method": config.sample.method,
+            "num_steps": config.sample.num_steps,
+            "num_samples": config.eval.num_samples,
+        }
+        results["guidance"] = sample_metrics(config, workdir, model, schedule, params, stage1, step)
+        write_guidance_table(os.path.join(workdir, "eval", f"{step}_guidance"), results["guidance"])
+
+    directory = os.path.join(workdir, "eval")
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{step}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    for key, value in results.items():
+        if key.startswith("bpd") and isinstance(value, float):
+            writer.add_scalar(f"eval/{key}", value, step)
+    for row in results.get("guidance", []):
+        for key, value in row.items():
+            if key != "guidance_scale":
+                writer.add_scalar(f"eval/{key}@guidance_{row['guidance_scale']:g}", value, step)
+    writer.close()
+    print(f"Wrote {os.path.join(directory, f'{step}.json')}", flush=True)
+    return results

@@ -1,0 +1,145 @@
+"""Scale-out: two JAX processes, FSDP on 4 devices, restoring a checkpoint on other topologies.
+
+Each test runs its multi-device or multi-process part in subprocesses (the device count and
+the distributed runtime are fixed when JAX starts) and checks their numbers here.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from ddpm import data, models, sharding, train
+from tests import two_processes
+from tests.tiny import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python(module: str, *args: str, devices: int = 1) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 400) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, out
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _saved_state(workdir, step: int) -> dict:
+    """The TrainState saved at `step` as a dict, on this process's first device.
+
+    A checkpoint written on several devices needs a target on this process's devices.
+    """
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    checkpointer = ocp.StandardCheckpointer()
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one),
+        checkpointer.metadata(path).item_metadata,
+    )
+    return checkpointer.restore(path, target)
+
+
+def test_two_processes_match_one_process(tmp_path):
+    port = str(_free_port())
+    procs = [_python("tests.two_processes", str(i), port, str(tmp_path)) for i in range(2)]
+    outs = [_finish(p) for p in procs]
+    assert all("Devices: 2 (cpu), processes: 2; global batch 8, per device 4" in o for o in outs)
+
+    # One process, one device, the same config and global batches: process p's 4 rows (its
+    # shard of the data stream) are rows 4p..4p+3. Same parameters up to the order of the
+    # gradient reduction (float32 rounding, well under 1e-5).
+    config = two_processes.run_config()
+    config.training.fsdp = 1
+    model, mesh = models.create_model(config), sharding.create_mesh()
+    tx, lr_fn = train.make_optimizer(config.training)
+    step_fn = train.make_train_step(config, model, tx, lr_fn, train.build_schedule(config), mesh)
+    state = train.init_train_state(jax.random.key(config.seed), config, model, tx, mesh)
+    shards = [
+        data.create_dataset(
+            config, "train", batch_size=4, seed=config.seed, process_index=p, process_count=2
+        )
+        for p in range(2)
+    ]
+    for _ in range(two_processes.NUM_STEPS):
+        parts = [next(shard) for shard in shards]
+        batch = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+        state, _ = step_fn(state, sharding.global_batch(batch, mesh))
+    saved = _saved_state(tmp_path, two_processes.NUM_STEPS)
+    assert int(saved["step"]) == two_processes.NUM_STEPS
+    expected = jax.device_get(state.params)
+    assert len(jax.tree.leaves(expected)) > 10
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(saved["params"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+    # The parameters were split over the processes: each held half of the largest kernel.
+    for i, out in enumerate(outs):
+        assert f"process {i} holds (3, 3, 16, 16) of (3, 3, 32, 16)" in out, out
+    # Process 0 alone logged (one line per logged step) and drew the grid; both wrote the
+    # checkpoints at steps 2 and 4.
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [4]
+    assert "step 4/4" in outs[0] and "step 4/4" not in outs[1]
+    assert os.listdir(tmp_path / "samples") == ["step_0000004.png"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+
+
+@pytest.mark.slow  # ~2 min of CPU; the default run's two-process test covers FSDP and restore too
+def test_fsdp_matches_replicated_and_restores_on_one_and_two_devices(tmp_path, capsys):
+    four, one = tmp_path / "four", tmp_path / "one"
+    out = _finish(_python("tests.fsdp_devices", str(four), devices=4))
+
+    # 3 Adam steps with parameters split over 4 devices equal the replicated ones up to
+    # float32 rounding (XLA sums the all-gathered / reduce-scattered pieces in another order).
+    maxdiff = float(out.split("maxdiff ")[1].split()[0])
+    assert maxdiff < 1e-5, out
+    leaves, split, wrong = (
+        int(out.split(f"{k} ")[1].split()[0]) for k in ("leaves", "split", "wrong")
+    )
+    assert split >= 10 and wrong == 0 and leaves > split, out
+    assert "compiles 1" in out, out
+    # The largest kernel, [3, 3, 32, 16], is split along its largest axis.
+    assert "largest (3, 3, 32, 16) spec P(None, None, 'fsdp', None)" in out, out
+    assert (
+        "config.training.fsdp=3 must be a positive divisor of the device count (4 devices)" in out
+    )
+
+    # The fsdp=4 run on 4 devices saved steps 2 and 4. Resumed at step 2 on two of its
+    # devices (fsdp=2) and here on one device (replicated), both reach its step 4.
+    assert float(out.split("restored on 2 devices: maxdiff ")[1].split()[0]) < 1e-5, out
+    shutil.copytree(four, one)
+    shutil.rmtree(one / "checkpoints" / "4")
+    train.train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=2), str(one))
+    assert "Resumed from checkpoint at step 2" in capsys.readouterr().out
+    reference = jax.tree.leaves(_saved_state(four, 4))
+    resumed = jax.tree.leaves(_saved_state(one, 4))
+    assert len(resumed) == len(reference) > 10
+    for a, b in zip(reference, resumed, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)

@@ -1,0 +1,39 @@
+"""Subprocess of test_multihost: one of two JAX processes on localhost (gloo collectives).
+
+`python -m tests.two_processes PROCESS_ID PORT WORKDIR` joins the 2-process job and runs
+`train_and_evaluate` of the tiny config for 4 steps (checkpoints at 2 and 4) in WORKDIR, with
+the parameters split over the two processes (fsdp=2). Then it restores step 4 and prints the
+shape of its own piece of the largest parameter.
+"""
+
+import sys
+
+import jax
+
+from ddpm import checkpoint, models, sharding, train
+from tests.tiny import tiny_config
+
+NUM_STEPS = 4
+
+
+def run_config():
+    """The tiny config of this run (the test's one-process reference trains it too)."""
+    return tiny_config(num_steps=NUM_STEPS, checkpoint_every=2, fsdp=2, fsdp_min_size=512)
+
+
+if __name__ == "__main__":
+    process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    sharding.initialize_distributed(f"127.0.0.1:{port}", 2, process_id)
+    assert jax.process_count() == 2 and jax.device_count() == 2, jax.devices()
+    config = run_config()
+    train.train_and_evaluate(config, workdir)
+
+    tx, _ = train.make_optimizer(config.training)
+    mesh = sharding.create_mesh(fsdp=2)
+    target = train.abstract_train_state(config, models.create_model(config), tx, mesh)
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.training.keep_checkpoints)
+    state, _ = ckpt.restore(NUM_STEPS, target)
+    ckpt.close()
+    largest = max(jax.tree.leaves(state.params), key=lambda leaf: leaf.size)
+    (piece,) = largest.addressable_shards
+    print(f"process {process_id} holds {piece.data.shape} of {largest.shape}", flush=True)
