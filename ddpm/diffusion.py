@@ -144,8 +144,15 @@ def loss(
     prediction: str = "eps",
     weighting: str = "none",
     min_snr_gamma: float = 5.0,
+    learned_variance: bool = False,
 ) -> tuple[Array, dict[str, Array]]:
     """Denoising loss E_{t, eps} w(t) ||target - model(x_t, t)||^2 with t ~ U{0..T-1}.
+
+    With `learned_variance` the output carries the variance channels v after the mean's
+    (improved DDPM's learned interpolation); the loss is then L_hybrid = the MSE of the mean
+    channels + (T / 1000) L_t, the bound's term at t in bits/dim (`vlb_term`, variance
+    "learned") with the mean held fixed (stop-gradient), so the bound trains only v: iDDPM's
+    L_simple + 0.001 L_vlb with L_vlb = T E_t[L_t], per example.
 
     Args:
       params: model parameters, passed through to `apply_fn`.
@@ -171,8 +178,21 @@ def loss(
     alpha, sigma = alpha_sigma(schedule, t, x0.ndim)
     target = {"eps": noise, "x0": x0, "v": velocity(x0, noise, alpha, sigma)}[prediction]
     output = apply_fn(params, x_t, t, model_rng).astype(jnp.float32)
+    if learned_variance:
+        output, v = jnp.split(output, 2, axis=-1)
+    if output.shape != target.shape:
+        raise ValueError(
+            f"the model's output {output.shape} does not match the data {target.shape}"
+            + ("" if learned_variance else " (learned variance: set learned_variance=True)")
+        )
     mse = jnp.mean(jnp.square(output - target), axis=tuple(range(1, x0.ndim)))
     per_example = loss_weight(snr(schedule, t), prediction, weighting, min_snr_gamma) * mse
+    if learned_variance:
+        frozen_mean = jnp.concatenate([jax.lax.stop_gradient(output), v], axis=-1)
+        bound = vlb_term(
+            schedule, x0, x_t, t, frozen_mean, prediction=prediction, variance="learned"
+        )
+        per_example = per_example + schedule.num_timesteps / 1000.0 * bound
     return jnp.mean(per_example), {"per_example": per_example, "t": t}
 
 
@@ -194,8 +214,12 @@ def normal_kl(mean1: Array, logvar1: Array, mean2: Array, logvar2: Array) -> Arr
 
 
 def _log_diff_exp(a: Array, b: Array) -> Array:
-    """log(exp(a) - exp(b)) for a >= b, without cancelling to log(0) when b -> a."""
-    return a + jnp.log(-jnp.expm1(jnp.minimum(b - a, 0.0)))
+    """log(exp(a) - exp(b)) for a >= b, without cancelling to log(0) when b -> a.
+
+    A difference that underflows (b == a in float32) counts as exp(a) * 1e-30, so the value and
+    its gradient stay finite (a NaN gradient would leak through `jnp.where` into training).
+    """
+    return a + jnp.log(jnp.maximum(-jnp.expm1(jnp.minimum(b - a, 0.0)), 1e-30))
 
 
 def discretized_gaussian_log_likelihood(x: Array, mean: Array, log_scale: Array) -> Array:

@@ -199,6 +199,7 @@ def train_step(
             prediction=config.diffusion.prediction,
             weighting=config.diffusion.loss_weighting,
             min_snr_gamma=config.diffusion.min_snr_gamma,
+            learned_variance=config.model.learn_sigma,
         )
         aux = {}
     grad_norm = optax.global_norm(grads)

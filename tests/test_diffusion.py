@@ -178,3 +178,41 @@ def test_bad_arguments_raise():
         diffusion.loss(None, model, SCHEDULE, jnp.zeros((2, 2)), jax.random.key(0), weighting="p2")
     with pytest.raises(ValueError, match="eps, x0, v"):
         diffusion.predict_x0_eps(jnp.zeros(1), jnp.zeros(1), 1.0, 0.0, "epsilon")
+
+
+def test_learned_variance_hybrid_loss_trains_the_variance_by_the_bound_only():
+    """L_hybrid = MSE(mean channels) + T/1000 L_t(learned variance, mean stop-gradient)."""
+    n = 32
+    x0 = jnp.asarray(np.random.default_rng(0).integers(0, 256, (n, 3)) / 127.5 - 1, jnp.float32)
+    rng = jax.random.key(7)
+    t_rng, noise_rng, _ = jax.random.split(rng, 3)
+    t = jax.random.randint(t_rng, (n,), 0, 1000, dtype=jnp.int32)
+    noise = jax.random.normal(noise_rng, x0.shape)
+
+    def model(params, x_t, t_, r):  # eps off by a learnable offset; variance channels learnable
+        del t_, r
+        eps = (x_t - diffusion.alpha_sigma(SCHEDULE, t, 2)[0] * x0) / (
+            diffusion.alpha_sigma(SCHEDULE, t, 2)[1]
+        )
+        return jnp.concatenate([eps + params["m"], jnp.broadcast_to(params["v"], eps.shape)], -1)
+
+    params = {"m": jnp.float32(0.1), "v": jnp.asarray([-0.5, 0.0, 0.5], jnp.float32)}
+
+    def hybrid(p):
+        return diffusion.loss(p, model, SCHEDULE, x0, rng, learned_variance=True)[0]
+
+    def mse_only(p):
+        mean_only = lambda p, x_t, t_, r: model(p, x_t, t_, r)[:, :3]  # noqa: E731
+        return diffusion.loss(p, mean_only, SCHEDULE, x0, rng)[0]
+
+    x_t = diffusion.q_sample(SCHEDULE, x0, t, noise)
+    bound = diffusion.vlb_term(
+        SCHEDULE, x0, x_t, t, model(params, x_t, t, None), variance="learned"
+    )
+    np.testing.assert_allclose(hybrid(params), mse_only(params) + jnp.mean(bound), rtol=1e-5)
+    g_hybrid, g_mse = jax.grad(hybrid)(params), jax.grad(mse_only)(params)
+    np.testing.assert_allclose(g_hybrid["m"], g_mse["m"], rtol=1e-6)  # the bound spares the mean
+    assert np.all(np.abs(g_hybrid["v"]) > 0) and np.all(g_mse["v"] == 0)
+    # Without the flag, doubled output channels are an error, not a silent broadcast.
+    with pytest.raises(ValueError, match="learned_variance=True"):
+        diffusion.loss(params, model, SCHEDULE, x0[:, :1], rng)
