@@ -1,0 +1,593 @@
+"""Side by side against Hugging Face diffusers (PyTorch): train-step and sampling images/s of
+this project's U-Net and of a `diffusers.UNet2DModel` built to the same architecture, in the
+same run on the same machine. One JSON line per figure.
+
+python -m bench.vs_diffusers [--config=configs.mnist] [--device=cpu|cuda]
+    [--cases=train@16,train@64,ddim50@16,dpm++2m20@16] [--torch=eager,compile]
+    [--precision=fp32|tf32|bf16] [--rounds=3] [--round-seconds=3] [--torch-threads=2]
+    [--breakdown]
+
+Fairness: every (case, side) runs in its own worker process, set up (compiled, warmed up)
+one after the other; then the driver asks each worker in turn for one timed round, reversing
+the order every round, and reports the median of the rounds. A round is a fixed number of
+calls (chosen once per worker so a round lasts about --round-seconds). Torch workers run with
+OMP_WAIT_POLICY=PASSIVE and torch.set_num_threads(--torch-threads), so an idle OpenMP pool
+does not spin against the other worker. Needs torch and diffusers (bench/requirements.txt).
+
+Cases: `train@B` is one full training step at batch B (ours: `ddpm.train.make_train_step`:
+v-prediction min-SNR loss, grad clip, Adam, EMA; theirs: the same loss, `clip_grad_norm_`,
+`torch.optim.Adam`, a foreach EMA). `METHOD{N}@B` (ddim, dpm++2m) samples B images with N steps
+(ours: `make_sampler`, one jitted lax.scan; theirs: a Python loop over `UNet2DModel` and
+diffusers' `DDIMScheduler` / `DPMSolverMultistepScheduler` with our schedule's betas). Class-
+conditional, no guidance. `--breakdown` adds train figures for the forward pass alone
+(`train_fwd`) and forward + backward (`train_fwdbwd`), to see where the time goes.
+
+Torch variants (`--torch`): eager, compile (torch.compile), compile-ro (mode="reduce-overhead",
+CUDA graphs; GPU only). `--precision`: fp32 (JAX matmul precision "highest", no TF32 in torch),
+tf32 (JAX default precision, torch TF32 on), bf16 (our config.model.dtype=bfloat16 vs torch
+bf16 autocast). On the CPU only fp32 is meaningful.
+"""
+
+import argparse
+import importlib
+import json
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+CASE_RE = re.compile(r"^(train|ddim|dpm\+\+2m)(\d*)@(\d+)$")
+PREFIX = "@@"  # marks protocol lines on a worker's stdout (libraries may print there too)
+
+
+# --------------------------------------------------------------------------------------------
+# Cases and the shared architecture description.
+
+
+def parse_case(spec: str) -> dict[str, Any]:
+    """'train@16' -> {kind: train, batch: 16}; 'ddim50@16' -> {kind: sample, method: ddim,
+    steps: 50, batch: 16}."""
+    match = CASE_RE.match(spec)
+    if not match:
+        raise ValueError(
+            f"--cases entry {spec!r} is not train@B, ddimN@B or dpm++2mN@B (e.g. ddim50@16)"
+        )
+    what, steps, batch = match.groups()
+    if what == "train":
+        return {"kind": "train", "batch": int(batch), "name": f"train_b{batch}"}
+    if not steps:
+        raise ValueError(f"--cases entry {spec!r} needs a step count, e.g. {what}50@{batch}")
+    name = f"{what.replace('++', 'pp')}{steps}_b{batch}"
+    return {
+        "kind": "sample",
+        "method": what,
+        "steps": int(steps),
+        "batch": int(batch),
+        "name": name,
+    }
+
+
+def load_config(module: str, batch: int, precision: str):
+    config = importlib.import_module(module).get_config()
+    config.training.batch_size = batch
+    if precision == "bf16":
+        config.model.dtype = "bfloat16"
+    return config
+
+
+def diffusers_kwargs(config) -> dict[str, Any]:
+    """`UNet2DModel` keyword arguments for the architecture of `config.model` (a U-Net)."""
+    m = config.model
+    if m.name != "unet" or m.resblock_updown or m.scale_shift_norm:
+        raise ValueError(
+            f"config.model (name={m.name!r}, resblock_updown={m.resblock_updown}, "
+            f"scale_shift_norm={m.scale_shift_norm}) has no UNet2DModel twin here: use a plain "
+            "U-Net config (name='unet', resblock_updown=False, scale_shift_norm=False)"
+        )
+    size, channels = config.data.image_size, config.data.channels
+    out_ch = [m.ch * k for k in m.ch_mult]
+    attn = [size // 2**i in m.attention_resolutions for i in range(len(out_ch))]
+    attn_ch = [c for c, a in zip(out_ch, attn, strict=True) if a] + [out_ch[-1]]
+    return dict(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels * (2 if m.learn_sigma else 1),
+        block_out_channels=tuple(out_ch),
+        layers_per_block=m.num_res_blocks,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        add_attention=bool(m.mid_attention),
+        # diffusers takes one head width for all blocks; ours has num_heads per block.
+        attention_head_dim=m.head_dim or attn_ch[0] // m.num_heads,
+        norm_num_groups=m.num_groups,
+        dropout=m.dropout,
+        num_class_embeds=None if m.num_classes is None else m.num_classes + 1,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    )
+
+
+def emit(prefix: str = "", **record) -> None:
+    print(prefix + json.dumps(record), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Workers: set up one side of one case, then answer "run PART" with one timed round.
+
+
+def _calibrate(fn, round_seconds: float, sync) -> int:
+    """Calls per round so that a round lasts about `round_seconds` (fn already warm)."""
+    start = time.perf_counter()
+    sync(fn())
+    once = time.perf_counter() - start
+    return max(1, math.ceil(round_seconds / max(once, 1e-6)))
+
+
+def ours_worker(args, case) -> tuple[dict, dict]:
+    """(parts: name -> fn doing one call, info). JAX on args.device."""
+    import jax
+    import jax.numpy as jnp
+
+    from ddpm import diffusion, models, samplers, sharding, train
+    from ddpm.schedules import get_schedule
+
+    if args.precision == "fp32":
+        jax.config.update("jax_default_matmul_precision", "highest")
+    config = load_config(args.config, case["batch"], args.precision)
+    model = models.create_model(config)
+    schedule = get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    batch, shape = case["batch"], (case["batch"], *models.input_shape(config))
+    rng = np.random.default_rng(0)
+    labels = None
+    if config.model.num_classes is not None:
+        labels = jnp.asarray(rng.integers(0, config.model.num_classes, (batch,)), jnp.int32)
+    parts, compile_s = {}, {}
+
+    def compiled(name, fn, *call):
+        start = time.perf_counter()
+        out = fn.lower(*call).compile()
+        compile_s[name] = round(time.perf_counter() - start, 2)
+        return out
+
+    if case["kind"] == "train":
+        mesh = sharding.create_mesh()
+        tx, lr_fn = train.make_optimizer(config.training)
+        step_fn = train.make_train_step(config, model, tx, lr_fn, schedule, mesh)
+        state = train.init_train_state(jax.random.key(0), config, model, tx, mesh)
+        images = rng.uniform(-1, 1, shape).astype(np.float32)
+        label = np.zeros(batch, np.int32) if labels is None else np.asarray(labels)
+        data = sharding.global_batch({"image": images, "label": label}, mesh)
+        step = compiled("step", step_fn, state, data)
+        holder = {"state": state}
+        n_params = sum(p.size for p in jax.tree.leaves(state.params))
+
+        def run_step():
+            holder["state"], metrics = step(holder["state"], data)
+            return metrics
+
+        parts["step"] = run_step
+        if args.breakdown:
+            d = config.diffusion
+
+            def loss_fn(params, x0, labels, key):
+                apply = lambda p, x_t, t, r: model.apply(
+                    {"params": p}, x_t, t, labels, train=True, rngs={"dropout": r}
+                )
+                loss, _ = diffusion.loss(
+                    params, apply, schedule, x0, key, prediction=d.prediction,
+                    weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma,
+                )  # fmt: skip
+                return loss
+
+            params = jax.tree.map(jnp.copy, state.params)  # the step donates `state`
+            call = (params, data["image"], labels, jax.random.key(1))
+            fwd = compiled("fwd", jax.jit(loss_fn), *call)
+            grad = compiled("fwdbwd", jax.jit(jax.grad(loss_fn)), *call)
+            parts["fwd"] = lambda: fwd(*call)
+            parts["fwdbwd"] = lambda: grad(*call)
+    else:
+        params = jax.jit(model.init)(jax.random.key(0), *models.init_inputs(config))
+        n_params = sum(p.size for p in jax.tree.leaves(params))
+
+        def model_fn(params, x, t, y):
+            return model.apply(params, x, t, labels=y)
+
+        fn = samplers.make_sampler(
+            model_fn, schedule, shape, method=case["method"], num_steps=case["steps"],
+            prediction=config.diffusion.prediction, clip_x0=bool(config.sample.clip_x0),
+        )  # fmt: skip
+        key = jax.random.key(1)
+        sampler = compiled("sample", fn, params, key, labels)
+        parts["sample"] = lambda: sampler(params, key, labels)
+
+    dev = jax.devices()[0]
+    info = dict(
+        params=int(n_params),
+        compile_s=compile_s,
+        device=f"{dev.platform}:{dev.device_kind}",
+        versions={"jax": jax.__version__, "flax": importlib.import_module("flax").__version__},
+    )
+    return parts, info
+
+
+def torch_worker(args, case, variant: str) -> tuple[dict, dict]:
+    """(parts, info) for diffusers' UNet2DModel in torch `variant` (eager|compile|compile-ro)."""
+    import diffusers
+    import torch
+
+    from ddpm.schedules import get_schedule
+
+    torch.set_num_threads(args.torch_threads)
+    cuda = args.device == "cuda"
+    dev = torch.device("cuda" if cuda else "cpu")
+    tf32 = args.precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    config = load_config(args.config, case["batch"], "fp32")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(**diffusers_kwargs(config)).to(dev)
+    n_params = sum(p.numel() for p in unet.parameters())
+    net = unet
+    if variant == "compile":
+        net = torch.compile(unet)
+    elif variant == "compile-ro":
+        net = torch.compile(unet, mode="reduce-overhead")
+    elif variant != "eager":
+        raise ValueError(f"--torch entry {variant!r} is not one of eager, compile, compile-ro")
+    autocast = lambda: torch.autocast(dev.type, torch.bfloat16, enabled=args.precision == "bf16")
+    schedule = get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    betas = np.asarray(schedule.betas, np.float64)
+    batch = case["batch"]
+    shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
+    gen = np.random.default_rng(0)
+    labels = None
+    if config.model.num_classes is not None:
+        labels = torch.as_tensor(gen.integers(0, config.model.num_classes, (batch,)), device=dev)
+    parts, compile_s = {}, {}
+
+    if case["kind"] == "train":
+        tr, d = config.training, config.diffusion
+        if d.loss_weighting not in ("none", "min_snr") or config.model.learn_sigma:
+            raise ValueError(
+                f"config.diffusion.loss_weighting={d.loss_weighting!r} / learn_sigma: the torch "
+                "step mirrors weighting none or min_snr without learned variance only"
+            )
+        ab = torch.as_tensor(np.cumprod(1.0 - betas), dtype=torch.float32, device=dev)
+        x0 = torch.as_tensor(gen.uniform(-1, 1, shape), dtype=torch.float32, device=dev)
+        params = list(unet.parameters())
+        opt = torch.optim.Adam(params, lr=tr.learning_rate, betas=(0.9, tr.adam_b2), foreach=True)
+        ema = [p.detach().clone() for p in params]
+        null = config.model.num_classes
+
+        def loss_fn():
+            """`ddpm.diffusion.loss`: w(t) ||target - net(x_t, t)||^2, t ~ U{0..T-1}."""
+            t = torch.randint(0, len(betas), (batch,), device=dev)
+            noise = torch.randn_like(x0)
+            a, s = ab[t].sqrt().view(-1, 1, 1, 1), (1 - ab[t]).sqrt().view(-1, 1, 1, 1)
+            y = None
+            if null is not None:
+                y = torch.where(torch.rand(batch, device=dev) < tr.label_dropout, null, labels)
+            with autocast():
+                out = net(a * x0 + s * noise, t, class_labels=y).sample
+            target = {"eps": noise, "x0": x0, "v": a * noise - s * x0}[d.prediction]
+            per = ((out.float() - target) ** 2).mean(dim=(1, 2, 3))
+            if d.loss_weighting == "min_snr":
+                snr = ab[t] / (1 - ab[t])
+                denominator = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1}
+                per = per * snr.clamp(max=d.min_snr_gamma) / denominator[d.prediction]
+            return per.mean()
+
+        def step():
+            loss = loss_fn()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, tr.grad_clip, foreach=True)
+            opt.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, params, 1.0 - tr.ema_decay)
+            return loss
+
+        def fwdbwd():
+            loss = loss_fn()
+            loss.backward()
+            for p in params:
+                p.grad = None
+            return loss
+
+        parts["step"] = step
+        if args.breakdown:
+            parts["fwd"], parts["fwdbwd"] = loss_fn, fwdbwd
+    else:
+        common = dict(
+            num_train_timesteps=len(betas),
+            trained_betas=betas,
+            prediction_type={"v": "v_prediction", "eps": "epsilon", "x0": "sample"}[
+                config.diffusion.prediction
+            ],
+            timestep_spacing="trailing",
+        )
+        if case["method"] == "ddim":
+            sched = diffusers.DDIMScheduler(clip_sample=bool(config.sample.clip_x0), **common)
+        else:
+            sched = diffusers.DPMSolverMultistepScheduler(
+                algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True, **common
+            )
+
+        @torch.inference_mode()
+        def sample():
+            sched.set_timesteps(case["steps"], device=dev)
+            x = torch.randn(shape, device=dev)
+            for t in sched.timesteps:
+                with autocast():
+                    out = net(x, t, class_labels=labels).sample
+                x = sched.step(out.float(), t, x).prev_sample
+            return x
+
+        parts["sample"] = sample
+
+    # First calls: torch.compile compiles here (forward and, in training, backward).
+    for name, fn in parts.items():
+        start = time.perf_counter()
+        fn()
+        torch_sync(args.device)
+        compile_s[name] = round(time.perf_counter() - start, 2)
+    info = dict(
+        params=int(n_params),
+        compile_s=compile_s,
+        device=f"cuda:{torch.cuda.get_device_name()}" if cuda else "cpu",
+        versions={"torch": torch.__version__, "diffusers": diffusers.__version__},
+        torch_threads=torch.get_num_threads(),
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+    )
+    return parts, info
+
+
+def torch_sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def peak_memory(side: str, device: str) -> dict[str, float]:
+    """Peak device memory (GPU) or peak resident set size (CPU), MiB."""
+    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device == "cuda" and side == "ours":
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        out["peak_device_mib"] = round(stats.get("peak_bytes_in_use", 0) / 2**20, 1)
+    elif device == "cuda":
+        import torch
+
+        out["peak_device_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def worker_main(args) -> None:
+    case = parse_case(args.case)
+    if args.worker == "ours":
+        import jax
+
+        parts, info = ours_worker(args, case)
+        sync = jax.block_until_ready
+    else:
+        parts, info = torch_worker(args, case, args.worker)
+        sync = lambda out: torch_sync(args.device)
+    for fn in parts.values():  # warm-up beyond the first (compiling) call
+        sync(fn())
+    calls = {name: _calibrate(fn, args.round_seconds, sync) for name, fn in parts.items()}
+    emit(PREFIX, ready=True, calls=calls, **info, **peak_memory(args.worker, args.device))
+    for line in sys.stdin:
+        part = line.strip()
+        if part == "quit":
+            break
+        fn, n = parts[part], calls[part]
+        start = time.perf_counter()
+        for _ in range(n):
+            out = fn()
+        sync(out)
+        emit(PREFIX, part=part, calls=n, seconds=time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver.
+
+
+class Worker:
+    """A worker process: started, read until ready, then asked for rounds over stdin."""
+
+    def __init__(self, args, case_spec: str, side: str):
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.vs_diffusers",
+            f"--worker={side}",
+            f"--case={case_spec}",
+        ]
+        for flag in ("config", "device", "precision", "round_seconds", "torch_threads"):
+            cmd.append(f"--{flag.replace('_', '-')}={getattr(args, flag)}")
+        if args.breakdown:
+            cmd.append("--breakdown")
+        env = dict(os.environ)
+        if side == "ours":
+            env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # leave GPU memory for torch
+            if args.device == "cpu":
+                env["JAX_PLATFORMS"] = "cpu"
+        else:
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
+        self.side = side
+        start = time.perf_counter()
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        self.info = self._read()
+        self.setup_s = round(time.perf_counter() - start, 1)
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(PREFIX):
+                return json.loads(line[len(PREFIX) :])
+        raise RuntimeError(f"worker {self.side} exited with code {self.proc.wait()}")
+
+    def run(self, part: str) -> dict:
+        self.proc.stdin.write(part + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count()}
+
+
+def run_case(args, spec: str) -> None:
+    case = parse_case(spec)
+    load_start = os.getloadavg()
+    workers = [Worker(args, spec, "ours")]
+    workers += [Worker(args, spec, variant) for variant in args.torch.split(",")]
+    ours = workers[0]
+    for w in workers[1:]:
+        ratio = w.info["params"] / ours.info["params"]
+        print(
+            f"# {spec}: parameters ours {ours.info['params']:,}, diffusers {w.info['params']:,} "
+            f"({w.side}; ratio {ratio:.4f})",
+            file=sys.stderr,
+        )
+        if abs(ratio - 1) > 0.05:
+            raise RuntimeError(f"parameter counts differ by more than 5 %: ratio {ratio:.4f}")
+    parts = list(ours.info["calls"])
+    seconds = {(w.side, p): [] for w in workers for p in parts}
+    for r in range(args.rounds):
+        order = workers if r % 2 == 0 else workers[::-1]
+        for part in parts:
+            for w in order:
+                out = w.run(part)
+                seconds[w.side, part].append(out["seconds"] / out["calls"])
+    for w in workers:
+        w.close()
+    load_end = os.getloadavg()
+
+    per_call = {k: statistics.median(v) for k, v in seconds.items()}
+    ips = lambda side, part: case["batch"] / per_call[side, part]
+    versions = {k: v for w in workers for k, v in w.info["versions"].items()}
+    common = dict(
+        units="images/s",
+        batch=case["batch"],
+        config=args.config,
+        precision=args.precision,
+        rounds=args.rounds,
+        device={"ours": ours.info["device"], "theirs": workers[1].info["device"]},
+        versions=versions,
+        torch_threads=workers[1].info["torch_threads"],
+        omp_wait_policy=workers[1].info["omp_wait_policy"],
+        machine=machine(),
+        load_1m={"start": round(load_start[0], 2), "end": round(load_end[0], 2)},
+    )
+    figure = case["name"] if case["kind"] == "sample" else "train"
+    for part in parts:
+        label = {"step": figure, "sample": figure}.get(part, f"train_{part}")
+        name_base = label if case["kind"] == "sample" else f"{label}_b{case['batch']}"
+        best = None
+        for w in workers[1:]:
+            theirs = ips(w.side, part)
+            best = max(best or 0.0, theirs)
+            emit(
+                name=f"{name_base}/vs_{w.side}",
+                ours=round(ips("ours", part), 2),
+                theirs=round(theirs, 2),
+                ratio=round(ips("ours", part) / theirs, 3),
+                ours_rounds=[round(case["batch"] / s, 2) for s in seconds["ours", part]],
+                theirs_rounds=[round(case["batch"] / s, 2) for s in seconds[w.side, part]],
+                **common,
+            )
+        if len(workers) > 2:
+            emit(
+                name=f"{name_base}/vs_best_torch",
+                ours=round(ips("ours", part), 2),
+                theirs=round(best, 2),
+                ratio=round(ips("ours", part) / best, 3),
+                **common,
+            )
+    emit(
+        name=f"{case['name']}/setup",
+        units="s",
+        ours_compile_s=ours.info["compile_s"],
+        theirs_first_call_s={w.side: w.info["compile_s"] for w in workers[1:]},
+        setup_s={w.side: w.setup_s for w in workers},
+        memory={w.side: {k: v for k, v in w.info.items() if "peak" in k} for w in workers},
+        params={w.side: w.info["params"] for w in workers},
+        device=common["device"],
+        versions=versions,
+    )
+
+
+def table(path: str) -> str:
+    """A Markdown table of the images/s figures in a file of this script's JSON lines."""
+    rows = [
+        "| figure | ours | diffusers | ratio | load 1m (start, end) |",
+        "|---|---:|---:|---:|---|",
+    ]
+    with open(path) as f:
+        for line in f:
+            if not line.startswith("{"):
+                continue
+            r = json.loads(line)
+            if r.get("units") == "images/s":
+                load = f"{r['load_1m']['start']}, {r['load_1m']['end']}"
+                rows.append(
+                    f"| {r['name']} | {r['ours']} | {r['theirs']} | {r['ratio']} | {load} |"
+                )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs.mnist")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--cases", default="train@16,train@64,ddim50@16,dpm++2m20@16")
+    parser.add_argument("--torch", default="eager,compile")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--round-seconds", type=float, default=3.0)
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    parser.add_argument("--breakdown", action="store_true")
+    parser.add_argument("--table", metavar="JSONL", help="print a Markdown table of a run's lines")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker_main(args)
+        return
+    if args.table:
+        print(table(args.table))
+        return
+    if args.device == "cpu" and "compile-ro" in args.torch.split(","):
+        raise ValueError("--torch=compile-ro (CUDA graphs) needs --device=cuda")
+    specs = args.cases.split(",")
+    for spec in specs:
+        parse_case(spec)  # fail on a bad entry before any work
+    for spec in specs:
+        run_case(args, spec)
+
+
+if __name__ == "__main__":
+    main()
