@@ -10,7 +10,7 @@ such as MNIST, where an ImageNet network says little.
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -165,18 +165,22 @@ def make_apply_fn(model: Classifier, params) -> Callable[[np.ndarray], tuple[jax
     return apply
 
 
+def fixed_batches(x: np.ndarray, batch_size: int) -> Iterator[tuple[jax.Array, int]]:
+    """Batches of x [N, ...] of exactly `batch_size` rows (the last one completed by wrapping
+    around, so a jitted consumer compiles once), each with its number of real rows."""
+    for start in range(0, len(x), batch_size):
+        rows = np.arange(start, start + batch_size) % len(x)
+        yield jnp.asarray(x[rows]), min(batch_size, len(x) - start)
+
+
 def apply_in_batches(
     fn: Callable, images: np.ndarray, batch_size: int = 250
 ) -> tuple[np.ndarray, ...]:
-    """Runs `fn` over images [N, ...] in fixed-size batches (the last one padded, so one
-    compile) and concatenates its outputs -> tuple of [N, ...] numpy arrays."""
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        padded = (
-            np.resize(chunk, (batch_size, *chunk.shape[1:])) if len(chunk) < batch_size else chunk
-        )
-        outputs.append([np.asarray(o)[: len(chunk)] for o in fn(jnp.asarray(padded))])
+    """Runs `fn` over images [N, ...] in `fixed_batches` and concatenates its outputs (the
+    padding rows dropped) -> tuple of [N, ...] numpy arrays."""
+    outputs = [
+        [np.asarray(o)[:n] for o in fn(batch)] for batch, n in fixed_batches(images, batch_size)
+    ]
     return tuple(np.concatenate(parts) for parts in zip(*outputs, strict=True))
 
 

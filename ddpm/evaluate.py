@@ -33,6 +33,7 @@ import tqdm
 from tensorboardX import SummaryWriter
 
 from ddpm import classifier, diffusion, generate, images, metrics, models, train
+from ddpm.data.transforms import to_float
 
 METRICS = ("bpd", "fd", "accuracy", "pr", "fid")
 _CLASSIFIER_METRICS = ("fd", "accuracy", "pr")
@@ -124,14 +125,6 @@ def _make_bound_fns(config, model, schedule, params) -> tuple[Callable, Callable
     return full, importance
 
 
-def _batches(x: np.ndarray, batch_size: int):
-    """Fixed-size batches of x (the last one completed by wrapping; one compile) with the
-    number of real rows in each."""
-    for start in range(0, len(x), batch_size):
-        rows = np.arange(start, start + batch_size) % len(x)
-        yield jnp.asarray(x[rows]), min(batch_size, len(x) - start)
-
-
 def bpd_metrics(config, model, schedule, params, test_images: np.ndarray) -> dict[str, Any]:
     """The bound on the first test images: {"bpd", "bpd_stderr", "bpd_examples",
     "bpd_importance", "bpd_importance_stderr", "bpd_importance_examples"}."""
@@ -140,7 +133,9 @@ def bpd_metrics(config, model, schedule, params, test_images: np.ndarray) -> dic
     rng = jax.random.fold_in(jax.random.key(config.seed), 3)
     totals, term_sums = [], np.zeros(schedule.num_timesteps)
     subset = test_images[: e.bpd_examples]
-    for i, (x0, n) in enumerate(tqdm.tqdm(list(_batches(subset, e.batch_size)), desc="bpd")):
+    for i, (x0, n) in enumerate(
+        tqdm.tqdm(list(classifier.fixed_batches(subset, e.batch_size)), desc="bpd")
+    ):
         bpd, terms = full(x0, jax.random.fold_in(rng, i))
         totals.append(np.asarray(bpd)[:n])
         term_sums += np.sum(np.square(np.asarray(terms, np.float64)[:, :n]), axis=1)
@@ -150,7 +145,7 @@ def bpd_metrics(config, model, schedule, params, test_images: np.ndarray) -> dic
     proposal = 0.99 * root / root.sum() + 0.01 / schedule.num_timesteps
     estimates, errors = [], []
     subset = test_images[: e.bpd_importance_examples]
-    for i, (x0, n) in enumerate(_batches(subset, e.batch_size)):
+    for i, (x0, n) in enumerate(classifier.fixed_batches(subset, e.batch_size)):
         bpd, stderr = importance(x0, jax.random.fold_in(rng, 10_000 + i), jnp.asarray(proposal))
         estimates.append(np.asarray(bpd)[:n])
         errors.append(np.asarray(stderr)[:n])
@@ -181,16 +176,10 @@ def generate_samples(
     num, batch = cfg.eval.num_samples, min(cfg.eval.batch_size, cfg.eval.num_samples)
     sampler = train.make_grid_sampler(cfg, model, schedule, batch, stage1)
     rng = jax.random.fold_in(jax.random.key(config.seed), 4)
-    outputs = []
-    for i, start in enumerate(tqdm.trange(0, num, batch, desc=f"samples, guidance {scale:g}")):
-        batch_labels = None
-        if labels is not None:
-            batch_labels = jnp.asarray(
-                np.take(labels, np.arange(start, start + batch), mode="wrap")
-            )
-        outputs.append(np.asarray(sampler(params, jax.random.fold_in(rng, i), batch_labels)))
-    samples = np.concatenate(outputs)[:num]
-    return images.to_uint8(samples).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    samples = generate.draw_samples(
+        sampler, params, rng, labels, num, batch, desc=f"samples, guidance {scale:g}"
+    )
+    return to_float(images.to_uint8(samples))
 
 
 def _reference_stats(
@@ -211,7 +200,9 @@ def _reference_stats(
     return stats, feats[-1][: config.eval.num_samples]
 
 
-def sample_metrics(config, workdir, model, schedule, params, stage1, step) -> list[dict[str, Any]]:
+def sample_metrics(
+    config, workdir, model, schedule, params, stage1, step, test_images: np.ndarray
+) -> list[dict[str, Any]]:
     """One dict of sample metrics per guidance scale; writes a sample grid of each."""
     chosen = metric_names(config)
     num_classes = config.model.num_classes
@@ -231,7 +222,6 @@ def sample_metrics(config, workdir, model, schedule, params, stage1, step) -> li
     }
 
     results = []
-    test_images, _ = classifier.load_split(config, "test")
     floor = {}
     if "fd" in chosen:
         test_feats = classifier.apply_in_batches(extractors["classifier"], test_images)[-1]
@@ -303,8 +293,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     chosen = metric_names(config)
     results: dict[str, Any] = {"step": step, "metrics": list(chosen)}
     print(f"Evaluating {', '.join(chosen)} at step {step} of {workdir}", flush=True)
+    test_images, _ = classifier.load_split(config, "test")
     if "bpd" in chosen:
-        test_images, _ = classifier.load_split(config, "test")
         results.update(bpd_metrics(config, model, schedule, params, test_images))
         print(
             f"bpd {results['bpd']:.4f} +- {results['bpd_stderr']:.4f} (full bound, "
@@ -318,7 +308,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "num_steps": config.sample.num_steps,
             "num_samples": config.eval.num_samples,
         }
-        results["guidance"] = sample_metrics(config, workdir, model, schedule, params, stage1, step)
+        results["guidance"] = sample_metrics(
+            config, workdir, model, schedule, params, stage1, step, test_images
+        )
         write_guidance_table(os.path.join(workdir, "eval", f"{step}_guidance"), results["guidance"])
 
     directory = os.path.join(workdir, "eval")

@@ -73,6 +73,19 @@ def save_samples(stem: str, samples: np.ndarray, labels: np.ndarray, num_cols: i
     return stem + ".png"
 
 
+def draw_samples(
+    sampler, params, rng: jax.Array, cond, num: int, batch: int, desc: str = "sample"
+) -> np.ndarray:
+    """`num` samples from a grid sampler of `batch` rows (`train.make_grid_sampler`), batch i
+    drawn with fold_in(rng, i) and rows [i batch, (i + 1) batch) of the host condition `cond`
+    (wrapping around; None if unconditional).  -> [num, ...] float32 numpy."""
+    outputs = []
+    for i, start in enumerate(tqdm.trange(0, num, batch, desc=desc)):
+        x = sampler(params, jax.random.fold_in(rng, i), conditioning.take(cond, start, batch))
+        outputs.append(np.asarray(x))
+    return np.concatenate(outputs)[:num]
+
+
 def sample_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Writes `samples/<method>_<steps>.png` (a grid) and `.npz` (uint8 images, labels); for
     1-D signals a plot, float32 signals and a `.wav` (see `save_samples`).
@@ -95,11 +108,7 @@ def sample_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
     )
 
     rng = jax.random.fold_in(jax.random.key(config.seed), 2)
-    outputs = []
-    for i, start in enumerate(tqdm.trange(0, s.num_samples, batch, desc="sample")):
-        x = sampler(params, jax.random.fold_in(rng, i), conditioning.take(labels, start, batch))
-        outputs.append(np.asarray(x))
-    samples = np.concatenate(outputs)[: s.num_samples]
+    samples = draw_samples(sampler, params, rng, labels, s.num_samples, batch)
 
     stem = os.path.join(workdir, "samples", f"{s.method}_{s.num_steps}")
     if not isinstance(labels, np.ndarray):  # unconditional, or text (prompts printed above)
