@@ -49,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"  # compute dtype, e.g. bfloat16
     config.model.param_dtype = "float32"
     config.model.remat = False
+    # U-Net/autoencoder: compute each convolution's kernel gradient over chunks of this many
+    # examples (0 = one convolution over the batch). A CPU speed-up: XLA:CPU's kernel gradient
+    # slows down sharply with batch size (bench/README.md); leave 0 on GPU/TPU.
+    config.model.conv_grad_chunk = 0
     # DiT only (name="dit"; also uses num_heads, dropout, num_classes, learn_sigma, dtype, remat,
     # time_embed_freqs with None = 128).
     config.model.patch_size = 2

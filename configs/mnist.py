@@ -18,6 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.image_size = 28  # the digits as they are (3 U-Net levels: 28, 14, 7)
     config.data.channels = 1
     config.model = models.mnist_small()
+    # CPU: kernel gradients in 16-example chunks make the batch-64 step 1.28x faster (160 ->
+    # 205 img/s on 2 cores, bench/README.md); no effect at batch <= 16.
+    config.model.conv_grad_chunk = 16
 
     config.diffusion.schedule = "cosine"
     config.diffusion.num_timesteps = 1000

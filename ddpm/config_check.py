@@ -11,7 +11,7 @@ from ddpm import data, diffusion, latent, schedules
 # Fields that fix the network and the data's shape: a workdir trained with other values cannot
 # be resumed with these. (Model fields that change neither, like dropout, may change.)
 SHAPE_FIELDS = ("data.image_size", "data.channels", "model", "text")
-_FREE_MODEL_FIELDS = ("dropout", "dtype", "param_dtype", "remat")
+_FREE_MODEL_FIELDS = ("dropout", "dtype", "param_dtype", "remat", "conv_grad_chunk")
 
 
 def _field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[str]:

@@ -193,24 +193,26 @@ def test_bfloat16_compute_returns_float32(trained):
     assert 0 < float(jnp.abs(out16 - out32).max()) < 0.1 * scale
 
 
-def test_remat_gives_same_output_and_gradient(trained):
+@pytest.mark.parametrize("field,value", [("remat", True), ("conv_grad_chunk", 2)])
+def test_execution_options_give_same_output_and_gradient(trained, field, value):
+    """remat and chunked kernel gradients change how the network is computed, not what."""
     config = trained["config"].copy_and_resolve_references()
-    config.model.remat = True
-    remat_model = create_model(config)
+    config.model[field] = value
+    other_model = create_model(config)
     variables, x, t = trained["variables"], trained["x"], trained["t"]
     labels = jnp.array([3, 4, 5, 10])
     # Same parameter tree: a checkpoint of one loads into the other.
     chex.assert_trees_all_equal_shapes(
-        variables, jax.eval_shape(remat_model.init, jax.random.key(1), x, t, labels)
+        variables, jax.eval_shape(other_model.init, jax.random.key(1), x, t, labels)
     )
     np.testing.assert_allclose(
-        jit_apply(remat_model)(variables, x, t, labels),
+        jit_apply(other_model)(variables, x, t, labels),
         jit_apply(trained["model"])(variables, x, t, labels),
         rtol=1e-5,
         atol=1e-6,
     )
     chex.assert_trees_all_close(
-        loss_grad(remat_model, variables, x, t, labels),
+        loss_grad(other_model, variables, x, t, labels),
         loss_grad(trained["model"], variables, x, t, labels),
         rtol=1e-4,
         atol=1e-6,
@@ -249,6 +251,7 @@ def test_jitted_apply_traces_once_per_shape(trained):
         ("dropout", 1.0, r"config\.model\.dropout=1\.0"),
         ("num_classes", 0, r"config\.model\.num_classes=0"),
         ("dtype", "bf16", r"config\.model\.dtype='bf16' is not one of float32, bfloat16"),
+        ("conv_grad_chunk", -1, r"config\.model\.conv_grad_chunk=-1 must be an int >= 0"),
     ],
 )
 def test_invalid_config_fails_at_create_model(field, value, message):

@@ -16,7 +16,14 @@ import jax.numpy as jnp
 import ml_collections
 from jax.typing import ArrayLike, DTypeLike
 
-from ddpm.models.layers import AttentionBlock, Downsample, ResBlock, Upsample, _conv
+from ddpm.models.layers import (
+    AttentionBlock,
+    Downsample,
+    GroupNorm,
+    ResBlock,
+    Upsample,
+    _conv,
+)
 
 Array = jax.Array
 
@@ -49,6 +56,13 @@ class _Coder(nn.Module):
     dropout: float
     dtype: DTypeLike
     param_dtype: DTypeLike
+    conv_grad_chunk: int
+
+    def conv(self, features: int, name: str) -> nn.Conv:
+        return _conv(
+            features, self.dtype, self.param_dtype, conv_grad_chunk=self.conv_grad_chunk,
+            name=name,
+        )  # fmt: skip
 
     def block(self, out_ch: int, name: str, train: bool) -> ResBlock:
         return ResBlock(
@@ -59,6 +73,7 @@ class _Coder(nn.Module):
             name=name,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            conv_grad_chunk=self.conv_grad_chunk,
         )
 
     def attention(self, name: str) -> AttentionBlock:
@@ -78,8 +93,8 @@ class _Coder(nn.Module):
         return self.block(h.shape[-1], "mid_res1", train)(h, None)
 
     def output(self, h: Array, features: int) -> Array:
-        h = nn.GroupNorm(self.num_groups, dtype=self.dtype, param_dtype=self.param_dtype)(h)
-        return _conv(features, self.dtype, self.param_dtype, name="conv_out")(nn.silu(h))
+        h = GroupNorm(self.num_groups, dtype=self.dtype, param_dtype=self.param_dtype)(h)
+        return self.conv(features, "conv_out")(nn.silu(h))
 
 
 class Encoder(_Coder):
@@ -90,14 +105,16 @@ class Encoder(_Coder):
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> tuple[Array, Array]:
         levels = len(self.ch_mult)
-        h = _conv(self.ch, self.dtype, self.param_dtype, name="conv_in")(x.astype(self.dtype))
+        h = self.conv(self.ch, "conv_in")(x.astype(self.dtype))
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
                 h = self.block(self.ch * mult, f"down{level}_res{i}", train)(h, None)
                 if h.shape[1] in self.attention_resolutions:
                     h = self.attention(f"down{level}_attn{i}")(h)
             if level != levels - 1:
-                h = Downsample(self.dtype, self.param_dtype, name=f"down{level}_resample")(h)
+                h = Downsample(
+                    self.dtype, self.param_dtype, self.conv_grad_chunk, name=f"down{level}_resample"
+                )(h)
         moments = self.output(self.middle(h, train), 2 * self.z_channels).astype(jnp.float32)
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return mean, jnp.clip(logvar, *LOGVAR_RANGE)
@@ -111,7 +128,7 @@ class Decoder(_Coder):
     @nn.compact
     def __call__(self, z: Array, train: bool = False) -> Array:
         top = self.ch * self.ch_mult[-1]
-        h = _conv(top, self.dtype, self.param_dtype, name="conv_in")(z.astype(self.dtype))
+        h = self.conv(top, "conv_in")(z.astype(self.dtype))
         h = self.middle(h, train)
         for level in reversed(range(len(self.ch_mult))):
             for i in range(self.num_res_blocks + 1):
@@ -119,7 +136,9 @@ class Decoder(_Coder):
                 if h.shape[1] in self.attention_resolutions:
                     h = self.attention(f"up{level}_attn{i}")(h)
             if level != 0:
-                h = Upsample(self.dtype, self.param_dtype, name=f"up{level}_resample")(h)
+                h = Upsample(
+                    self.dtype, self.param_dtype, self.conv_grad_chunk, name=f"up{level}_resample"
+                )(h)
         return self.output(h, self.out_channels).astype(jnp.float32)
 
 
@@ -143,6 +162,7 @@ class Autoencoder(nn.Module):
     dropout: float = 0.0
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
+    conv_grad_chunk: int = 0  # layers.chunked_kernel_grad_conv; 0 = one convolution
 
     def setup(self) -> None:
         common = dict(
@@ -157,6 +177,7 @@ class Autoencoder(nn.Module):
             dropout=self.dropout,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            conv_grad_chunk=self.conv_grad_chunk,
         )
         self.encoder = Encoder(z_channels=self.z_channels, **common)
         self.decoder = Decoder(out_channels=self.out_channels, **common)
@@ -227,4 +248,5 @@ def autoencoder_from_config(config: ml_collections.ConfigDict) -> Autoencoder:
         dropout=m.dropout,
         dtype=jnp.dtype(m.dtype),
         param_dtype=jnp.dtype(m.param_dtype),
+        conv_grad_chunk=m.conv_grad_chunk,
     )

@@ -21,6 +21,7 @@ from ddpm.models.layers import (
     AttentionBlock,
     CrossAttentionBlock,
     Downsample,
+    GroupNorm,
     ResBlock,
     Upsample,
     _conv,
@@ -57,6 +58,7 @@ class UNet(nn.Module):
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
     remat: bool = False
+    conv_grad_chunk: int = 0  # layers.chunked_kernel_grad_conv; 0 = one convolution
     context_spec: ContextSpec | None = None  # cross-attention on a token sequence (text)
 
     @nn.compact
@@ -97,6 +99,7 @@ class UNet(nn.Module):
         rank = x.ndim - 2
         res_block = nn.remat(ResBlock) if self.remat else ResBlock
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        convs = dict(common, conv_grad_chunk=self.conv_grad_chunk)  # modules with convolutions
         block = lambda out_ch, name, resample=None: res_block(
             out_ch,
             num_groups=self.num_groups,
@@ -105,7 +108,7 @@ class UNet(nn.Module):
             resample=resample,
             deterministic=not train,
             name=name,
-            **common,
+            **convs,
         )
         heads = (self.num_heads, self.head_dim, self.num_groups)
 
@@ -123,7 +126,7 @@ class UNet(nn.Module):
                 h = CrossAttentionBlock(*heads, name=f"{name}_cross", **common)(h, *ctx)
             return h
 
-        h = _conv(self.ch, rank=rank, name="conv_in", **common)(x.astype(self.dtype))
+        h = _conv(self.ch, rank=rank, name="conv_in", **convs)(x.astype(self.dtype))
         hs = [h]
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
@@ -135,7 +138,7 @@ class UNet(nn.Module):
                 if self.resblock_updown:
                     h = block(h.shape[-1], f"down{level}_resample", "down")(h, emb)
                 else:
-                    h = Downsample(name=f"down{level}_resample", **common)(h)
+                    h = Downsample(name=f"down{level}_resample", **convs)(h)
                 hs.append(h)
 
         h = block(h.shape[-1], "mid_res0")(h, emb)
@@ -153,11 +156,11 @@ class UNet(nn.Module):
                 if self.resblock_updown:
                     h = block(h.shape[-1], f"up{level}_resample", "up")(h, emb)
                 else:
-                    h = Upsample(name=f"up{level}_resample", **common)(h)
+                    h = Upsample(name=f"up{level}_resample", **convs)(h)
 
-        h = nn.GroupNorm(self.num_groups, name="norm_out", **common)(h)
+        h = GroupNorm(self.num_groups, name="norm_out", **common)(h)
         zeros = nn.initializers.zeros
-        h = _conv(self.out_channels, rank=rank, kernel_init=zeros, name="conv_out", **common)(
+        h = _conv(self.out_channels, rank=rank, kernel_init=zeros, name="conv_out", **convs)(
             nn.silu(h)
         )
         return h.astype(jnp.float32)
@@ -287,6 +290,11 @@ def validate_unet_config(config: ml_collections.ConfigDict) -> None:
     for field in ("dtype", "param_dtype"):
         if m[field] not in DTYPES:
             raise ValueError(f"config.model.{field}={m[field]!r} is not one of {_fmt(DTYPES)}")
+    if not isinstance(m.conv_grad_chunk, int) or m.conv_grad_chunk < 0:
+        raise ValueError(
+            f"config.model.conv_grad_chunk={m.conv_grad_chunk!r} must be an int >= 0 (examples "
+            "per chunk of the convolution kernel gradients; 0 = one convolution over the batch)"
+        )
 
 
 def unet_from_config(config: ml_collections.ConfigDict) -> UNet:
@@ -317,5 +325,6 @@ def unet_from_config(config: ml_collections.ConfigDict) -> UNet:
         dtype=jnp.dtype(m.dtype),
         param_dtype=jnp.dtype(m.param_dtype),
         remat=m.remat,
+        conv_grad_chunk=m.conv_grad_chunk,
         context_spec=context_spec(config),
     )
