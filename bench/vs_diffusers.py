@@ -22,6 +22,11 @@ diffusers' `DDIMScheduler` / `DPMSolverMultistepScheduler` with our schedule's b
 conditional, no guidance. `--breakdown` adds train figures for the forward pass alone
 (`train_fwd`) and forward + backward (`train_fwdbwd`), to see where the time goes.
 
+Efficiency: each train case also gets `<figure>_b<B>/efficiency` lines: the FLOPs of our
+call (XLA's cost analysis of the lowered computation) per second at the median round, as a
+fraction of a large matmul's FLOP/s measured in the same worker and precision, and of the
+device's datasheet dense peak where it is known (H100, H200).
+
 Torch variants (`--torch`): eager, compile (torch.compile), compile-ro (mode="reduce-overhead",
 CUDA graphs; GPU only). `--precision`: fp32 (JAX matmul precision "highest", no TF32 in torch),
 tf32 (JAX default precision, torch TF32 on), bf16 (our config.model.dtype=bfloat16 vs torch
@@ -149,12 +154,14 @@ def ours_worker(args, case) -> tuple[dict, dict]:
     labels = None
     if config.model.num_classes is not None:
         labels = jnp.asarray(rng.integers(0, config.model.num_classes, (batch,)), jnp.int32)
-    parts, compile_s = {}, {}
+    parts, compile_s, flops = {}, {}, {}
 
     def compiled(name, fn, *call):
         start = time.perf_counter()
-        out = fn.lower(*call).compile()
+        lowered = fn.lower(*call)
+        out = lowered.compile()
         compile_s[name] = round(time.perf_counter() - start, 2)
+        flops[name] = (lowered.cost_analysis() or {}).get("flops")
         return out
 
     if case["kind"] == "train":
@@ -212,10 +219,50 @@ def ours_worker(args, case) -> tuple[dict, dict]:
     info = dict(
         params=int(n_params),
         compile_s=compile_s,
+        flops=flops,
+        matmul_flops_per_s=matmul_ceiling(args.precision),
         device=f"{dev.platform}:{dev.device_kind}",
         versions={"jax": jax.__version__, "flax": importlib.import_module("flax").__version__},
     )
     return parts, info
+
+
+# Dense peak TFLOP/s by device-name fragment and --precision (NVIDIA datasheets, no sparsity).
+PEAK_TFLOPS = {
+    "H100 PCIe": {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0},
+    "H100": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4},  # SXM5
+    "H200": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4},
+}
+
+
+def peak_tflops(device: str, precision: str) -> float | None:
+    """The datasheet's dense peak for `device` ("cuda:NVIDIA H100 80GB HBM3") or None."""
+    for fragment, peaks in PEAK_TFLOPS.items():  # "H100 PCIe" is tried before "H100"
+        if fragment in device:
+            return peaks[precision]
+    return None
+
+
+def matmul_ceiling(precision: str) -> float:
+    """FLOP/s of a large square matmul in the benchmark's precision: the best of 5 timed
+    batches of calls (4096^2 on an accelerator, 2048^2 on the CPU)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048 if jax.default_backend() == "cpu" else 4096
+    dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    matmul = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(matmul(a, a))
+    calls = 3 if jax.default_backend() == "cpu" else 50
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = matmul(a, a)
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - start) / calls)
+    return 2 * n**3 / best
 
 
 def torch_worker(args, case, variant: str) -> tuple[dict, dict]:
@@ -527,6 +574,27 @@ def run_case(args, spec: str) -> None:
                 ratio=round(ips("ours", part) / best, 3),
                 **common,
             )
+    for part in parts:
+        flops = ours.info["flops"].get(part)
+        if case["kind"] != "train" or not flops:
+            continue
+        achieved = flops / per_call["ours", part]
+        ceiling = ours.info["matmul_flops_per_s"]
+        peak = peak_tflops(ours.info["device"], args.precision)
+        label = "train" if part == "step" else f"train_{part}"
+        emit(
+            name=f"{label}_b{case['batch']}/efficiency",
+            units="TFLOP/s",
+            flops_per_call=flops,
+            ours=round(achieved / 1e12, 4),
+            matmul_ceiling=round(ceiling / 1e12, 4),
+            fraction_of_matmul=round(achieved / ceiling, 3),
+            peak=peak,
+            fraction_of_peak=None if peak is None else round(achieved / 1e12 / peak, 3),
+            precision=args.precision,
+            device=common["device"]["ours"],
+            versions=versions,
+        )
     emit(
         name=f"{case['name']}/setup",
         units="s",
@@ -541,10 +609,14 @@ def run_case(args, spec: str) -> None:
 
 
 def table(path: str) -> str:
-    """A Markdown table of the images/s figures in a file of this script's JSON lines."""
+    """Markdown tables of the images/s and TFLOP/s figures in a file of this script's lines."""
     rows = [
         "| figure | ours | diffusers | ratio | load 1m (start, end) |",
         "|---|---:|---:|---:|---|",
+    ]
+    efficiency = [
+        "| figure | TFLOP/step | ours TFLOP/s | matmul ceiling | of ceiling | of peak |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     with open(path) as f:
         for line in f:
@@ -556,6 +628,14 @@ def table(path: str) -> str:
                 rows.append(
                     f"| {r['name']} | {r['ours']} | {r['theirs']} | {r['ratio']} | {load} |"
                 )
+            elif r.get("units") == "TFLOP/s":
+                peak = "n/a" if r["peak"] is None else f"{r['fraction_of_peak']} of {r['peak']}"
+                efficiency.append(
+                    f"| {r['name']} | {r['flops_per_call'] / 1e12:.4g} | {r['ours']} | "
+                    f"{r['matmul_ceiling']} | {r['fraction_of_matmul']} | {peak} |"
+                )
+    if len(efficiency) > 2:
+        rows += [""] + efficiency
     return "\n".join(rows)
 
 
