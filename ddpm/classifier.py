@@ -184,8 +184,11 @@ def apply_in_batches(
     return tuple(np.concatenate(parts) for parts in zip(*outputs, strict=True))
 
 
-def load_split(config: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """All of a split, in order: (images [N, H, W, C] float32 in [-1, 1], labels [N] int32)."""
+def load_split(
+    config: ml_collections.ConfigDict, split: str, limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A split, in order: (images [N, H, W, C] float32 in [-1, 1], labels [N] int32); all of
+    it, or its first `limit` examples (reading stops there)."""
     batches = data.create_dataset(
         config,
         split,
@@ -195,9 +198,14 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> tuple[np.ndarra
         num_epochs=1,
         drop_remainder=False,
     )
-    parts = list(batches)
+    parts, count = [], 0
+    for batch in batches:
+        parts.append(batch)
+        count += len(batch["label"])
+        if limit is not None and count >= limit:
+            break
     batches.close()
     return (
-        np.concatenate([p["image"] for p in parts]),
-        np.concatenate([p["label"] for p in parts]),
+        np.concatenate([p["image"] for p in parts])[:limit],
+        np.concatenate([p["label"] for p in parts])[:limit],
     )

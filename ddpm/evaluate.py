@@ -189,12 +189,14 @@ def _reference_stats(
     feature rows of its first eval.num_samples images (for precision/recall)."""
     split = config.eval.reference_split
     path = os.path.join(workdir, "eval", "stats", f"{name}_{split}.npz")
-    real_images, _ = classifier.load_split(config, split)
-    if os.path.exists(path):
+    cached = os.path.exists(path)
+    # With cached statistics only the images for precision/recall are read.
+    limit = config.eval.num_samples if cached else None
+    real_images, _ = classifier.load_split(config, split, limit=limit)
+    feats = classifier.apply_in_batches(features_fn, real_images)
+    if cached:
         stats = metrics.load_stats(path)
-        feats = classifier.apply_in_batches(features_fn, real_images[: config.eval.num_samples])
     else:
-        feats = classifier.apply_in_batches(features_fn, real_images)
         stats = metrics.feature_stats(feats[-1])
         metrics.save_stats(path, stats)
     return stats, feats[-1][: config.eval.num_samples]

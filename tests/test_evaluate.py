@@ -88,3 +88,17 @@ def test_classifier_reaches_95_percent_on_mnist5k(tmp_path):
     probs, features = classifier.apply_in_batches(probs_fn, images)
     assert features.shape == (500, classifier.FEATURE_DIM)
     assert np.mean(np.argmax(probs, 1) == labels) == pytest.approx(loaded["test_accuracy"])
+
+
+@pytest.mark.parametrize("limit", [50, 128, 200])
+def test_load_split_limit_reads_the_first_examples(limit):
+    """A limit inside the first batch of 128, at its end and past it: the first `limit`
+    examples of the whole split, in order."""
+    from configs import mnist
+
+    config = mnist.get_config()
+    all_images, all_labels = classifier.load_split(config, "test")
+    images, labels = classifier.load_split(config, "test", limit=limit)
+    assert images.shape[0] == labels.shape[0] == limit
+    np.testing.assert_array_equal(images, all_images[:limit])
+    np.testing.assert_array_equal(labels, all_labels[:limit])
