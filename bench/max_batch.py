@@ -26,18 +26,19 @@ import jax
 import numpy as np
 
 from ddpm import models, sharding, train
-from ddpm.schedules import get_schedule
 
 GIB = 2**30
 
 
-def _train_step_parts(config):
+def _train_step_at(config, batch: int):
+    """(config with training.batch_size = batch, model, tx, mesh, the jitted train step)."""
+    config = config.copy_and_resolve_references()
+    config.training.batch_size = batch
     model = models.create_model(config)
-    schedule = get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-    mesh = sharding.create_mesh()
+    mesh = sharding.create_mesh(fsdp=config.training.fsdp)
     tx, lr_fn = train.make_optimizer(config.training)
-    step = train.make_train_step(config, model, tx, lr_fn, schedule, mesh)
-    return model, tx, mesh, step
+    step = train.make_train_step(config, model, tx, lr_fn, train.build_schedule(config), mesh)
+    return config, model, tx, mesh, step
 
 
 def _batch_spec(config, batch: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -51,9 +52,7 @@ def _batch_spec(config, batch: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
 
 def compiled_peak_bytes(config, batch: int) -> tuple[int, float]:
     """(peak bytes of the compiled train step at `batch`, compile seconds). Nothing runs."""
-    config = config.copy_and_resolve_references()
-    config.training.batch_size = batch
-    model, tx, mesh, step = _train_step_parts(config)
+    config, model, tx, mesh, step = _train_step_at(config, batch)
     state = train.abstract_train_state(config, model, tx, mesh)
     start = time.perf_counter()
     compiled = step.lower(state, _batch_spec(config, batch, mesh)).compile()
@@ -70,9 +69,7 @@ def compiled_peak_bytes(config, batch: int) -> tuple[int, float]:
 
 def runs(config, batch: int) -> bool:
     """Whether two train steps at `batch` run on the device (False on out-of-memory)."""
-    config = config.copy_and_resolve_references()
-    config.training.batch_size = batch
-    model, tx, mesh, step = _train_step_parts(config)
+    config, model, tx, mesh, step = _train_step_at(config, batch)
     rng = np.random.default_rng(0)
     shape = (batch, *models.input_shape(config))
     try:

@@ -142,13 +142,12 @@ def ours_worker(args, case) -> tuple[dict, dict]:
     import jax.numpy as jnp
 
     from ddpm import diffusion, models, samplers, sharding, train
-    from ddpm.schedules import get_schedule
 
     if args.precision == "fp32":
         jax.config.update("jax_default_matmul_precision", "highest")
     config = load_config(args.config, case["batch"], args.precision)
     model = models.create_model(config)
-    schedule = get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    schedule = train.build_schedule(config)
     batch, shape = case["batch"], (case["batch"], *models.input_shape(config))
     rng = np.random.default_rng(0)
     labels = None
@@ -290,7 +289,8 @@ def torch_worker(args, case, variant: str) -> tuple[dict, dict]:
     elif variant != "eager":
         raise ValueError(f"--torch entry {variant!r} is not one of eager, compile, compile-ro")
     autocast = lambda: torch.autocast(dev.type, torch.bfloat16, enabled=args.precision == "bf16")
-    schedule = get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    d = config.diffusion  # train.build_schedule's betas, without importing the trainer here
+    schedule = get_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr)
     betas = np.asarray(schedule.betas, np.float64)
     batch = case["batch"]
     shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
@@ -574,27 +574,24 @@ def run_case(args, spec: str) -> None:
                 ratio=round(ips("ours", part) / best, 3),
                 **common,
             )
-    for part in parts:
         flops = ours.info["flops"].get(part)
-        if case["kind"] != "train" or not flops:
-            continue
-        achieved = flops / per_call["ours", part]
-        ceiling = ours.info["matmul_flops_per_s"]
-        peak = peak_tflops(ours.info["device"], args.precision)
-        label = "train" if part == "step" else f"train_{part}"
-        emit(
-            name=f"{label}_b{case['batch']}/efficiency",
-            units="TFLOP/s",
-            flops_per_call=flops,
-            ours=round(achieved / 1e12, 4),
-            matmul_ceiling=round(ceiling / 1e12, 4),
-            fraction_of_matmul=round(achieved / ceiling, 3),
-            peak=peak,
-            fraction_of_peak=None if peak is None else round(achieved / 1e12 / peak, 3),
-            precision=args.precision,
-            device=common["device"]["ours"],
-            versions=versions,
-        )
+        if case["kind"] == "train" and flops:
+            achieved = flops / per_call["ours", part]
+            ceiling = ours.info["matmul_flops_per_s"]
+            peak = peak_tflops(ours.info["device"], args.precision)
+            emit(
+                name=f"{name_base}/efficiency",
+                units="TFLOP/s",
+                flops_per_call=flops,
+                ours=round(achieved / 1e12, 4),
+                matmul_ceiling=round(ceiling / 1e12, 4),
+                fraction_of_matmul=round(achieved / ceiling, 3),
+                peak=peak,
+                fraction_of_peak=None if peak is None else round(achieved / 1e12 / peak, 3),
+                precision=args.precision,
+                device=common["device"]["ours"],
+                versions=versions,
+            )
     emit(
         name=f"{case['name']}/setup",
         units="s",

@@ -94,12 +94,16 @@ def _group_sums(s: Array, groups: int) -> Array:
     return jnp.broadcast_to(sums, (b, groups, c // groups)).reshape(b, c)
 
 
+def _group_reduction(x: Array, groups: int) -> tuple[tuple[int, ...], int]:
+    """(spatial axes of x: [B, *spatial, C], number of elements in each group)."""
+    return tuple(range(1, x.ndim - 1)), math.prod(x.shape[1:-1]) * (x.shape[-1] // groups)
+
+
 def _group_norm_forward(
     x: Array, scale: Array, bias: Array, groups: int, epsilon: float
 ) -> tuple[Array, tuple[Array, ...]]:
     """Statistics from one pass (sum and sum of squares per example and channel, float32)."""
-    axes = tuple(range(1, x.ndim - 1))
-    count = math.prod(x.shape[1:-1]) * (x.shape[-1] // groups)
+    axes, count = _group_reduction(x, groups)
     x32 = x.astype(jnp.float32)
     mean = _group_sums(jnp.sum(x32, axes), groups) / count
     var = jnp.maximum(_group_sums(jnp.sum(x32 * x32, axes), groups) / count - mean * mean, 0.0)
@@ -117,8 +121,7 @@ def _group_norm_backward(
     d_bias = sum(dy). All from two per-(example, channel) sums over the spatial axes."""
     del epsilon
     x, scale, mean, inv = residuals
-    axes = tuple(range(1, x.ndim - 1))
-    count = math.prod(x.shape[1:-1]) * (x.shape[-1] // groups)
+    axes, count = _group_reduction(x, groups)
     x_hat = (x.astype(jnp.float32) - mean) * inv
     dy = dy.astype(jnp.float32)
     sum_dy, sum_dy_xhat = jnp.sum(dy, axes), jnp.sum(dy * x_hat, axes)  # [B, C] each
