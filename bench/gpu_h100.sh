@@ -1,32 +1,64 @@
 #!/usr/bin/env bash
-# bench/vs_diffusers.py on the GPU machine (run from the repo root, bench/wheels carried; see
-# bench/README.md). Writes JSON lines to $OUT/vs_diffusers_gpu.jsonl (or ./ if OUT is unset).
-# Usage: bash bench/gpu_h100.sh train|sample|memory   (each part fits one 10-minute device call)
+# Issue 13's GPU figures in one device call: bench/vs_diffusers.py and bench/max_batch.py on
+# configs.cifar10_ddpm, most important first, within a time budget (default 540 s, for a
+# 600 s device call; a lease has 15 minutes of device time, the machine's start included).
+# Run from the repo root with bench/wheels carried (bench/fetch_gpu_wheels.sh; see
+# bench/README.md). JSON lines go to $OUT/vs_diffusers_gpu.jsonl (./ if OUT is unset), the
+# full log to log.txt and the Markdown tables to table.md beside it.
+#
+# Usage: bash bench/gpu_h100.sh [BUDGET_S]
+# Each step starts only if its estimate fits in what is left, and is stopped at the budget's
+# end (its workers are killed; lines it already wrote stay). For a dry run of this script on
+# a CPU: BENCH_DEVICE=cpu BENCH_CONFIG=configs.mnist PYTHON=/path/to/venv/bin/python.
 set -uo pipefail
-part=${1:?usage: bash bench/gpu_h100.sh train|sample|memory}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site bench/wheels/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-out=${OUT:-.}/vs_diffusers_gpu.jsonl
-python3 -c "import jax, torch; print(jax.devices(), torch.cuda.get_device_name())" || exit 1
-nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv | tee "${OUT:-.}/nvidia_smi.txt"
-run() { timeout "${STEP_TIMEOUT:-240}" python3 -m bench.vs_diffusers --device=cuda "$@" 2>&1 \
-          | tee -a "${OUT:-.}/log.txt" | grep '^{' | tee -a "$out"; }
-if [ "$part" = train ]; then
-# CIFAR-10 DDPM (35.7M) train step, bf16 vs bf16 autocast; then TF32 vs TF32.
-run --config=configs.cifar10_ddpm --cases=train@128,train@32 --precision=bf16 \
-    --torch=eager,compile --rounds=3 --round-seconds=2
-run --config=configs.cifar10_ddpm --cases=train@128 --precision=tf32 \
-    --torch=eager,compile --rounds=3 --round-seconds=2
-elif [ "$part" = sample ]; then
-# DDIM-50 at batch 16 and 256 on the same U-Net, with CUDA graphs on the torch side.
-run --config=configs.cifar10_ddpm --cases=ddim50@16,ddim50@256 --precision=bf16 \
-    --torch=eager,compile-ro --rounds=3 --round-seconds=2
-else
-# Largest CIFAR-10 DDPM train batch with and without remat (the allocator may take 95 % of
-# the card), then train-step scaling over batch sizes against torch eager (bf16).
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 300 python3 -m bench.max_batch \
-    --config=configs.cifar10_ddpm --run 2>&1 | tee -a "${OUT:-.}/log.txt" | grep '^{' | tee -a "$out"
-run --config=configs.cifar10_ddpm --cases=train@1,train@8,train@64,train@256 --precision=bf16 \
-    --torch=eager --rounds=3 --round-seconds=1
+deadline=$((SECONDS + ${1:-540}))
+py=${PYTHON:-python3}
+device=${BENCH_DEVICE:-cuda}
+config=${BENCH_CONFIG:-configs.cifar10_ddpm}
+dir=${OUT:-.}
+out=$dir/vs_diffusers_gpu.jsonl
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+# The GPU machine lacks diffusers, ml-collections and grain: install the carried wheels.
+if ! "$py" -c "import diffusers, ml_collections, grain" 2>/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site bench/wheels/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
+"$py" -c "import jax, torch; print(jax.devices(), torch.__version__)" || exit 1
+if [ "$device" = cuda ]; then
+  nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv | tee "$dir/nvidia_smi.txt"
+fi
+
+# step ESTIMATE_S COMMAND...: runs COMMAND if ESTIMATE_S seconds are left, until the deadline.
+step() {
+  local estimate=$1 left=$((deadline - SECONDS))
+  shift
+  if [ "$left" -lt "$estimate" ]; then
+    echo "# skipped, ${left} s left of the budget (needs ~${estimate} s): $*" | tee -a "$dir/log.txt"
+    return
+  fi
+  echo "# $(date -u +%T) ${left} s left: $*" | tee -a "$dir/log.txt"
+  timeout -k 15 "$left" "$@" 2>&1 | tee -a "$dir/log.txt" | grep --line-buffered '^{' | tee -a "$out"
+}
+vs() {
+  local estimate=$1
+  shift
+  step "$estimate" "$py" -m bench.vs_diffusers --device="$device" --config="$config" \
+    --precision=bf16 --rounds=3 --round-seconds=2 --setup-timeout=240 "$@"
+}
+
+# The issue's targets: train step at batch 128 and 32 (bf16 vs bf16 autocast, against eager
+# and torch.compile), DDIM-50 at batch 16 and 256 (against eager and CUDA graphs).
+vs 150 --cases=train@128 --torch=eager,compile
+vs 100 --cases=ddim50@16 --torch=eager,compile-ro
+vs 150 --cases=train@32 --torch=eager,compile
+vs 100 --cases=ddim50@256 --torch=eager,compile-ro
+# The largest train batch with and without remat (the allocator may take 95 % of the card):
+# predictions from compiled memory analyses, then checked by running.
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 step 100 "$py" -m bench.max_batch --config="$config" --run
+# If time is left: TF32 against TF32, then how the train step scales with the batch.
+vs 150 --cases=train@128 --precision=tf32 --torch=eager,compile
+vs 60 --cases=train@1,train@8,train@256 --torch=eager --round-seconds=1
+
+"$py" -m bench.vs_diffusers --table="$out" | tee "$dir/table.md"

@@ -12,8 +12,9 @@ per example, and the predicted largest batch for the device's memory limit (the 
 then checked by running steps: the batch is lowered by 1/16 until a step runs, then raised by
 1/16 while one does (each trial compiles once), and the largest batch that ran is reported.
 
-One JSON line per remat setting: name `max_batch/remat_<bool>`, `predicted` and (with --run)
-`measured` images per step, the fit, the probes' peaks, the device and the versions.
+One JSON line per remat setting: name `max_batch/remat_<bool>`, `predicted` images per step,
+the fit, the probes' peaks, the device and the versions; with --run, after all of those, one
+`max_batch/remat_<bool>/measured` line each, the same with `measured` images per step.
 """
 
 import argparse
@@ -134,6 +135,7 @@ def main() -> None:
     limit = memory_limit_bytes(args.memory_gib)
     base = importlib.import_module(args.config).get_config()
     dev = jax.devices()[0]
+    predictions = []
     for remat in remats:
         config = base.copy_and_resolve_references()
         config.model.remat = remat
@@ -159,9 +161,20 @@ def main() -> None:
             device=f"{dev.platform}:{dev.device_kind}",
             versions={"jax": jax.__version__},
         )
-        if args.run and predicted:
-            record["measured"] = largest_running_batch(config, predicted)
         print(json.dumps(record), flush=True)
+        predictions.append((config, record))
+    # Every prediction is out before the (slower) running checks, which a time limit may cut.
+    for config, record in predictions:
+        if args.run and record["predicted"]:
+            start = time.perf_counter()
+            measured = largest_running_batch(config, record["predicted"])
+            record = dict(
+                record,
+                name=record["name"] + "/measured",
+                measured=measured,
+                measure_s=round(time.perf_counter() - start, 1),
+            )
+            print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

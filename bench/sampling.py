@@ -17,10 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm import samplers
+from ddpm import samplers, train
 from ddpm.diffusion import alpha_sigma, predict_x0_eps
 from ddpm.models import create_model, input_shape, null_label
-from ddpm.schedules import get_schedule
 
 # Model evaluations per sample for a given step count.
 NFE = {"dpm++2s": lambda n: 2 * n - 1, "heun": lambda n: 2 * n - 1}
@@ -83,7 +82,7 @@ def main() -> None:
 
     config = importlib.import_module(args.config).get_config()
     model = create_model(config)
-    schedule = get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    schedule = train.build_schedule(config)
     shape = (args.batch, *input_shape(config))
     null = null_label(config)
     labels = None if null is None else jnp.arange(args.batch, dtype=jnp.int32) % null

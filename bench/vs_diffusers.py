@@ -5,14 +5,17 @@ same run on the same machine. One JSON line per figure.
 python -m bench.vs_diffusers [--config=configs.mnist] [--device=cpu|cuda]
     [--cases=train@16,train@64,ddim50@16,dpm++2m20@16] [--torch=eager,compile]
     [--precision=fp32|tf32|bf16] [--rounds=3] [--round-seconds=3] [--torch-threads=2]
-    [--breakdown]
+    [--breakdown] [--setup=sequential|parallel] [--setup-timeout=S]
 
 Fairness: every (case, side) runs in its own worker process, set up (compiled, warmed up)
-one after the other; then the driver asks each worker in turn for one timed round, reversing
+one after the other (on a GPU all at once by default, to save device time: compile times
+then overlap); then the driver asks each worker in turn for one timed round, reversing
 the order every round, and reports the median of the rounds. A round is a fixed number of
 calls (chosen once per worker so a round lasts about --round-seconds). Torch workers run with
 OMP_WAIT_POLICY=PASSIVE and torch.set_num_threads(--torch-threads), so an idle OpenMP pool
 does not spin against the other worker. Needs torch and diffusers (bench/requirements.txt).
+A worker that fails or misses `--setup-timeout` gets a `<case>/setup_failed` line and the
+case goes on without it; a case whose worker dies mid-round gets `<case>/failed`.
 
 Cases: `train@B` is one full training step at batch B (ours: `ddpm.train.make_train_step`:
 v-prediction min-SNR loss, grad clip, Adam, EMA; theirs: the same loss, `clip_grad_norm_`,
@@ -41,15 +44,18 @@ import os
 import platform
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
 import numpy as np
 
 CASE_RE = re.compile(r"^(train|ddim|dpm\+\+2m)(\d*)@(\d+)$")
+TORCH_VARIANTS = ("eager", "compile", "compile-ro")
 PREFIX = "@@"  # marks protocol lines on a worker's stdout (libraries may print there too)
 
 
@@ -219,7 +225,6 @@ def ours_worker(args, case) -> tuple[dict, dict]:
         params=int(n_params),
         compile_s=compile_s,
         flops=flops,
-        matmul_flops_per_s=matmul_ceiling(args.precision),
         device=f"{dev.platform}:{dev.device_kind}",
         versions={"jax": jax.__version__, "flax": importlib.import_module("flax").__version__},
     )
@@ -281,13 +286,9 @@ def torch_worker(args, case, variant: str) -> tuple[dict, dict]:
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(**diffusers_kwargs(config)).to(dev)
     n_params = sum(p.numel() for p in unet.parameters())
-    net = unet
-    if variant == "compile":
-        net = torch.compile(unet)
-    elif variant == "compile-ro":
-        net = torch.compile(unet, mode="reduce-overhead")
-    elif variant != "eager":
-        raise ValueError(f"--torch entry {variant!r} is not one of eager, compile, compile-ro")
+    net = unet  # the driver checked `variant` against TORCH_VARIANTS
+    if variant != "eager":
+        net = torch.compile(unet, mode="reduce-overhead" if variant == "compile-ro" else None)
     autocast = lambda: torch.autocast(dev.type, torch.bfloat16, enabled=args.precision == "bf16")
     d = config.diffusion  # train.build_schedule's betas, without importing the trainer here
     schedule = get_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr)
@@ -437,6 +438,9 @@ def worker_main(args) -> None:
         part = line.strip()
         if part == "quit":
             break
+        if part == "matmul_ceiling":  # asked once the other workers are set up and idle
+            emit(PREFIX, matmul_flops_per_s=matmul_ceiling(args.precision))
+            continue
         fn, n = parts[part], calls[part]
         start = time.perf_counter()
         for _ in range(n):
@@ -450,7 +454,8 @@ def worker_main(args) -> None:
 
 
 class Worker:
-    """A worker process: started, read until ready, then asked for rounds over stdin."""
+    """A worker process: started, read until ready (in a thread, so that set-up can overlap
+    other workers' and be given up on), then asked for rounds over stdin."""
 
     def __init__(self, args, case_spec: str, side: str):
         cmd = [
@@ -471,13 +476,31 @@ class Worker:
                 env["JAX_PLATFORMS"] = "cpu"
         else:
             env["OMP_WAIT_POLICY"] = "PASSIVE"
-        self.side = side
-        start = time.perf_counter()
+        self.side, self.info, self.error, self.setup_s = side, None, None, None
+        self._start = time.perf_counter()
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
         )
-        self.info = self._read()
-        self.setup_s = round(time.perf_counter() - start, 1)
+
+        def await_ready():
+            try:
+                self.info = self._read()
+                self.setup_s = round(time.perf_counter() - self._start, 1)
+            except RuntimeError as err:
+                self.error = str(err)
+
+        self._setup = threading.Thread(target=await_ready, daemon=True)
+        self._setup.start()
+
+    def ready(self, timeout: float | None) -> bool:
+        """Waits up to `timeout` s (None: no limit) for set-up; kills a worker not ready."""
+        self._setup.join(timeout)
+        if self.info is None and self.error is None:  # still setting up: give up on it
+            self.kill()
+            self._setup.join()
+            elapsed = time.perf_counter() - self._start
+            self.info, self.error = None, f"not ready after {elapsed:.0f} s (--setup-timeout)"
+        return self.info is not None
 
     def _read(self) -> dict:
         for line in self.proc.stdout:
@@ -495,6 +518,30 @@ class Worker:
         self.proc.stdin.close()
         self.proc.wait()
 
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_workers(args, spec: str) -> list[Worker]:
+    """Ours first, then each torch variant; set up one after the other (`--setup=sequential`,
+    so compile times are not shared) or all at once (`parallel`, the default on a GPU, where
+    set-up dominates a device lease). Workers not ready within `--setup-timeout` s of their
+    start (parallel: of the first start) are killed and returned with `.error` set."""
+    sides = ["ours", *args.torch.split(",")]
+    if args.setup == "sequential":
+        workers = []
+        for side in sides:
+            workers.append(Worker(args, spec, side))
+            workers[-1].ready(args.setup_timeout)
+        return workers
+    workers = [Worker(args, spec, side) for side in sides]
+    deadline = None if args.setup_timeout is None else time.monotonic() + args.setup_timeout
+    for w in workers:
+        w.ready(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    return workers
+
 
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
@@ -509,19 +556,36 @@ def machine() -> dict[str, Any]:
 def run_case(args, spec: str) -> None:
     case = parse_case(spec)
     load_start = os.getloadavg()
-    workers = [Worker(args, spec, "ours")]
-    workers += [Worker(args, spec, variant) for variant in args.torch.split(",")]
+    workers = start_workers(args, spec)
+    try:
+        measure_case(args, case, workers, load_start)
+    finally:
+        for w in workers:
+            w.kill()
+
+
+def measure_case(args, case: dict, workers: list[Worker], load_start) -> None:
+    """Timed rounds over the workers that set up, and the case's JSON lines. A worker that
+    failed to set up gets a `<case>/setup_failed` line; the case goes on while ours and at
+    least one torch variant are ready."""
+    for w in workers:
+        if w.info is None:
+            emit(name=f"{case['name']}/setup_failed", side=w.side, error=w.error)
+    if workers[0].info is None or all(w.info is None for w in workers[1:]):
+        return
+    workers = [w for w in workers if w.info is not None]
     ours = workers[0]
     for w in workers[1:]:
         ratio = w.info["params"] / ours.info["params"]
         print(
-            f"# {spec}: parameters ours {ours.info['params']:,}, diffusers {w.info['params']:,} "
-            f"({w.side}; ratio {ratio:.4f})",
+            f"# {case['name']}: parameters ours {ours.info['params']:,}, "
+            f"diffusers {w.info['params']:,} ({w.side}; ratio {ratio:.4f})",
             file=sys.stderr,
         )
         if abs(ratio - 1) > 0.05:
             raise RuntimeError(f"parameter counts differ by more than 5 %: ratio {ratio:.4f}")
     parts = list(ours.info["calls"])
+    ceiling = ours.run("matmul_ceiling")["matmul_flops_per_s"] if case["kind"] == "train" else None
     seconds = {(w.side, p): [] for w in workers for p in parts}
     for r in range(args.rounds):
         order = workers if r % 2 == 0 else workers[::-1]
@@ -577,7 +641,6 @@ def run_case(args, spec: str) -> None:
         flops = ours.info["flops"].get(part)
         if case["kind"] == "train" and flops:
             achieved = flops / per_call["ours", part]
-            ceiling = ours.info["matmul_flops_per_s"]
             peak = peak_tflops(ours.info["device"], args.precision)
             emit(
                 name=f"{name_base}/efficiency",
@@ -598,6 +661,7 @@ def run_case(args, spec: str) -> None:
         ours_compile_s=ours.info["compile_s"],
         theirs_first_call_s={w.side: w.info["compile_s"] for w in workers[1:]},
         setup_s={w.side: w.setup_s for w in workers},
+        setup=args.setup,
         memory={w.side: {k: v for k, v in w.info.items() if "peak" in k} for w in workers},
         params={w.side: w.info["params"] for w in workers},
         device=common["device"],
@@ -647,6 +711,14 @@ def main() -> None:
     parser.add_argument("--round-seconds", type=float, default=3.0)
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count())
     parser.add_argument("--breakdown", action="store_true")
+    parser.add_argument(
+        "--setup",
+        choices=("sequential", "parallel"),
+        help="set workers up one after the other or all at once (default: parallel on cuda)",
+    )
+    parser.add_argument(
+        "--setup-timeout", type=float, help="seconds; workers not ready by then are dropped"
+    )
     parser.add_argument("--table", metavar="JSONL", help="print a Markdown table of a run's lines")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -657,13 +729,22 @@ def main() -> None:
     if args.table:
         print(table(args.table))
         return
+    for variant in args.torch.split(","):
+        if variant not in TORCH_VARIANTS:
+            raise ValueError(f"--torch entry {variant!r} is not one of {', '.join(TORCH_VARIANTS)}")
     if args.device == "cpu" and "compile-ro" in args.torch.split(","):
         raise ValueError("--torch=compile-ro (CUDA graphs) needs --device=cuda")
+    args.setup = args.setup or ("parallel" if args.device == "cuda" else "sequential")
     specs = args.cases.split(",")
     for spec in specs:
         parse_case(spec)  # fail on a bad entry before any work
+    # A time limit (`timeout`) ends the driver with SIGTERM: unwind, so run_case kills workers.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     for spec in specs:
-        run_case(args, spec)
+        try:
+            run_case(args, spec)
+        except RuntimeError as err:  # a worker died mid-round: report it, go on to the next
+            emit(name=f"{parse_case(spec)['name']}/failed", error=str(err))
 
 
 if __name__ == "__main__":
