@@ -60,5 +60,11 @@ XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 step 100 "$py" -m bench.max_batch --config="
 # If time is left: TF32 against TF32, then how the train step scales with the batch.
 vs 150 --cases=train@128 --precision=tf32 --torch=eager,compile
 vs 60 --cases=train@1,train@8,train@256 --torch=eager --round-seconds=1
+# A smoke test of the trainer on the GPU: the MNIST run to step 600, then resumed to its end
+# (1200); its metrics and last sample grid come back.
+step 120 bash -c "$py main.py --config=configs/mnist.py --workdir=/tmp/smoke \
+  --config.training.num_steps=600 && $py main.py --config=configs/mnist.py --workdir=/tmp/smoke \
+  && cp /tmp/smoke/metrics.jsonl $dir/smoke_metrics.jsonl \
+  && cp \$(ls /tmp/smoke/samples/*.png | tail -1) $dir/smoke_grid.png"
 
 "$py" -m bench.vs_diffusers --table="$out" | tee "$dir/table.md"
