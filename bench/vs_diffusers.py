@@ -529,18 +529,23 @@ def start_workers(args, spec: str) -> list[Worker]:
     so compile times are not shared) or all at once (`parallel`, the default on a GPU, where
     set-up dominates a device lease). Workers not ready within `--setup-timeout` s of their
     start (parallel: of the first start) are killed and returned with `.error` set."""
-    sides = ["ours", *args.torch.split(",")]
-    if args.setup == "sequential":
-        workers = []
-        for side in sides:
-            workers.append(Worker(args, spec, side))
-            workers[-1].ready(args.setup_timeout)
+    sides, workers = ["ours", *args.torch.split(",")], []
+    try:
+        if args.setup == "sequential":
+            for side in sides:
+                workers.append(Worker(args, spec, side))
+                if not workers[-1].ready(args.setup_timeout) and side == "ours":
+                    break  # no case without ours
+            return workers
+        workers = [Worker(args, spec, side) for side in sides]
+        deadline = None if args.setup_timeout is None else time.monotonic() + args.setup_timeout
+        for w in workers:
+            w.ready(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return workers
-    workers = [Worker(args, spec, side) for side in sides]
-    deadline = None if args.setup_timeout is None else time.monotonic() + args.setup_timeout
-    for w in workers:
-        w.ready(None if deadline is None else max(0.0, deadline - time.monotonic()))
-    return workers
+    except BaseException:  # SIGTERM (a time limit) or ^C while setting up: leave no worker
+        for w in workers:
+            w.kill()
+        raise
 
 
 def machine() -> dict[str, Any]:
