@@ -478,8 +478,13 @@ class Worker:
             env["OMP_WAIT_POLICY"] = "PASSIVE"
         self.side, self.info, self.error, self.setup_s = side, None, None, None
         self._start = time.perf_counter()
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        self.proc = subprocess.Popen(  # its own process group: kill() takes its helpers too
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
         )
 
         def await_ready():
@@ -519,8 +524,9 @@ class Worker:
         self.proc.wait()
 
     def kill(self) -> None:
+        """Ends the worker and whatever it started (torch.compile's compile workers)."""
         if self.proc.poll() is None:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
 
