@@ -148,10 +148,7 @@ def group_norm(x: Array, scale: Array, bias: Array, groups: int, epsilon: float)
     return _group_norm_forward(x, scale, bias, groups, epsilon)[0]
 
 
-group_norm.defvjp(
-    lambda x, scale, bias, groups, epsilon: _group_norm_forward(x, scale, bias, groups, epsilon),
-    _group_norm_backward,
-)
+group_norm.defvjp(_group_norm_forward, _group_norm_backward)  # fwd takes the primal's arguments
 
 
 class GroupNorm(nn.Module):
