@@ -5,11 +5,11 @@ conditioning, class conditioning with classifier-free guidance, bfloat16 compute
 
 import ml_collections
 
-from configs import cifar10_ddpm
+from ddpm.config import presets
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = cifar10_ddpm.get_config()
+    config = presets.cifar10()
     config.model.scale_shift_norm = True
     config.model.resblock_updown = True
     config.model.num_heads = 4

@@ -10,23 +10,21 @@ of their reconstructions. Stage 2 is configs/mnist_ldm.py. Measured: stopped at 
 
 import ml_collections
 
-from configs import default
+from ddpm.config import schema
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = default.get_config()
+    config = schema.get_config()
+    config.objective = "autoencoder"
     config.data.source = "mnist5k"
     config.data.image_size = 32  # latents 8x8: room for a 2-level U-Net in stage 2
     config.data.channels = 1
 
-    m = config.model
-    m.name = "autoencoder"
+    config.model = m = schema.autoencoder()
     m.ch, m.ch_mult, m.num_res_blocks = 16, (1, 2, 2), 1  # 32 -> 16 -> 8, 16/32/32 channels
     m.attention_resolutions, m.mid_attention, m.num_heads = (), True, 4
-    m.num_groups, m.dropout, m.num_classes = 8, 0.0, None
+    m.num_groups, m.dropout, m.z_channels = 8, 0.0, 4  # latents 8x8x4 (f = 4)
 
-    config.latent.z_channels = 4
-    config.latent.factor = 4
     config.latent.recon_loss = "l1"
     config.latent.kl_weight = 1e-6
 

@@ -13,15 +13,14 @@ nearly every cell of the 10x10 grid.
 
 import ml_collections
 
-from configs import mnist
+from ddpm.config import presets
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = mnist.get_config()
+    config = presets.mnist()
+    config.objective = "latent"
     config.data.image_size = 32  # must match the autoencoder run
-    config.latent.autoencoder_workdir = "runs/mnist_autoencoder"
-    config.latent.z_channels = 4
-    config.latent.factor = 4
+    config.latent.autoencoder_workdir = "runs/mnist_autoencoder"  # its latents: 8x8x4
     config.latent.sample_posterior = True
 
     m = config.model  # mnist_small's class-conditional U-Net, on 8x8 latents: 8 -> 4

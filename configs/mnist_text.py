@@ -9,11 +9,11 @@ python main.py --config=configs/mnist_text.py --workdir=runs/mnist_text --mode=s
 
 import ml_collections
 
-from configs import mnist
+from ddpm.config import presets
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = mnist.get_config()
+    config = presets.mnist()
     config.model.num_classes = None  # the text carries the class
     config.model.attention_resolutions = (7,)  # cross-attention in the 7x7 blocks and middle
     config.text.source = "captions"

@@ -9,15 +9,15 @@ same U-Net with 1-D convolutions and attention; the recipe is the MNIST one's.
 
 import ml_collections
 
-from configs import default, models
+from ddpm.config import presets, schema
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = default.get_config()
+    config = schema.get_config()
     config.data.source = "sines"
     config.data.length = 256
     config.data.channels = 1
-    config.model = models.mnist_small()
+    config.model = presets.mnist_small()
     config.model.num_classes = 4  # frequency bands
     config.model.ch_mult = (1, 2, 2, 2)  # levels 256, 128, 64, 32
     config.model.attention_resolutions = (32,)

@@ -16,10 +16,10 @@ import orbax.checkpoint as ocp
 class Checkpointer:
     """Saves and restores the checkpoints of one workdir (async saves, last `keep` kept)."""
 
-    def __init__(self, workdir: str, *, keep: int, save_async: bool = True):
+    def __init__(self, workdir: str, *, keep: int, save_async: bool = True, create: bool = True):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=save_async
+            max_to_keep=keep, create=create, enable_async_checkpointing=save_async
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -53,6 +53,23 @@ class Checkpointer:
             ),
         )
         return restored.state, restored.data
+
+    def restore_ema(self, step: int, target_ema: Any) -> Any:
+        """The EMA parameters alone of `step`, placed like `target_ema` (a pytree of
+        `jax.ShapeDtypeStruct`s with shardings): an orbax partial restore of the state's
+        `ema_params` subtree, so the optimizer state, whatever its layout, is not read."""
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target_ema)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"ema_params": target_ema},
+                    restore_args={"ema_params": restore_args},
+                    partial_restore=True,
+                )
+            ),
+        )
+        return restored.state["ema_params"]
 
     def wait(self) -> None:
         """Blocks until pending async saves are on disk."""

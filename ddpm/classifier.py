@@ -8,9 +8,11 @@ accuracy); `--mode=eval` loads it from there, or trains it first. Its penultimat
 such as MNIST, where an ImageNet network says little.
 """
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -22,7 +24,9 @@ import numpy as np
 import optax
 import tqdm
 
-from ddpm import data
+from ddpm import data, metrics
+from ddpm.data import arrays, folder, info
+from ddpm.errors import UserError
 
 FEATURE_DIM = 128
 BATCH_SIZE = 128
@@ -65,7 +69,7 @@ def _shift(images: jax.Array, rng: jax.Array, max_shift: int = 2) -> jax.Array:
 def _num_classes(config: ml_collections.ConfigDict) -> int:
     info = data.dataset_info(config)
     if info.num_classes is None:
-        raise ValueError(
+        raise UserError(
             f"config.data.source={config.data.source!r} has no labels: the classifier metrics "
             "(fd, accuracy, pr) need a labelled dataset; use config.eval.metrics=bpd or fid"
         )
@@ -135,7 +139,8 @@ def load_classifier(
     config: ml_collections.ConfigDict, workdir: str
 ) -> tuple[Callable[[np.ndarray], tuple[jax.Array, jax.Array]], dict[str, Any]]:
     """(jitted images -> (probs [B, K], features [B, FEATURE_DIM]), metadata) of the cached
-    classifier; trains it first when workdir/classifier has none."""
+    classifier; trains it first when workdir/classifier has none. The metadata holds the
+    classifier.json fields and "params_sha256", `metrics.tree_digest` of the parameters."""
     directory = _directory(workdir)
     meta_path = os.path.join(directory, "classifier.json")
     if not os.path.exists(meta_path):
@@ -144,7 +149,7 @@ def load_classifier(
         meta = json.load(f)
     expected = (config.data.source, config.data.image_size, config.data.channels)
     if (meta["source"], meta["image_size"], meta["channels"]) != expected:
-        raise ValueError(
+        raise UserError(
             f"{directory} holds a classifier of {meta['source']} at {meta['image_size']}px x "
             f"{meta['channels']} channels, not of config.data {expected}; delete it to retrain"
         )
@@ -153,6 +158,7 @@ def load_classifier(
     template = model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)))["params"]
     with open(os.path.join(directory, "params.msgpack"), "rb") as f:
         params = flax.serialization.from_bytes(template, f.read())
+    meta["params_sha256"] = metrics.tree_digest(params)
     return make_apply_fn(model, params), meta
 
 
@@ -176,8 +182,10 @@ def fixed_batches(x: np.ndarray, batch_size: int) -> Iterator[tuple[jax.Array, i
 def apply_in_batches(
     fn: Callable, images: np.ndarray, batch_size: int = 250
 ) -> tuple[np.ndarray, ...]:
-    """Runs `fn` over images [N, ...] in `fixed_batches` and concatenates its outputs (the
+    """Runs `fn` (images -> tuple of arrays) over images [N, ...] in `fixed_batches` of at
+    most `batch_size` (fewer images: one batch of them) and concatenates its outputs (the
     padding rows dropped) -> tuple of [N, ...] numpy arrays."""
+    batch_size = min(batch_size, len(images))
     outputs = [
         [np.asarray(o)[:n] for o in fn(batch)] for batch, n in fixed_batches(images, batch_size)
     ]
@@ -209,3 +217,36 @@ def load_split(
         np.concatenate([p["image"] for p in parts])[:limit],
         np.concatenate([p["label"] for p in parts])[:limit],
     )
+
+
+def split_identity(config: ml_collections.ConfigDict, split: str) -> dict[str, Any]:
+    """What decides the images `load_split(config, split)` reads (JSON-serialisable): the
+    config.data fields that select and shape them, and for a file source (mnist5k, npz:,
+    folder:) a SHA-256 of its files' names, sizes and modification times, so that rewritten
+    data counts as other data. A tfds: source is identified by its name and data_dir."""
+    d = config.data
+    kind, arg = info.parse_source(d.source)
+    files = None
+    if kind in ("mnist5k", "npz", "folder"):
+        root = (arrays.MNIST5K_PATH if kind == "mnist5k" else Path(arg).expanduser()).resolve()
+        listing = folder.list_images(root) if kind == "folder" else [root] * root.is_file()
+        h = hashlib.sha256()
+        for p in listing:
+            st = p.stat()
+            name = p.relative_to(root) if kind == "folder" else p
+            h.update(f"{name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        files = h.hexdigest()
+    return {
+        "source": d.source,
+        "split": split,
+        "split_name": info.split_name(d, split),
+        "image_size": d.image_size,
+        "channels": d.channels,
+        "length": d.length,
+        "data_dir": d.data_dir,
+        "image_key": d.image_key,
+        "label_key": d.label_key,
+        "random_flip": d.random_flip,
+        "skip_corrupt": d.skip_corrupt,
+        "files": files,
+    }

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from ddpm import models, text
+from ddpm.errors import UserError
 
 Cond = jax.Array | dict[str, jax.Array] | None
 
@@ -33,7 +34,7 @@ def encode(config: ml_collections.ConfigDict, texts: list[str]) -> dict[str, np.
     path = t.source.removeprefix("npz:")
     captions, embeddings, mask = _npz(path)
     if embeddings.shape[1:] != (t.max_length, t.width):
-        raise ValueError(
+        raise UserError(
             f"{path} has embeddings [N, L, D] = {embeddings.shape}: set config.text.max_length="
             f"{embeddings.shape[1]} and config.text.width={embeddings.shape[2]}"
         )

@@ -18,8 +18,10 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from ddpm import data, generate, models, samplers, train
+from ddpm import data, generate, models, sharding
+from ddpm.config import validation
 from ddpm.data import transforms
+from ddpm.errors import UserError
 
 MODES = ("inpaint", "img2img")
 MASKS = ("center", "left_half", "random_boxes")
@@ -33,38 +35,34 @@ def _index(spec) -> int | None:
 
 
 def validate_edit_config(config: ml_collections.ConfigDict, mode: str) -> None:
-    """Raises ValueError naming the config.edit field that cannot work (no data is read)."""
+    """Raises UserError naming the config.edit field that cannot work (no data is read)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not one of {', '.join(MODES)}")
     e = config.edit
     if _index(e.input) is None and not Path(str(e.input)).expanduser().is_file():
-        raise ValueError(
+        raise UserError(
             f"config.edit.input={e.input!r} is neither a test-set index (an int >= 0) nor an "
             "existing PNG file"
         )
     if _index(e.input) is None and config.data.length is not None:
-        raise ValueError(
+        raise UserError(
             f"config.edit.input={e.input!r}: 1-D signal runs take a test-set index as input"
         )
     signal = config.data.length is not None
     png_mask = not signal and Path(str(e.mask)).expanduser().is_file()
     if mode == "inpaint" and e.mask not in MASKS and not png_mask:
         kinds = f"one of {', '.join(MASKS)}" + ("" if signal else " or an existing PNG file")
-        raise ValueError(f"config.edit.mask={e.mask!r} is not {kinds}")
-    if not isinstance(e.num_samples, int) or e.num_samples < 1:
-        raise ValueError(f"config.edit.num_samples={e.num_samples!r} must be an int >= 1")
-    inpaint = mode == "inpaint"
-    samplers.validate_edit(
-        e.jump_length if inpaint else 1,
-        e.resample if inpaint else 1,
-        1.0 if inpaint else e.strength,
-        inpaint=inpaint,
-        init=True,
-    )
-    if config.latent.autoencoder_workdir is not None:
-        raise ValueError(
-            f"--mode={mode} edits in data space; config.latent.autoencoder_workdir is set "
-            "(latent diffusion), which it does not support"
+        raise UserError(f"config.edit.mask={e.mask!r} is not {kinds}")
+    validation.number(config, "edit.num_samples", 1, integer=True)
+    if mode == "inpaint":
+        validation.number(config, "edit.jump_length", 1, integer=True)
+        validation.number(config, "edit.resample", 1, integer=True)
+    else:
+        validation.number(config, "edit.strength", 0, 1, low_inclusive=False, high_inclusive=True)
+    if config.objective != "diffusion":
+        raise UserError(
+            f"--mode={mode} edits with a diffusion model in data space; config.objective="
+            f"{config.objective!r} is not supported"
         )
 
 
@@ -73,7 +71,7 @@ def named_mask(name: str, spatial: tuple[int, ...], rng: np.random.Generator) ->
     center (the middle half of every axis), left_half (the first half of the last spatial
     axis: left for images, start for signals), random_boxes (3 boxes, sides 1/8 - 3/8)."""
     if name not in MASKS:
-        raise ValueError(f"config.edit.mask={name!r} is not one of {', '.join(MASKS)}")
+        raise UserError(f"config.edit.mask={name!r} is not one of {', '.join(MASKS)}")
     mask = np.ones((*spatial, 1), np.float32)
     if name == "center":
         mask[tuple(slice(n // 4, n - n // 4) for n in spatial)] = 0
@@ -87,12 +85,22 @@ def named_mask(name: str, spatial: tuple[int, ...], rng: np.random.Generator) ->
     return mask
 
 
+def _open_png(path: str, field: str) -> Image.Image:
+    """The image file `path` named by config `field`, or a UserError when it cannot be read."""
+    try:
+        image = Image.open(Path(path).expanduser())
+        image.load()
+    except (OSError, SyntaxError) as e:
+        raise UserError(f"{field}={path!r} is not a readable image ({e})") from e
+    return image
+
+
 def load_mask(spec: str, spatial: tuple[int, ...], seed: int) -> np.ndarray:
     """config.edit.mask -> [*spatial, 1] float32 (1 = keep): a named mask, or a PNG resized
     (nearest) to the data's size whose white (>= 128 gray) pixels are kept."""
     if spec in MASKS:
         return named_mask(spec, spatial, np.random.default_rng(seed))
-    gray = Image.open(Path(spec).expanduser()).convert("L")
+    gray = _open_png(spec, "config.edit.mask").convert("L")
     gray = gray.resize(spatial[::-1], Image.Resampling.NEAREST)
     return (np.asarray(gray) >= 128).astype(np.float32)[..., None]
 
@@ -105,11 +113,11 @@ def load_input(config: ml_collections.ConfigDict) -> tuple[np.ndarray, int | Non
     if index is not None:
         source = data.info.open_source(config, "test")
         if index >= len(source):
-            raise ValueError(f"config.edit.input={spec!r}: the test split has {len(source)}")
+            raise UserError(f"config.edit.input={spec!r}: the test split has {len(source)}")
         x, label = source.load(np.array([index]))
         x = transforms.to_float(x) if x.dtype == np.uint8 else x
         return x[0], int(label[0])
-    image = np.asarray(Image.open(Path(spec).expanduser()))
+    image = np.asarray(_open_png(spec, "config.edit.input"))
     image = image[..., None] if image.ndim == 2 else image
     image = transforms.convert_channels(image, config.data.channels)
     image = transforms.fit_image(image, config.data.image_size, pad_small=True)
@@ -131,7 +139,7 @@ def edit_from_workdir(config: ml_collections.ConfigDict, workdir: str, mode: str
     """Runs `mode` (inpaint | img2img) on config.edit.input with the EMA parameters of
     `workdir`; writes the grid input | mask | results and returns its path."""
     validate_edit_config(config, mode)
-    config, model, schedule, _ = generate.prepare(config, workdir)
+    objective, mesh = generate.prepare(config, workdir)
     e, s = config.edit, config.sample
     x, input_label = load_input(config)
     n = e.num_samples
@@ -143,8 +151,8 @@ def edit_from_workdir(config: ml_collections.ConfigDict, workdir: str, mode: str
     else:
         options, arrays = dict(strength=e.strength), {"init": jnp.asarray(x)[None]}
         shown = [x]
-    sampler = train.make_grid_sampler(config, model, schedule, n, **options)
-    params, step = generate.restore_ema_params(config, workdir, model)
+    sampler = objective.sampler(n, **options)
+    params, step = generate.restore(objective, workdir, mesh)
     labels = _labels(config, input_label, n)
     print(
         f"{mode}: {n} results with {s.method}, {s.num_steps} steps, guidance "
@@ -152,7 +160,7 @@ def edit_from_workdir(config: ml_collections.ConfigDict, workdir: str, mode: str
         flush=True,
     )
     rng = jax.random.fold_in(jax.random.key(config.seed), 3)
-    results = np.asarray(sampler(params, rng, labels, **arrays))
+    results = sharding.to_host(sampler(params, rng, labels, **arrays), mesh)
     row = np.concatenate([np.stack(shown), results])
     row_labels = np.full(len(row), -1 if labels is None else int(labels[0]), np.int32)
     stem = os.path.join(workdir, "samples", f"{mode}_{s.method}_{s.num_steps}")

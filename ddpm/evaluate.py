@@ -20,6 +20,7 @@ method and steps of `config.sample`; a sweep writes a CSV table and a plot of th
 """
 
 import csv
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -32,8 +33,10 @@ import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
 
-from ddpm import classifier, diffusion, generate, images, metrics, models, train
+from ddpm import classifier, diffusion, generate, images, metrics, models
 from ddpm.data.transforms import to_float
+from ddpm.errors import UserError
+from ddpm.objectives import Objective
 
 METRICS = ("bpd", "fd", "accuracy", "pr", "fid")
 _CLASSIFIER_METRICS = ("fd", "accuracy", "pr")
@@ -51,42 +54,40 @@ def guidance_scales(config: ml_collections.ConfigDict) -> tuple[float, ...]:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks config.eval against the run before any compile or I/O; ValueError naming the
+    """Checks config.eval against the run before any compile or I/O; UserError naming the
     field otherwise."""
     e = config.eval
     chosen = metric_names(config)
     unknown = [m for m in chosen if m not in METRICS]
     if not chosen or unknown:
-        raise ValueError(
-            f"config.eval.metrics={chosen!r}: each must be one of {', '.join(METRICS)}"
-        )
+        raise UserError(f"config.eval.metrics={chosen!r}: each must be one of {', '.join(METRICS)}")
     for field in ("num_samples", "batch_size", "bpd_examples", "bpd_importance_examples"):
         if e[field] < 1:
-            raise ValueError(f"config.eval.{field}={e[field]!r} must be >= 1")
+            raise UserError(f"config.eval.{field}={e[field]!r} must be >= 1")
     if e.bpd_importance_draws < 2:
-        raise ValueError(f"config.eval.bpd_importance_draws={e.bpd_importance_draws} must be >= 2")
-    conditional = config.model.num_classes is not None
+        raise UserError(f"config.eval.bpd_importance_draws={e.bpd_importance_draws} must be >= 2")
+    conditional = config.model.get("num_classes") is not None
     scales = guidance_scales(config)
     if any(s < 0 for s in scales):
-        raise ValueError(f"config.eval.guidance_scales={scales!r} must be >= 0")
+        raise UserError(f"config.eval.guidance_scales={scales!r} must be >= 0")
     if not conditional and (scales != (1.0,) or "accuracy" in chosen):
-        raise ValueError(
+        raise UserError(
             "config.eval.guidance_scales and the accuracy metric need a class-conditional model "
             f"(config.model.num_classes is None); got scales {scales!r}, metrics {chosen!r}"
         )
     if "bpd" in chosen and (
-        config.latent.autoencoder_workdir is not None
+        config.objective != "diffusion"
         or config.data.length is not None
         or config.text.source is not None
     ):
-        raise ValueError(
+        raise UserError(
             "config.eval.metrics includes bpd, which is defined here for 8-bit pixel data and "
             "label- or unconditional models: not for latent diffusion, 1-D signals or text"
         )
     if "fid" in chosen:
         path = e.inception_weights
         if path is None or not os.path.exists(path):
-            raise ValueError(
+            raise UserError(
                 f"config.eval.metrics includes fid but config.eval.inception_weights={path!r} "
                 "is not a file: convert the FID Inception weights once (README, 'FID') and "
                 "point the field at the .npz"
@@ -97,8 +98,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 # Likelihood.
 
 
-def _make_bound_fns(config, model, schedule, params) -> tuple[Callable, Callable]:
+def _make_bound_fns(objective: Objective, params) -> tuple[Callable, Callable]:
     """Jitted (full bound, importance-sampled bound) of an image batch, unconditional."""
+    config, schedule = objective.config, objective.schedule
     null = models.null_label(config)
     term_kw = {
         "prediction": config.diffusion.prediction,
@@ -108,7 +110,7 @@ def _make_bound_fns(config, model, schedule, params) -> tuple[Callable, Callable
 
     def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
         labels = None if null is None else jnp.full((x_t.shape[0],), null, jnp.int32)
-        return model.apply({"params": params}, x_t, t, labels, train=False)
+        return objective.apply({"params": params}, x_t, t, labels, train=False)
 
     @jax.jit
     def full(x0, rng):
@@ -125,11 +127,12 @@ def _make_bound_fns(config, model, schedule, params) -> tuple[Callable, Callable
     return full, importance
 
 
-def bpd_metrics(config, model, schedule, params, test_images: np.ndarray) -> dict[str, Any]:
+def bpd_metrics(objective: Objective, params, test_images: np.ndarray) -> dict[str, Any]:
     """The bound on the first test images: {"bpd", "bpd_stderr", "bpd_examples",
     "bpd_importance", "bpd_importance_stderr", "bpd_importance_examples"}."""
+    config, schedule = objective.config, objective.schedule
     e = config.eval
-    full, importance = _make_bound_fns(config, model, schedule, params)
+    full, importance = _make_bound_fns(objective, params)
     rng = jax.random.fold_in(jax.random.key(config.seed), 3)
     totals, term_sums = [], np.zeros(schedule.num_timesteps)
     subset = test_images[: e.bpd_examples]
@@ -167,29 +170,46 @@ def bpd_metrics(config, model, schedule, params, test_images: np.ndarray) -> dic
 
 
 def generate_samples(
-    config, model, schedule, params, stage1, scale: float, labels: np.ndarray | None
+    objective: Objective, params, mesh, scale: float, labels: np.ndarray | None
 ) -> np.ndarray:
     """`config.eval.num_samples` samples at guidance `scale`, quantised to 8 bits as saved
     images are.  -> [N, H, W, C] float32 in [-1, 1]."""
-    cfg = config.copy_and_resolve_references()
+    cfg = objective.config.copy_and_resolve_references()
     cfg.sample.guidance_scale = scale
     num, batch = cfg.eval.num_samples, min(cfg.eval.batch_size, cfg.eval.num_samples)
-    sampler = train.make_grid_sampler(cfg, model, schedule, batch, stage1)
-    rng = jax.random.fold_in(jax.random.key(config.seed), 4)
+    sampler = dataclasses.replace(objective, config=cfg).sampler(batch)
+    rng = jax.random.fold_in(jax.random.key(cfg.seed), 4)
     samples = generate.draw_samples(
-        sampler, params, rng, labels, num, batch, desc=f"samples, guidance {scale:g}"
+        sampler, params, rng, labels, num, batch, mesh, desc=f"samples, guidance {scale:g}"
     )
     return to_float(images.to_uint8(samples))
 
 
+def _stats_key(config, split: str, network_sha256: str) -> dict[str, Any]:
+    """The identity of reference statistics: the feature network's parameter digest
+    (`metrics.tree_digest`) and the data they came from (`classifier.split_identity`)."""
+    key = {"network": network_sha256, **classifier.split_identity(config, split)}
+    return json.loads(json.dumps(key))  # as it reads back from the .npz
+
+
 def _reference_stats(
-    config, workdir: str, name: str, features_fn
+    config, workdir: str, name: str, features_fn, network_sha256: str
 ) -> tuple[metrics.FeatureStats, np.ndarray]:
-    """Feature statistics of the reference split (cached in workdir/eval/stats/) and the
-    feature rows of its first eval.num_samples images (for precision/recall)."""
+    """Feature statistics of the reference split (cached in workdir/eval/stats/ with their
+    `_stats_key`; recomputed when the key differs) and the feature rows of its first
+    eval.num_samples images (for precision/recall)."""
     split = config.eval.reference_split
     path = os.path.join(workdir, "eval", "stats", f"{name}_{split}.npz")
-    cached = os.path.exists(path)
+    key = _stats_key(config, split, network_sha256)
+    cached = False
+    if os.path.exists(path):
+        stored = metrics.load_stats_key(path)
+        cached = stored == key
+        if stored is None:
+            print(f"Recomputing {path}: it has no cache key (an older version's)", flush=True)
+        elif not cached:
+            changed = sorted(k for k in key.keys() | stored.keys() if key.get(k) != stored.get(k))
+            print(f"Recomputing {path}: cached for another {', '.join(changed)}", flush=True)
     # With cached statistics only the images for precision/recall are read.
     limit = config.eval.num_samples if cached else None
     real_images, _ = classifier.load_split(config, split, limit=limit)
@@ -198,29 +218,36 @@ def _reference_stats(
         stats = metrics.load_stats(path)
     else:
         stats = metrics.feature_stats(feats[-1])
-        metrics.save_stats(path, stats)
+        if jax.process_index() == 0:
+            metrics.save_stats(path, stats, key)
     return stats, feats[-1][: config.eval.num_samples]
 
 
 def sample_metrics(
-    config, workdir, model, schedule, params, stage1, step, test_images: np.ndarray
+    objective: Objective, workdir, params, mesh, step, test_images: np.ndarray
 ) -> list[dict[str, Any]]:
     """One dict of sample metrics per guidance scale; writes a sample grid of each."""
+    config = objective.config
     chosen = metric_names(config)
     num_classes = config.model.num_classes
     labels = None
     if num_classes is not None:
         labels = np.arange(config.eval.num_samples, dtype=np.int32) % num_classes
     extractors: dict[str, Callable] = {}
+    digests: dict[str, str] = {}  # metrics.tree_digest of each extractor's parameters
     if any(m in chosen for m in _CLASSIFIER_METRICS):
-        extractors["classifier"], _ = classifier.load_classifier(config, workdir)
+        extractors["classifier"], meta = classifier.load_classifier(config, workdir)
+        digests["classifier"] = meta["params_sha256"]
     if "fid" in chosen:
         from ddpm import inception
 
         params_inception = inception.load_fid_inception_params(config.eval.inception_weights)
-        extractors["inception"] = inception.make_feature_fn(params_inception)
+        inception_fn = inception.make_feature_fn(params_inception)
+        extractors["inception"] = lambda x: (inception_fn(x),)  # apply_in_batches: tuples
+        digests["inception"] = metrics.tree_digest(params_inception)
     references = {
-        name: _reference_stats(config, workdir, name, fn) for name, fn in extractors.items()
+        name: _reference_stats(config, workdir, name, fn, digests[name])
+        for name, fn in extractors.items()
     }
 
     results = []
@@ -231,9 +258,10 @@ def sample_metrics(
             metrics.feature_stats(test_feats), references["classifier"][0]
         )
     for scale in guidance_scales(config):
-        samples = generate_samples(config, model, schedule, params, stage1, scale, labels)
+        samples = generate_samples(objective, params, mesh, scale, labels)
         grid = images.make_grid(images.to_uint8(samples[:100]), 10)
-        images.save_png(os.path.join(workdir, "eval", f"{step}_guidance_{scale:g}.png"), grid)
+        if jax.process_index() == 0:
+            images.save_png(os.path.join(workdir, "eval", f"{step}_guidance_{scale:g}.png"), grid)
         row: dict[str, Any] = {"guidance_scale": scale, **floor}
         if "classifier" in extractors:
             probs, feats = classifier.apply_in_batches(extractors["classifier"], samples)
@@ -245,7 +273,7 @@ def sample_metrics(
             if "pr" in chosen:
                 row.update(metrics.precision_recall(ref_feats, feats))
         if "inception" in extractors:
-            (feats,) = classifier.apply_in_batches(lambda x: (extractors["inception"](x),), samples)
+            (feats,) = classifier.apply_in_batches(extractors["inception"], samples)
             row["fid"] = metrics.frechet_distance_of(
                 metrics.feature_stats(feats), references["inception"][0]
             )
@@ -290,14 +318,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Computes `config.eval.metrics` for the latest checkpoint of `workdir`; writes
     `eval/<step>.json` (and TensorBoard scalars under eval/); returns the same dict."""
     validate(config)
-    config, model, schedule, stage1 = generate.prepare(config, workdir)
-    params, step = generate.restore_ema_params(config, workdir, model)
+    objective, mesh = generate.prepare(config, workdir)
+    config = objective.config
+    params, step = generate.restore(objective, workdir, mesh)
     chosen = metric_names(config)
     results: dict[str, Any] = {"step": step, "metrics": list(chosen)}
     print(f"Evaluating {', '.join(chosen)} at step {step} of {workdir}", flush=True)
     test_images, _ = classifier.load_split(config, "test")
     if "bpd" in chosen:
-        results.update(bpd_metrics(config, model, schedule, params, test_images))
+        results.update(bpd_metrics(objective, params, test_images))
         print(
             f"bpd {results['bpd']:.4f} +- {results['bpd_stderr']:.4f} (full bound, "
             f"{results['bpd_examples']} images); importance-sampled "
@@ -310,12 +339,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "num_steps": config.sample.num_steps,
             "num_samples": config.eval.num_samples,
         }
-        results["guidance"] = sample_metrics(
-            config, workdir, model, schedule, params, stage1, step, test_images
-        )
-        write_guidance_table(os.path.join(workdir, "eval", f"{step}_guidance"), results["guidance"])
+        results["guidance"] = sample_metrics(objective, workdir, params, mesh, step, test_images)
+    if jax.process_index() == 0:  # every process computed the same numbers; one writes
+        write_results(workdir, step, results)
+    return results
 
+
+def write_results(workdir: str, step: int, results: dict[str, Any]) -> None:
+    """`eval/<step>.json`, the guidance table and plot, and TensorBoard scalars under eval/."""
     directory = os.path.join(workdir, "eval")
+    if "guidance" in results:
+        write_guidance_table(os.path.join(directory, f"{step}_guidance"), results["guidance"])
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, f"{step}.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -329,4 +363,3 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 writer.add_scalar(f"eval/{key}@guidance_{row['guidance_scale']:g}", value, step)
     writer.close()
     print(f"Wrote {os.path.join(directory, f'{step}.json')}", flush=True)
-    return results

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm.errors import UserError
+
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
 _PRECISION = jax.lax.Precision.HIGHEST  # full float32 convs on every backend (no TF32)
@@ -252,7 +254,7 @@ def _to_variables(flat: Mapping[str, np.ndarray], source: str) -> dict:
         if k not in flat or flat[k].shape != shape
     ]
     if wrong:
-        raise ValueError(
+        raise UserError(
             f"{source} does not hold the FID Inception weights (pt_inception-2015-12-05): "
             f"{len(wrong)} tensors missing or misshapen, e.g. {'; '.join(wrong[:3])}"
         )
@@ -274,7 +276,7 @@ def load_fid_inception_params(path: str | None) -> dict:
     Raises ValueError if path is unset or missing, with how to make the file.
     """
     if not path or not os.path.isfile(path):
-        raise ValueError(
+        raise UserError(
             f"config.eval.inception_weights={path!r} is not a file: FID needs the FID Inception "
             "weights as .npz. Download pt_inception-2015-12-05-6726825d.pth from the pytorch-fid "
             "GitHub release 'fid_weights' once, run `python tools/convert_fid_inception.py IN.pth "
@@ -296,7 +298,7 @@ def make_feature_fn(variables: Mapping) -> Callable[[jax.Array], jax.Array]:
     @jax.jit
     def features(variables: Mapping, images: jax.Array) -> jax.Array:
         if images.ndim != 4 or images.shape[-1] not in (1, 3):
-            raise ValueError(f"images must be [B, H, W, 1 or 3], got shape {images.shape}")
+            raise UserError(f"images must be [B, H, W, 1 or 3], got shape {images.shape}")
         if images.shape[-1] == 1:
             images = jnp.repeat(images, 3, axis=-1)
         return model.apply(variables, images)

@@ -3,9 +3,13 @@
 Host-side NumPy/SciPy in float64: features are computed on the device, the statistics here.
 """
 
+import hashlib
+import json
 import os
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 from scipy import linalg
 
@@ -64,17 +68,38 @@ def frechet_distance_of(stats1: FeatureStats, stats2: FeatureStats) -> float:
     return frechet_distance(stats1.mu, stats1.cov, stats2.mu, stats2.cov)
 
 
-def save_stats(path: str, stats: FeatureStats) -> None:
-    """Writes the statistics as `.npz` (mu, cov, count) atomically."""
+def save_stats(path: str, stats: FeatureStats, key: Mapping[str, Any] | None = None) -> None:
+    """Writes the statistics as `.npz` (mu, cov, count, and `key` as a JSON string) atomically.
+
+    key: what the statistics are of (JSON-serialisable), read back by `load_stats_key`."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp.npz"
-    np.savez(tmp, mu=stats.mu, cov=stats.cov, count=stats.count)
+    extra = {} if key is None else {"key": np.array(json.dumps(dict(key), sort_keys=True))}
+    np.savez(tmp, mu=stats.mu, cov=stats.cov, count=stats.count, **extra)
     os.replace(tmp, path)
 
 
 def load_stats(path: str) -> FeatureStats:
     with np.load(path) as f:
         return FeatureStats(f["mu"], f["cov"], int(f["count"]))
+
+
+def load_stats_key(path: str) -> dict[str, Any] | None:
+    """The key saved with the statistics at `path`; None when the file has none."""
+    with np.load(path) as f:
+        return json.loads(str(f["key"])) if "key" in f.files else None
+
+
+def tree_digest(tree: Any) -> str:
+    """SHA-256 (hex) of a pytree of arrays: every leaf's path, dtype, shape and bytes, in
+    jax's tree order (dict keys sorted), so equal parameters give equal digests however the
+    dicts were built. Identifies a feature network's parameters for the statistics cache."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        leaf = np.ascontiguousarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype.str}|{leaf.shape}|".encode())
+        h.update(leaf.tobytes())
+    return h.hexdigest()
 
 
 def _kth_neighbour_radii(features: np.ndarray, k: int) -> np.ndarray:

@@ -12,11 +12,33 @@ from tensorboardX import SummaryWriter
 from ddpm import images
 
 
+def truncate_records(path: str, last_step: int) -> None:
+    """Drops the records of steps after `last_step` from the JSON-lines file `path` (a run
+    that crashed after its last checkpoint logged steps it will run again on resume), so each
+    step is recorded once. A torn last line (a crash mid-write) goes too."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    temporary = path + ".tmp"
+    with open(temporary, "w") as f:
+        f.writelines(kept)
+    os.replace(temporary, path)
+
+
 class RunLogger:
     """Progress bar (plain log lines when stdout is not a TTY), TensorBoard and JSON lines.
 
     Scalars are averaged over `log_every` steps before they are written. Only the process
-    with `enabled=True` (process 0) writes anything.
+    with `enabled=True` (process 0) writes anything. metrics.jsonl keeps the records up to
+    `start_step` (the restored checkpoint's) and appends from there.
     """
 
     def __init__(
@@ -38,7 +60,9 @@ class RunLogger:
             return
         self.workdir = workdir
         self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        jsonl = os.path.join(workdir, "metrics.jsonl")
+        truncate_records(jsonl, start_step)
+        self._jsonl = open(jsonl, "a")  # noqa: SIM115
         self._tty = sys.stdout.isatty()
         self._bar = tqdm.tqdm(
             total=num_steps,
@@ -48,17 +72,18 @@ class RunLogger:
             disable=not self._tty,
         )
 
-    def log_step(self, step: int, metrics: dict) -> dict[str, float]:
-        """Records one step's metrics; every `log_every` steps writes their averages.
+    def advance(self) -> None:
+        """One more step dispatched: moves the progress bar (reads nothing from devices)."""
+        if self.enabled:
+            self._bar.update(1)
 
-        Returns the averages last written (empty before the first write).
-        """
+    def log_step(self, step: int, metrics: dict) -> dict[str, float]:
+        """Records one step's host metrics; every `log_every` steps (and at the last) writes
+        their averages and returns them (else an empty dict)."""
         for key, value in metrics.items():
             if key != "finite":
                 self._sums[key] = self._sums.get(key, 0.0) + float(value)
         self._count += 1
-        if self.enabled:
-            self._bar.update(1)
         if step % self.log_every and step != self.num_steps:
             return {}
         now = time.perf_counter()

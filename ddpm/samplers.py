@@ -7,11 +7,17 @@ x_t = alpha x_0 + sigma eps with alpha = sqrt(ab), sigma = sqrt(1 - ab). The ODE
 use the variance-exploding variable x / alpha and its noise level s = sigma / alpha (Karras et
 al., 2022), in which the probability-flow ODE reads dx/ds = eps(x, s).
 
-The model is called as `denoise_fn(x_t, t, labels)` with t: [B] float32. Timestep grids
-(ddpm, ddim, dpm++ with spacing leading, trailing or linspace) pass integer-valued t; Karras
-sigmas (euler, heun, or spacing="karras") and the DPM++2S midpoints pass a fractional t
-found by interpolating log s on the schedule's table, like k-diffusion's `DiscreteSchedule`.
-Every grid ends at s = 0: the last step returns x_0.
+The grid's noise levels come from `spacing`, for every method: leading, trailing or linspace
+(the integer timesteps of `timesteps`) or karras (Karras sigmas, exponent rho); None is the
+method's default, `DEFAULT_SPACING`: karras for euler/heun, trailing for the others. On
+timesteps, euler/heun use the VE levels s_t = sqrt((1 - ab_t) / ab_t) of those t, the sigmas
+of diffusers' `EulerDiscreteScheduler` for that `timestep_spacing` (steps_offset 0; its
+linspace takes fractional timesteps where ours are rounded).
+
+The model is called as `denoise_fn(x_t, t, labels)` with t: [B] float32. Timestep grids pass
+integer-valued t; Karras sigmas, the DPM++2S midpoints and levels raised by EDM churn pass a
+fractional t found by interpolating log s on the schedule's table, like k-diffusion's
+`DiscreteSchedule`. Every grid ends at s = 0: the last step returns x_0.
 """
 
 from collections.abc import Callable
@@ -32,7 +38,9 @@ Predict = Callable[[Array, Array, Array, Array], tuple[Array, Array, Array | Non
 METHODS = ("ddpm", "ddim", "dpm++2m", "dpm++2s", "euler", "heun")
 SPACINGS = ("leading", "trailing", "linspace", "karras")
 VARIANCES = ("fixed_small", "fixed_large", "learned")
-KARRAS_METHODS = ("euler", "heun")  # always on Karras sigmas; `spacing` does not apply
+KARRAS_METHODS = ("euler", "heun")  # EDM samplers: churn applies
+# spacing=None: the method's default.
+DEFAULT_SPACING = {m: "karras" if m in KARRAS_METHODS else "trailing" for m in METHODS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,8 +58,11 @@ def timesteps(num_timesteps: int, num_steps: int, spacing: str = "trailing") -> 
     The fourth sampler spacing, karras, has fractional timesteps: see `karras_sigmas`.
     """
     _check_spacing(spacing)
-    if spacing == "karras":
-        raise ValueError("spacing='karras' has no integer timesteps; see karras_sigmas")
+    if spacing is None or spacing == "karras":
+        raise ValueError(
+            f"spacing={spacing!r}: integer timesteps are leading, trailing or linspace "
+            "(karras levels: see karras_sigmas)"
+        )
     _check_num_steps(num_steps, num_timesteps, discrete=True)
     T, n = num_timesteps, num_steps
     if spacing == "leading":
@@ -124,15 +135,18 @@ def _grid(num_steps: int, **rows: Array) -> Grid:
     )
 
 
-def _discrete_grid(schedule: Schedule, num_steps: int, spacing: str, opts: "_Options") -> Grid:
+def _discrete_grid(
+    schedule: Schedule, num_steps: int, spacing: str | None, opts: "_Options"
+) -> Grid:
     """The levels of `timesteps(T, n, spacing)` (or n Karras sigmas for spacing="karras", at
-    fractional t), then x_0 (alpha = 1, sigma = 0).
+    fractional t), then x_0 (alpha = 1, sigma = 0). spacing None: trailing.
 
     `beta` is the beta of the respaced process (improved DDPM), 1 - ab_t / ab_next. On integer
     timesteps it is -expm1(sum of log(1 - b_s) over next < s <= t), so it equals
     `schedule.betas` for n = T; on Karras levels, -expm1(2 log(alpha / alpha_next)).
     """
     n = num_steps
+    spacing = "trailing" if spacing is None else spacing
     if spacing == "karras":
         s = _schedule_karras_sigmas(schedule, n, opts.rho)
         alpha, sigma = _vp(s)
@@ -165,7 +179,7 @@ def _discrete_grid(schedule: Schedule, num_steps: int, spacing: str, opts: "_Opt
     )
 
 
-def _ddpm_grid(schedule: Schedule, num_steps: int, spacing: str, opts: "_Options") -> Grid:
+def _ddpm_grid(schedule: Schedule, num_steps: int, spacing: str | None, opts: "_Options") -> Grid:
     """Adds the posterior q(x_next | x_t, x_0) of the (respaced) process:
 
     mean = coef_x0 x_0 + coef_xt x_t, coef_x0 = beta alpha_next / sigma^2,
@@ -183,7 +197,7 @@ def _ddpm_grid(schedule: Schedule, num_steps: int, spacing: str, opts: "_Options
     return g
 
 
-def _dpm_grid(schedule: Schedule, num_steps: int, spacing: str, opts: "_Options") -> Grid:
+def _dpm_grid(schedule: Schedule, num_steps: int, spacing: str | None, opts: "_Options") -> Grid:
     """Adds DPM-Solver++ coefficients, in lambda = log(alpha / sigma), h = lambda_next - lambda:
 
     first order (DDIM): x_next = ratio x + coef D with ratio = sigma_next / sigma and
@@ -206,25 +220,41 @@ def _dpm_grid(schedule: Schedule, num_steps: int, spacing: str, opts: "_Options"
     return g
 
 
-def _karras_grid(schedule: Schedule, num_steps: int, spacing: str, opts: "_Options") -> Grid:
-    """Karras sigmas between the schedule's s_0 and s_{T-1}, then 0, with EDM churn:
+def _karras_grid(schedule: Schedule, num_steps: int, spacing: str | None, opts: "_Options") -> Grid:
+    """VE levels s, then 0, with EDM churn. spacing karras (or None): Karras sigmas between the
+    schedule's s_0 and s_{T-1}, at fractional t; leading / trailing / linspace: s_t =
+    sqrt((1 - ab_t) / ab_t) at `timesteps(T, n, spacing)`, at those integer t.
 
-    s_hat = min(s (1 + gamma), s_max), gamma = min(churn / n, sqrt(2) - 1) where
-    tmin <= s <= tmax (capped at s_max = s_{T-1}: the model was never trained above it).
+    Churn: s_hat = min(s (1 + gamma), s_max), gamma = min(churn / n, sqrt(2) - 1) where
+    tmin <= s <= tmax, s_max = s_{T-1} (the model was never trained above it; on Karras
+    sigmas, their first level); a raised level s_hat > s is called at its fractional t.
     """
-    del spacing
-    s = _schedule_karras_sigmas(schedule, num_steps, opts.rho)
+    spacing = "karras" if spacing is None else spacing
+    if spacing == "karras":
+        s = _schedule_karras_sigmas(schedule, num_steps, opts.rho)
+        s_max = s[0]
+    else:
+        ts = timesteps(schedule.num_timesteps, num_steps, spacing)
+        table = schedule.sqrt_one_minus_alpha_bars / schedule.sqrt_alpha_bars
+        s, s_max = table[ts], table[-1]
     s_next = jnp.append(s[1:], 0.0)
     in_range = (s >= opts.churn_tmin) & (s <= opts.churn_tmax)
     gamma = jnp.where(in_range, min(opts.churn / num_steps, np.sqrt(2.0) - 1.0), 0.0)
-    s_hat = jnp.minimum(s * (1.0 + gamma), s[0])  # stay within the model's levels
+    s_hat = jnp.minimum(s * (1.0 + gamma), s_max)  # stay within the model's levels
     alpha, sigma = _vp(s)
     alpha_hat, _ = _vp(s_hat)
     alpha_next, sigma_next = _vp(s_next)
-    s_next_model = jnp.where(s_next > 0, s_next, s[-1])  # the last row is unused (no 2nd call)
+    if spacing == "karras":
+        t = sigma_to_t(schedule, s_hat)
+        s_next_model = jnp.where(s_next > 0, s_next, s[-1])  # the last row is unused
+        t_next = sigma_to_t(schedule, s_next_model)
+    else:
+        t_grid = jnp.asarray(ts, jnp.float32)
+        t = jnp.where(s_hat > s, sigma_to_t(schedule, s_hat), t_grid)
+        t_next = jnp.append(t_grid[1:], t_grid[-1])  # the last row is unused (no 2nd call)
     return _grid(
         num_steps,
-        t=sigma_to_t(schedule, s_hat),
+        t=t,
         alpha=alpha,
         sigma=sigma,
         alpha_next=alpha_next,
@@ -233,7 +263,7 @@ def _karras_grid(schedule: Schedule, num_steps: int, spacing: str, opts: "_Optio
         s_hat=s_hat,
         alpha_hat=alpha_hat,
         s_next=s_next,
-        t_next=sigma_to_t(schedule, s_next_model),
+        t_next=t_next,
     )
 
 
@@ -480,16 +510,19 @@ def _make_predict(
 # Validation (host side, before any tracing).
 
 
-def _check_spacing(spacing: str) -> None:
-    if spacing not in SPACINGS:
-        raise ValueError(f"config.sample.spacing={spacing!r} is not one of {', '.join(SPACINGS)}")
+def _check_spacing(spacing: str | None) -> None:
+    if spacing is not None and spacing not in SPACINGS:
+        raise ValueError(
+            f"spacing={spacing!r} is not one of {', '.join(SPACINGS)} "
+            "(or None: the method's default)"
+        )
 
 
 def _check_num_steps(num_steps: int, num_timesteps: int, *, discrete: bool) -> None:
     ok = isinstance(num_steps, int | np.integer) and num_steps >= 1
     if not ok or (discrete and num_steps > num_timesteps):
-        bound = f"in [1, {num_timesteps}] (config.diffusion.num_timesteps)" if discrete else ">= 1"
-        raise ValueError(f"config.sample.num_steps={num_steps!r} must be an integer {bound}")
+        bound = f"in [1, {num_timesteps}] (the schedule's num_timesteps)" if discrete else ">= 1"
+        raise ValueError(f"num_steps={num_steps!r} must be an integer {bound}")
 
 
 def validate(
@@ -497,23 +530,21 @@ def validate(
     num_steps: int,
     num_timesteps: int,
     *,
-    spacing: str = "trailing",
+    spacing: str | None = None,
     eta: float = 0.0,
     prediction: str = "eps",
     variance: str = "fixed_small",
 ) -> None:
-    """Raises ValueError naming the config field for an unusable sampler configuration."""
+    """Raises ValueError naming the argument of an unusable sampler configuration."""
     if method not in METHODS:
-        raise ValueError(f"config.sample.method={method!r} is not one of {', '.join(METHODS)}")
+        raise ValueError(f"method={method!r} is not one of {', '.join(METHODS)}")
     _check_spacing(spacing)
-    discrete = method not in KARRAS_METHODS and spacing != "karras"
+    discrete = (DEFAULT_SPACING[method] if spacing is None else spacing) != "karras"
     _check_num_steps(num_steps, num_timesteps, discrete=discrete)
     if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"config.sample.eta={eta!r} must lie in [0, 1]")
+        raise ValueError(f"eta={eta!r} must lie in [0, 1]")
     if prediction not in PREDICTIONS:
-        raise ValueError(
-            f"config.diffusion.prediction={prediction!r} is not one of {', '.join(PREDICTIONS)}"
-        )
+        raise ValueError(f"prediction={prediction!r} is not one of {', '.join(PREDICTIONS)}")
     if variance not in VARIANCES:
         raise ValueError(f"variance={variance!r} is not one of {', '.join(VARIANCES)}")
 
@@ -521,16 +552,16 @@ def validate(
 def validate_edit(
     jump_length: int, resample: int, strength: float, *, inpaint: bool, init: bool
 ) -> None:
-    """Raises ValueError naming the config.edit field for unusable editing options."""
+    """Raises ValueError naming the argument of unusable editing options."""
     for name, value in (("jump_length", jump_length), ("resample", resample)):
         if not isinstance(value, int | np.integer) or value < 1:
-            raise ValueError(f"config.edit.{name}={value!r} must be an integer >= 1")
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
     if resample > 1 and not inpaint:
-        raise ValueError(f"config.edit.resample={resample} (RePaint) needs a mask to inpaint")
+        raise ValueError(f"resample={resample} (RePaint) needs a mask to inpaint")
     if not isinstance(strength, int | float) or not 0.0 < strength <= 1.0:
-        raise ValueError(f"config.edit.strength={strength!r} must lie in (0, 1]")
+        raise ValueError(f"strength={strength!r} must lie in (0, 1]")
     if strength < 1.0 and not init:
-        raise ValueError(f"config.edit.strength={strength} < 1 needs an input image (init)")
+        raise ValueError(f"strength={strength} < 1 needs an input image (init)")
 
 
 def _guidance_on(guidance_scale: Any) -> bool:
@@ -554,7 +585,7 @@ def sample(
     method: str = "ddim",
     num_steps: int = 50,
     eta: float = 0.0,
-    spacing: str = "trailing",
+    spacing: str | None = None,
     guidance_scale: float | Array | None = None,
     labels: Array | None = None,
     null_label: Any = None,
@@ -586,12 +617,15 @@ def sample(
       rng: PRNG key: split into the x_T noise and per-step keys (`fold_in(key, step)`).
       method: one of `METHODS` (static). ddpm: ancestral, respaced to `num_steps` as in improved
         DDPM; ddim: eta in [0, 1]; dpm++2m / dpm++2s: DPM-Solver++ second order; euler / heun:
-        probability-flow ODE on Karras sigmas (rho), with optional churn.
-      num_steps: number of steps (static); in [1, T] for the discrete methods. Model calls:
+        probability-flow ODE in the VE variable (EDM), with optional churn.
+      num_steps: number of steps (static); in [1, T] unless the spacing is karras. Model calls:
         num_steps, except dpm++2s and heun: 2 num_steps - 1 (doubled batch with guidance).
       eta: DDIM noise (0 = deterministic; 1 with all T steps = DDPM ancestral).
-      spacing: grid of the methods other than euler/heun (static): leading | trailing |
-        linspace (integer timesteps, see `timesteps`) or karras (Karras sigmas, rho).
+      spacing: the grid's noise levels (static), for every method: leading | trailing |
+        linspace (integer timesteps, see `timesteps`; euler / heun step between their VE
+        levels sqrt((1 - ab_t) / ab_t), as diffusers' EulerDiscreteScheduler) or karras
+        (Karras sigmas, rho). None: the method's default, `DEFAULT_SPACING` (karras for
+        euler / heun, trailing for the others).
       guidance_scale: classifier-free guidance scale s; None or the Python number 1.0 = off
         (one model call per evaluation); anything else (a jnp scalar may be traced) = on.
       labels: [B] int32 class ids, or None for an unconditional model; or any conditioning
@@ -642,8 +676,8 @@ def sample(
     guided = _guidance_on(guidance_scale)
     if guided and (labels is None or null_label is None):
         raise ValueError(
-            "config.sample.guidance_scale != 1 needs labels and a null label "
-            "(config.model.num_classes set: the null label is num_classes)"
+            "guidance_scale != 1 needs labels and null_label (the label fed to the "
+            "unconditional half)"
         )
     opts = _Options(
         eta=float(eta),
@@ -730,7 +764,7 @@ def make_sampler(
         options.get("method", "ddim"),
         options.get("num_steps", 50),
         schedule.num_timesteps,
-        spacing=options.get("spacing", "trailing"),
+        spacing=options.get("spacing"),
         eta=options.get("eta", 0.0),
         prediction=options.get("prediction", "eps"),
         variance=options.get("variance", "fixed_small"),

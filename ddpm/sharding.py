@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from ddpm.errors import UserError
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 
@@ -45,7 +47,7 @@ def create_mesh(devices: list | None = None, *, fsdp: int = 1) -> Mesh:
     """
     devices = jax.devices() if devices is None else devices
     if fsdp < 1 or len(devices) % fsdp:
-        raise ValueError(
+        raise UserError(
             f"config.training.fsdp={fsdp} must be a positive divisor of the device count "
             f"({len(devices)} devices)"
         )
@@ -106,10 +108,10 @@ def to_host(x: jax.Array, mesh: Mesh) -> np.ndarray:
 
 
 def per_device_batch_size(global_batch_size: int, mesh: Mesh, field: str) -> int:
-    """global / devices, or a ValueError naming `field` when it does not divide."""
+    """global / devices, or a UserError naming `field` when it does not divide."""
     devices = mesh.devices.size
     if global_batch_size < 1 or global_batch_size % devices:
-        raise ValueError(
+        raise UserError(
             f"{field}={global_batch_size} must be a positive multiple of the device count "
             f"({devices} devices); e.g. {field}={max(1, global_batch_size // devices) * devices}"
         )

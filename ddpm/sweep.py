@@ -7,36 +7,48 @@ The trials are every point of the grid (the product of its value lists) crossed 
 override dict of "trials"; either key may be left out. Paths name config fields without the
 `config.` prefix, e.g. "training.learning_rate".
 
-`run_sweep` trains each trial with `train.train_and_evaluate` in `workdir/<trial name>`,
-skips trials whose `result.json` says they finished, resumes the others from their latest
-checkpoint, then writes `results.csv` (one row per trial: overrides and final metrics),
-prints the same table and draws every trial's loss curve into `results.png`.
+`run_sweep` trains each trial with the `train_fn(config, workdir)` it is given (the CLI passes
+the trainer) in `workdir/<trial name>`, skips trials whose `result.json` says they finished,
+resumes the others from their latest checkpoint, then writes `results.csv` (one row per
+trial: overrides and final metrics), prints the same table and draws every trial's loss curve
+into `results.png`.
+
+SIGTERM / SIGINT stop a sweep: the trial that is running stops (the trainer saves a checkpoint
+and returns; while no handler of the trainer's is installed, the sweep's interrupts it), is not
+marked done, no further trial starts, and `run_sweep` raises `SweepStopped`, a SystemExit with
+status 143 / 130. Rerunning the same command resumes the stopped trial from its checkpoint.
 
 Backends: "local" runs the trials one after another in this process; "ray" runs each as a
 Ray task (`ray.init(address)`, a new local Ray instance when the address is None), one GPU
 per trial when the cluster has GPUs. Ray is imported only for that backend.
 """
 
+import contextlib
 import copy
 import csv
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import itertools
 import json
 import os
 import re
+import signal
+import threading
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ddpm import train
-
 BACKENDS = ("local", "ray")
 RESULT_FILE = "result.json"
+METRICS_FILE = "metrics.jsonl"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+TrainFn = Callable[[ml_collections.ConfigDict, str], dict]
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -120,20 +132,74 @@ def is_finished(workdir: str, num_steps: int) -> bool:
         return json.load(f)["step"] >= num_steps
 
 
-def run_trial(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains (or resumes) one trial; returns and writes its final metrics, or its error.
+class SweepStopped(SystemExit):
+    """SIGTERM / SIGINT stopped the sweep (or a trial returned before its last step).
 
-    Returns {"step": int, <metric>: float, ...} from the last line of metrics.jsonl, or
-    {"error": traceback text} if training raised.
+    A SystemExit, so the CLI exits with `code` and no traceback: 128 + the signal's number
+    (143 for SIGTERM, 130 for SIGINT, what a shell reports for a process the signal killed),
+    or 1 when a trial came back unfinished without a signal. `run_sweep` has printed the
+    table and one line per stopped trial; rerunning the same command resumes the sweep.
+    """
+
+    def __init__(self, code: int, message: str, rows: list[dict[str, Any]]):
+        super().__init__(code)
+        self.message = message
+        self.rows = rows
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _Interrupted(BaseException):
+    """Raised by the sweep's signal handler inside a guarded call (not an Exception, so no
+    `except Exception` in a trainer swallows it)."""
+
+
+def reached_step(workdir: str) -> int | None:
+    """How far a trial's training got: its latest checkpoint step (the trainer checkpoints
+    the step it stops or finishes at), else its last metrics record's step; None if neither."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(ckpt_dir):  # checkpoints/<step>; orbax renames a save's temp folder last
+        steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()]
+        if steps:
+            return max(steps)
+    lines = _read_metrics(workdir)
+    return int(lines[-1]["step"]) if lines else None
+
+
+def run_trial(
+    config: ml_collections.ConfigDict, workdir: str, *, train_fn: TrainFn
+) -> dict[str, Any]:
+    """Trains (or resumes) one trial with `train_fn(config, workdir)`; its outcome.
+
+    Returns {"status": "done", "step": int, <metric>: float, ...} (the last line of
+    metrics.jsonl, also written to result.json) when training reached
+    `config.training.num_steps`, {"status": "stopped", "step": int} when it returned before
+    (stopped by a signal: not done, resumable), or {"status": "failed", "error": text} if
+    training raised or logged no metrics.
     """
     try:
-        train.train_and_evaluate(config, workdir)
+        train_fn(config, workdir)
     except Exception:  # one failed trial must not stop the sweep
-        return {"error": traceback.format_exc()}
-    result = _read_metrics(workdir)[-1]
-    with open(os.path.join(workdir, RESULT_FILE), "w") as f:
+        return {"status": "failed", "error": traceback.format_exc()}
+    num_steps = config.training.num_steps
+    step = reached_step(workdir)
+    if step is not None and step < num_steps:
+        return {"status": "stopped", "step": step}
+    lines = _read_metrics(workdir)
+    if not lines:
+        path = os.path.join(workdir, METRICS_FILE)
+        return {
+            "status": "failed",
+            "error": f"trial {os.path.basename(os.path.normpath(workdir))}: training returned "
+            f"but {path} has no metrics records",
+        }
+    result = lines[-1]
+    tmp = os.path.join(workdir, RESULT_FILE + ".tmp")
+    with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
-    return result
+    os.replace(tmp, os.path.join(workdir, RESULT_FILE))  # never a half-written result
+    return {"status": "done", **result}
 
 
 def run_sweep(
@@ -141,14 +207,19 @@ def run_sweep(
     base: ml_collections.ConfigDict,
     workdir: str,
     *,
+    train_fn: TrainFn,
     backend: str = "local",
     ray_address: str | None = None,
 ) -> list[dict[str, Any]]:
     """Runs the unfinished trials of the sweep file at `sweep_path`; one row per trial.
 
-    Writes `workdir/results.csv`, prints the table and draws `workdir/results.png`. A row is
-    {"trial", "status" ("done", "skipped (finished)" or "failed"), the overrides, "step",
-    the final metrics}. Raises RuntimeError after writing them if any trial failed.
+    `train_fn(config, trial_workdir)` trains one trial, resuming from its latest checkpoint
+    (the trainer's `train_and_evaluate`). Writes `workdir/results.csv`, prints the table and
+    draws `workdir/results.png`. A row is {"trial", "status" ("done", "skipped (finished)",
+    "failed", "stopped" or "not run"), the overrides, "step", the final metrics}. Raises
+    RuntimeError after writing them if any trial failed, and `SweepStopped` if SIGTERM /
+    SIGINT stopped the sweep: the running trial is left unfinished (rerunning resumes it) and
+    no other trial starts.
     """
     if backend not in BACKENDS:
         raise ValueError(f"sweep backend {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -161,39 +232,182 @@ def run_sweep(
         f"running {len(todo)} on {backend}",
         flush=True,
     )
-    jobs = [(configs[t.name], dirs[t.name]) for t in todo]
-    if backend == "ray":
-        outcomes = _run_on_ray(jobs, ray_address)
-    else:
-        outcomes = [run_trial(config, trial_dir) for config, trial_dir in jobs]
-    outcome = dict(zip((t.name for t in todo), outcomes, strict=True))
+    outcome: dict[str, dict[str, Any]] = {}
+    stopped_before = None
+    with _StopSignals() as stop:
+        if backend == "ray":
+            jobs = [(configs[t.name], dirs[t.name]) for t in todo]
+            try:
+                with stop.guard():
+                    results = _run_on_ray(jobs, ray_address, train_fn)
+                outcome = dict(zip((t.name for t in todo), results, strict=True))
+            except _Interrupted:  # Ray was shut down; what each trial left on disk tells
+                for t in todo:
+                    outcome[t.name] = _outcome_on_disk(dirs[t.name], configs[t.name])
+        else:
+            outcome, stopped_before = _run_here(todo, configs, dirs, train_fn, stop)
+        signum = stop.poll()
+    stop_lines = [
+        f"sweep: stopped during trial {name} at step {result['step']}/"
+        f"{configs[name].training.num_steps}; rerun the same command to resume"
+        for name, result in outcome.items()
+        if result["status"] == "stopped"
+    ] + ([stopped_before] if stopped_before else [])
 
     rows = []
     for t in trials:
         if t.name in outcome:
             result = outcome[t.name]
-            status = "failed" if "error" in result else "done"
+        elif t in todo:
+            result = {"status": "not run"}
         else:
             with open(os.path.join(dirs[t.name], RESULT_FILE)) as f:
-                result, status = json.load(f), "skipped (finished)"
-        metrics = {k: v for k, v in result.items() if k != "error"}
+                result = {"status": "skipped (finished)", **json.load(f)}
+        status = result["status"]
+        metrics = {k: v for k, v in result.items() if k not in ("status", "error")}
         rows.append({"trial": t.name, "status": status, **t.overrides, **metrics})
     write_results(rows, workdir)
     plot_losses({t.name: _read_metrics(dirs[t.name]) for t in trials}, workdir)
-    failed = {name: r["error"] for name, r in outcome.items() if "error" in r}
+    failed = {name: r["error"] for name, r in outcome.items() if r["status"] == "failed"}
+    for name, error in failed.items():
+        print(f"Trial {name} failed:\n{error}", flush=True)
+    if stop_lines:
+        print("\n".join(stop_lines), flush=True)
+        raise SweepStopped(1 if signum is None else 128 + signum, stop_lines[0], rows)
     if failed:
-        for name, error in failed.items():
-            print(f"Trial {name} failed:\n{error}", flush=True)
         raise RuntimeError(f"{len(failed)} of {len(trials)} trials failed: {', '.join(failed)}")
     return rows
 
 
-def _run_on_ray(jobs: list[tuple[ml_collections.ConfigDict, str]], address: str | None) -> list:
+def _run_here(
+    todo: list[Trial],
+    configs: dict[str, ml_collections.ConfigDict],
+    dirs: dict[str, str],
+    train_fn: TrainFn,
+    stop: "_StopSignals",
+) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """Runs the trials one after another in this process until SIGTERM / SIGINT.
+
+    Returns ({trial name: run_trial's outcome} of the trials that ran, and the line to print
+    when a signal came after a trial ended and so stopped the sweep before the next one).
+    """
+    outcome: dict[str, dict[str, Any]] = {}
+    for t in todo:
+        if stop.poll() is not None:
+            return outcome, (
+                f"sweep: {signal.Signals(stop.signum).name} received; stopped before trial "
+                f"{t.name}; rerun the same command to resume"
+            )
+        trial_dir, num_steps = dirs[t.name], configs[t.name].training.num_steps
+        try:
+            result = run_trial(configs[t.name], trial_dir, train_fn=stop.guarded(train_fn))
+        except _Interrupted:  # a signal while the trainer had no handler of its own
+            result = {"status": "stopped", "step": reached_step(trial_dir) or 0}
+        if result["status"] == "failed" and stop.poll() is not None:
+            step = reached_step(trial_dir) or 0  # e.g. a data worker that Ctrl-C killed too
+            if step < num_steps:
+                result = {"status": "stopped", "step": step}
+        outcome[t.name] = result
+        if result["status"] == "stopped":
+            break
+    return outcome, None
+
+
+def _outcome_on_disk(workdir: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A trial's outcome from its files: done if its result.json says so, else stopped."""
+    if is_finished(workdir, config.training.num_steps):
+        with open(os.path.join(workdir, RESULT_FILE)) as f:
+            return {"status": "done", **json.load(f)}
+    return {"status": "stopped", "step": reached_step(workdir) or 0}
+
+
+class _StopSignals:
+    """While active (in the main thread): SIGTERM / SIGINT stop the sweep instead of killing it.
+
+    The handler records the first signal; inside `guard()` (a trial's `train_fn`, the wait
+    for Ray) it also raises `_Interrupted` there, once. While a trainer has its own handler
+    installed (it saves a checkpoint and returns), the signal still shows in `poll()`: Python
+    writes every signal's number to the wakeup fd this installs, whichever handler runs.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._armed = False
+        self._previous: dict[int, Any] = {}
+        self._pipe: tuple[int, int] | None = None
+        self._old_fd = -1
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals are only delivered to (and handled in) the main thread
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        self._pipe = (read_fd, write_fd)
+        self._old_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            if handler is not None:  # None: a handler not installed from Python
+                signal.signal(sig, handler)
+        if self._pipe is not None:
+            self.poll()
+            signal.set_wakeup_fd(self._old_fd)
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe = None
+
+    def _handle(self, signum: int, frame) -> None:
+        del frame
+        if self.signum is None:
+            self.signum = signum
+        if self._armed:
+            self._armed = False
+            raise _Interrupted(signum)
+
+    def poll(self) -> int | None:
+        """The first SIGTERM / SIGINT received so far (None if none)."""
+        while self._pipe is not None:
+            try:
+                data = os.read(self._pipe[0], 512)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            for signum in data:
+                if self.signum is None and signum in STOP_SIGNALS:
+                    self.signum = signum
+        return self.signum
+
+    @contextlib.contextmanager
+    def guard(self):
+        self._armed = self.signum is None
+        try:
+            yield
+        finally:
+            self._armed = False
+
+    def guarded(self, fn: TrainFn) -> TrainFn:
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            with self.guard():
+                return fn(*args, **kwargs)
+
+        return call
+
+
+def _run_on_ray(
+    jobs: list[tuple[ml_collections.ConfigDict, str]], address: str | None, train_fn: TrainFn
+) -> list:
     """Runs `run_trial` on each (config, workdir) as a Ray task; results in job order.
 
     Each task gets a fresh worker process (max_calls=1, so JAX starts anew on the GPU Ray gave
-    it) and one GPU when the cluster has any. Workers import this checkout: on a cluster it
-    must be at the same path on every node, and the workdir on shared storage.
+    it) and one GPU when the cluster has any. `train_fn` is pickled by reference (a module's
+    function): workers import this checkout, so on a cluster it must be at the same path on
+    every node, and the workdir on shared storage.
     """
     try:
         import ray
@@ -208,13 +422,16 @@ def _run_on_ray(jobs: list[tuple[ml_collections.ConfigDict, str]], address: str 
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         task = ray.remote(num_cpus=1, num_gpus=gpus, max_calls=1)(run_trial)
-        return ray.get([task.remote(config, os.path.abspath(d)) for config, d in jobs])
+        return ray.get(
+            [task.remote(config, os.path.abspath(d), train_fn=train_fn) for config, d in jobs]
+        )
     finally:
         ray.shutdown()
 
 
 def _read_metrics(workdir: str) -> list[dict[str, float]]:
-    path = os.path.join(workdir, "metrics.jsonl")
+    """The records of `workdir/metrics.jsonl` ([] if there is none)."""
+    path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
     with open(path) as f:

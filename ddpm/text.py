@@ -15,10 +15,13 @@ must be one of its captions.
 """
 
 import re
+import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ddpm.errors import UserError
 
 Array = jax.Array
 
@@ -93,15 +96,20 @@ def caption_ids(images: Array, labels: Array) -> Array:
 
 def load_embeddings(path: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(captions [N], embeddings [N, L, D] float32, mask [N, L] bool) of an embeddings .npz."""
-    with np.load(path, allow_pickle=False) as f:
-        missing = {"captions", "embeddings", "mask"} - set(f.files)
-        if missing:
-            raise ValueError(f"{path}: missing array(s) {', '.join(sorted(missing))}")
-        captions = [str(c) for c in f["captions"]]
-        embeddings = f["embeddings"].astype(np.float32)
-        mask = f["mask"].astype(bool)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = {"captions", "embeddings", "mask"} - set(f.files)
+            if missing:
+                raise UserError(f"{path}: missing array(s) {', '.join(sorted(missing))}")
+            captions = [str(c) for c in f["captions"]]
+            embeddings = f["embeddings"].astype(np.float32)
+            mask = f["mask"].astype(bool)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"config.text.source='npz:{path}' is not a readable .npz ({e})") from e
     if embeddings.ndim != 3 or mask.shape != embeddings.shape[:2]:
-        raise ValueError(
+        raise UserError(
             f"{path}: embeddings {embeddings.shape} must be [N, L, D] and mask {mask.shape} [N, L]"
         )
     return captions, embeddings, mask
@@ -112,7 +120,7 @@ def lookup(captions: list[str], texts: list[str], where: str) -> np.ndarray:
     index = {c: i for i, c in enumerate(captions)}
     missing = [t for t in texts if t not in index]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{where}: no precomputed embedding for {missing[0]!r}; it has {len(captions)} "
             f"captions, e.g. {captions[:3]}"
         )

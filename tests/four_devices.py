@@ -7,21 +7,16 @@ difference, the device count each state lives on, and the error for an indivisib
 import jax
 import numpy as np
 
-from ddpm import models, sharding, train
-from tests.tiny import tiny_config
+from ddpm import sharding
+from tests.tiny import step_parts, tiny_config
 
 
 def params_after_three_steps(devices: list) -> dict:
-    config = tiny_config()
-    model = models.create_model(config)
-    tx, lr_fn = train.make_optimizer(config.training)
-    mesh = sharding.create_mesh(devices)
-    step_fn = train.make_train_step(config, model, tx, lr_fn, train.build_schedule(config), mesh)
-    state = train.init_train_state(jax.random.key(0), config, model, tx, mesh)
+    objective, step_fn, state, mesh = step_parts(tiny_config(), sharding.create_mesh(devices))
     for i in range(3):
         images = jax.random.uniform(jax.random.key(i), (8, 16, 16, 1), minval=-1, maxval=1)
         batch = {"image": np.asarray(images), "label": np.arange(8, dtype=np.int32) % 10}
-        state, _ = step_fn(state, sharding.global_batch(batch, mesh))
+        state, _ = step_fn(state, sharding.global_batch(batch, mesh), objective.frozen)
     print("state on devices:", len(state.params["conv_in"]["kernel"].sharding.device_set))
     return jax.device_get(state.params)
 

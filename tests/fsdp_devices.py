@@ -12,8 +12,8 @@ import sys
 import jax
 import numpy as np
 
-from ddpm import checkpoint, data, models, sharding, train
-from tests.tiny import tiny_config
+from ddpm import build, checkpoint, data, sharding, train
+from tests.tiny import step_parts, tiny_config
 
 # Small enough that the tiny U-Net's convolution kernels are split.
 MIN_SIZE = 512
@@ -26,16 +26,11 @@ def run_config(fsdp: int):
 
 def three_steps(fsdp: int) -> tuple[train.TrainState, int]:
     """(state after 3 steps on fixed batches with config.training.fsdp=fsdp, compile count)."""
-    config = run_config(fsdp)
-    model = models.create_model(config)
-    tx, lr_fn = train.make_optimizer(config.training)
-    mesh = sharding.create_mesh(fsdp=fsdp)
-    step_fn = train.make_train_step(config, model, tx, lr_fn, train.build_schedule(config), mesh)
-    state = train.init_train_state(jax.random.key(0), config, model, tx, mesh)
+    objective, step_fn, state, mesh = step_parts(run_config(fsdp))
     for i in range(3):
         images = jax.random.uniform(jax.random.key(i), (8, 16, 16, 1), minval=-1, maxval=1)
         batch = {"image": np.asarray(images), "label": np.arange(8, dtype=np.int32) % 10}
-        state, _ = step_fn(state, sharding.global_batch(batch, mesh))
+        state, _ = step_fn(state, sharding.global_batch(batch, mesh), objective.frozen)
     return state, step_fn._cache_size()
 
 
@@ -68,19 +63,19 @@ def resume_on_two_devices(workdir: str) -> float:
     reach the 4-device step 4.
     """
     config = run_config(2)
-    mesh = sharding.create_mesh(jax.devices()[:2], fsdp=2)
-    model = models.create_model(config)
-    tx, lr_fn = train.make_optimizer(config.training)
-    target = train.abstract_train_state(config, model, tx, mesh)
+    objective, step_fn, _, mesh = step_parts(
+        config, sharding.create_mesh(jax.devices()[:2], fsdp=2)
+    )
+    tx, _ = build.optimizer(config.training)
+    target = train.abstract_train_state(objective, tx, mesh)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.training.keep_checkpoints)
     (state, data_state), (saved, _) = ckpt.restore(2, target), ckpt.restore(4, target)
     ckpt.close()
     assert state.params["conv_out"]["kernel"].sharding.mesh.devices.size == 2
     batches = data.create_dataset(config, "train", batch_size=8, seed=config.seed)
     batches.set_state(data_state)
-    step_fn = train.make_train_step(config, model, tx, lr_fn, train.build_schedule(config), mesh)
     for _ in range(2):
-        state, _ = step_fn(state, sharding.global_batch(next(batches), mesh))
+        state, _ = step_fn(state, sharding.global_batch(next(batches), mesh), objective.frozen)
     pairs = zip(jax.tree.leaves(state), jax.tree.leaves(saved), strict=True)
     return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in pairs)
 

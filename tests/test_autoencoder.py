@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from configs import mnist_autoencoder
-from ddpm import data, generate, latent, models, sharding, train
+from ddpm import data, generate, objectives, sharding, train
+from ddpm.errors import UserError
 from ddpm.models.autoencoder import gaussian_kl
-from tests.tiny import tiny_config
+from ddpm.objectives import latent
+from tests.tiny import create_model, step_parts, tiny_config
 
 # PSNR (peak-to-peak 2 of [-1, 1]) of the tiny autoencoder's reconstructions of held-out digits
 # after AE_STEPS steps; it measured 19.1 dB (the mean digit as output: 12.8 dB).
@@ -36,6 +38,7 @@ def tiny_autoencoder_config(**training):
 def tiny_ldm_config(autoencoder_workdir: str, **training):
     """tests/tiny.py's class-conditional U-Net (levels 4, 2) on the tiny autoencoder's latents."""
     config = tiny_config(**training)
+    config.objective = "latent"
     config.latent.autoencoder_workdir = str(autoencoder_workdir)
     config.sample.clip_x0 = False
     return config
@@ -66,9 +69,8 @@ def stage1(tmp_path_factory):
 )
 def test_encoder_and_decoder_shapes(ch_mult, factor, channels):
     config = tiny_autoencoder_config()
-    config.data.channels, config.latent.z_channels = channels, 3
-    config.model.ch_mult, config.latent.factor = ch_mult, factor
-    model = models.create_model(config)
+    config.data.channels, config.model.z_channels, config.model.ch_mult = channels, 3, ch_mult
+    model = create_model(config)
     x = jnp.zeros((2, 32, 32, channels))
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     mean, logvar = jax.eval_shape(lambda v: model.apply(v, x, method="encode"), variables)
@@ -94,11 +96,11 @@ def test_gaussian_kl_closed_form():
 
 def test_autoencoder_config_errors(tmp_path):
     config = tiny_autoencoder_config()
-    config.latent.factor = 8
-    with pytest.raises(ValueError, match=r"downsamples by 2\^\(len\(ch_mult\)-1\)=4"):
-        models.create_model(config)
+    config.objective = "diffusion"
+    with pytest.raises(UserError, match=r"config\.objective='diffusion' with config\.model"):
+        create_model(config)
     ldm = tiny_ldm_config(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="config.latent.autoencoder_workdir="):
+    with pytest.raises(UserError, match="config.latent.autoencoder_workdir="):
         train.train_and_evaluate(ldm, str(tmp_path / "ldm"))
     assert not os.path.exists(tmp_path / "ldm")
     ldm.sample.clip_x0 = True
@@ -110,9 +112,9 @@ def test_short_run_reconstructs_held_out_digits(stage1):
     workdir, metrics = stage1
     assert metrics["recon"] > 0 and metrics["kl"] > 0
     assert os.path.exists(workdir / "samples" / f"step_{AE_STEPS:07d}.png")
-    config = tiny_autoencoder_config()
-    model = models.create_model(config)
-    params, step = generate.restore_ema_params(config, str(workdir), model)
+    objective, mesh = generate.prepare(tiny_autoencoder_config(), str(workdir))
+    params, step = generate.restore(objective, str(workdir), mesh)
+    config, model = objective.config, objective.model
     assert step == AE_STEPS
     x = held_out_digits(config)
     recon, _, _ = jax.jit(model.apply)({"params": params}, x)
@@ -123,13 +125,17 @@ def test_short_run_reconstructs_held_out_digits(stage1):
 
 def test_scale_factor_gives_unit_latent_std(stage1, tmp_path):
     workdir, _ = stage1
-    config = tiny_ldm_config(workdir)
-    first = latent.load_stage1(config, sharding.create_mesh())
-    config = latent.with_scale_factor(config, str(tmp_path), first, estimate=True)
+    objective = objectives.create(
+        tiny_ldm_config(workdir),
+        workdir=str(tmp_path),
+        mesh=sharding.create_mesh(),
+        estimate_scale=True,
+    )
+    config = objective.config
     # Estimated on training digits; checked on held-out ones.
     z = latent.encode_latents(
-        first.model,
-        first.params,
+        objective.stage1_apply,
+        objective.frozen,
         held_out_digits(config, 200),
         jax.random.key(5),
         scale_factor=config.latent.scale_factor,
@@ -167,25 +173,18 @@ def test_latent_diffusion_trains_resumes_and_samples(stage1, tmp_path, capsys):
     assert saved["images"].shape == (4, 16, 16, 1)
 
     # The latent train step (frozen parameters as an argument) compiles once.
-    config = latent.with_scale_factor(config, workdir, None, estimate=False)
-    mesh = sharding.create_mesh()
-    first = latent.load_stage1(config, mesh)
-    model = models.create_model(config)
-    tx, lr_fn = train.make_optimizer(config.training)
-    step_fn = train.make_train_step(
-        config, model, tx, lr_fn, train.build_schedule(config), mesh, first.model
-    )
-    state = train.init_train_state(jax.random.key(0), config, model, tx, mesh)
+    config.latent.scale_factor = scale
+    objective, step_fn, state, mesh = step_parts(config)
     for i in range(2):
         batch = {
             "image": jax.random.uniform(jax.random.key(i), (8, 16, 16, 1), minval=-1, maxval=1),
             "label": jnp.arange(8, dtype=jnp.int32),
         }
-        frozen = jax.tree.map(lambda p, i=i: p * (1 + 0.01 * i), first.params)  # new values
+        frozen = jax.tree.map(lambda p, i=i: p * (1 + 0.01 * i), objective.frozen)  # new values
         state, metrics = step_fn(state, sharding.global_batch(batch, mesh), frozen)
     assert bool(metrics["finite"]) and step_fn._cache_size() == 1
 
     mismatched = tiny_ldm_config(ae_workdir)
-    mismatched.latent.z_channels = 2
-    with pytest.raises(ValueError, match=r"config.latent.z_channels=2 does not match"):
+    mismatched.data.image_size = 32
+    with pytest.raises(UserError, match=r"config.data.image_size=32 does not match"):
         train.train_and_evaluate(mismatched, str(tmp_path / "other"))

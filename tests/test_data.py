@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs.default import get_config
 from ddpm import data
+from ddpm.config.schema import get_config
 from ddpm.data import arrays, folder, pipeline, transforms
 
 

@@ -9,18 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default, models
 from ddpm import generate, train
-from ddpm.models import create_model
+from ddpm.config import presets, schema
 from ddpm.models.dit import patchify, sincos_2d, unpatchify
+from tests.tiny import create_model
 from tests.tiny import tiny_config as tiny_run_config
 
 
 def dit_config(image_size=16, channels=1, **model):
     """A DiT that compiles in seconds: 4x4 patches, width 32, 2 blocks of 2 heads."""
-    config = default.get_config()
+    config = schema.get_config()
     config.data.image_size, config.data.channels = image_size, channels
-    config.model = models.mnist_dit()
+    config.model = presets.mnist_dit()
     config.model.update(dict(hidden_size=32, depth=2, num_heads=2, num_classes=None))
     config.model.update(model)
     return config
@@ -103,9 +103,9 @@ def test_output_shape_and_dtype(shape, overrides):
 def test_dit_xl2_has_the_papers_parameter_count():
     """DiT-XL/2 on 32x32x4 latents, 1000 classes, learned sigma: 675M (the reference code's
     675,129,632 counts its frozen 256 x 1152 position embedding, a constant here)."""
-    config = default.get_config()
+    config = schema.get_config()
     config.data.image_size, config.data.channels = 32, 4
-    config.model = models.dit("XL", 2, num_classes=1000, learn_sigma=True)
+    config.model = presets.dit("XL", 2, num_classes=1000, learn_sigma=True)
     model = create_model(config)
     x = jax.ShapeDtypeStruct((1, 32, 32, 4), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
@@ -175,21 +175,21 @@ def test_bfloat16_and_remat_share_the_parameters(trained):
         ),
         ("num_heads", 3, r"config\.model\.num_heads=3 does not divide config\.model\.hidden_size"),
         ("hidden_size", 34, r"config\.model\.hidden_size=34 must be divisible by 4"),
-        ("depth", 0, r"config\.model\.depth=0 must be a positive int"),
-        ("mlp_ratio", 0.0, r"config\.model\.mlp_ratio=0\.0 must be > 0"),
+        ("depth", 0, r"config\.model\.depth=0 must be an int >= 1"),
+        ("mlp_ratio", 0.0, r"config\.model\.mlp_ratio=0\.0 must be a number > 0"),
         ("dtype", "bf16", r"config\.model\.dtype='bf16' is not one of float32, bfloat16"),
     ],
 )
-def test_invalid_config_fails_at_create_model(field, value, message):
+def test_invalid_config_fails_at_validation(field, value, message):
     config = dit_config(num_heads=1)
     config.model[field] = value
     with pytest.raises(ValueError, match=message):
         create_model(config)
 
 
-@pytest.mark.parametrize("make", [models.mnist_dit, functools.partial(models.dit, "S", 8)])
+@pytest.mark.parametrize("make", [presets.mnist_dit, functools.partial(presets.dit, "S", 8)])
 def test_model_configs_are_valid(make):
-    config = default.get_config()
+    config = schema.get_config()
     config.model = make()
     config.data.image_size, config.data.channels = 32, 3
     create_model(config)

@@ -218,11 +218,11 @@ def test_editing_sampler_traces_once_for_new_params_rng_images_and_masks():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(strength=0.0, init=np.zeros(4)), r"config.edit.strength=0.0 must lie in \(0, 1\]"),
-        (dict(strength=1.5, init=np.zeros(4)), "config.edit.strength=1.5"),
+        (dict(strength=0.0, init=np.zeros(4)), r"^strength=0.0 must lie in \(0, 1\]"),
+        (dict(strength=1.5, init=np.zeros(4)), "^strength=1.5"),
         (dict(strength=0.5), "needs an input image"),
-        (dict(resample=3), r"config.edit.resample=3 \(RePaint\) needs a mask"),
-        (dict(jump_length=0, mask=MASK, known=KNOWN), "config.edit.jump_length=0"),
+        (dict(resample=3), r"^resample=3 \(RePaint\) needs a mask"),
+        (dict(jump_length=0, mask=MASK, known=KNOWN), "^jump_length=0"),
         (dict(mask=MASK), "needs both known"),
     ],
 )

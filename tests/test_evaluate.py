@@ -102,3 +102,164 @@ def test_load_split_limit_reads_the_first_examples(limit):
     assert images.shape[0] == labels.shape[0] == limit
     np.testing.assert_array_equal(images, all_images[:limit])
     np.testing.assert_array_equal(labels, all_labels[:limit])
+
+
+# --------------------------------------------------------------------------------------------
+# The fid metric with small random Inception weights. (Imports are local: this section was
+# appended to the file without touching its header.)
+
+
+def _write_random_inception_weights(path: str, seed: int) -> str:
+    """An .npz of FID Inception variables (`inception._variable_shapes`) that keep activations
+    O(1), as tests/test_inception.py draws them: He-normal kernels, BatchNorm scale ~
+    U(0.8, 1.2), bias and mean ~ N(0, 0.1^2), var ~ U(0.8, 1.25)."""
+    import math
+
+    from ddpm import inception
+
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for key, shape in inception._variable_shapes().items():
+        if key.endswith("/kernel"):
+            value = rng.standard_normal(shape) * math.sqrt(2.0 / math.prod(shape[:3]))
+        elif key.endswith("/var"):
+            value = rng.uniform(0.8, 1.25, shape)
+        elif key.endswith("/scale"):
+            value = rng.uniform(0.8, 1.2, shape)
+        else:
+            value = 0.1 * rng.standard_normal(shape)
+        flat[key] = value.astype(np.float32)
+    np.savez(path, **flat)
+    return path
+
+
+def _fd_from_features(a: np.ndarray, b: np.ndarray) -> float:
+    """The Fréchet distance of two feature sets' Gaussians, exact and without sqrtm: with
+    C_a = A^T A, C_b = B^T B (A, B the centred rows / sqrt(n - 1)), tr (C_a C_b)^(1/2) is the
+    sum of the singular values of A B^T (n_a x n_b)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    ca = (a - a.mean(0)) / np.sqrt(len(a) - 1)
+    cb = (b - b.mean(0)) / np.sqrt(len(b) - 1)
+    cross = np.linalg.svd(ca @ cb.T, compute_uv=False).sum()
+    mean = np.sum((a.mean(0) - b.mean(0)) ** 2)
+    return float(mean + np.sum(ca**2) + np.sum(cb**2) - 2.0 * cross)
+
+
+def _fd_low_rank(stats1, stats2) -> float:
+    """`metrics.frechet_distance_of` for statistics of fewer samples than feature dimensions,
+    exact on the range of the smaller set's covariance (C = Q M Q^T there) and without the
+    minute-long sqrtm of a 2048 x 2048 product on a shared CPU."""
+    small, large = sorted((stats1, stats2), key=lambda s: s.count)
+    assert small.count < len(small.mu)
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(small.cov @ rng.standard_normal((len(small.mu), small.count)))
+    w, v = np.linalg.eigh(q.T @ small.cov @ q)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # M^(1/2)
+    inner = np.linalg.eigvalsh(root @ q.T @ large.cov @ q @ root)
+    diff = stats1.mu - stats2.mu
+    cross = np.sum(np.sqrt(np.clip(inner, 0, None)))
+    return float(diff @ diff + np.trace(stats1.cov) + np.trace(stats2.cov) - 2.0 * cross)
+
+
+@pytest.mark.parametrize(
+    "real_sqrtm", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["fast_fd", "sqrtm"]
+)
+def test_fid_eval_matches_inception_features_and_rekeys_the_reference_cache(
+    trained_workdir, tmp_path, monkeypatch, real_sqrtm
+):
+    """--mode=eval with metrics=("fid",) and random Inception weights on 8 samples against 24
+    reference images (an npz: source of 16x16x1 uint8): the row's fid is the Fréchet distance
+    of Inception features computed here on the very samples (captured from generate_samples)
+    and on the reference images; the cached reference statistics are those features' and are
+    keyed by the weights' digest, so other weights recompute them.
+
+    Speed: Inception runs on 8-row batches (apply_in_batches would pad 8 or 24 rows to 250),
+    and by default the Fréchet distance of the 2048-d statistics is computed by a low-rank
+    exact route instead of scipy's sqrtm (a minute per call on a busy 2-core CPU; sqrtm's
+    own tests are in test_metrics.py); the slow variant keeps sqrtm.
+    """
+    import functools
+
+    from ddpm import inception, metrics
+    from ddpm.data.transforms import to_float
+
+    rng = np.random.default_rng(0)
+    reference = rng.integers(0, 256, (24, 16, 16, 1), dtype=np.uint8)
+    data_path = str(tmp_path / "reference.npz")
+    np.savez(data_path, images=reference, labels=(np.arange(24) % 10).astype(np.int32))
+    weights = [
+        _write_random_inception_weights(str(tmp_path / f"inception{s}.npz"), s) for s in (0, 1)
+    ]
+
+    real_apply = classifier.apply_in_batches
+    monkeypatch.setattr(classifier, "apply_in_batches", functools.partial(real_apply, batch_size=8))
+    samples = []
+    real_generate = evaluate.generate_samples
+
+    def capture(*args, **kwargs):
+        samples.append(real_generate(*args, **kwargs))
+        return samples[-1]
+
+    monkeypatch.setattr(evaluate, "generate_samples", capture)
+    fd_calls = []
+    real_fd = metrics.frechet_distance_of
+
+    def fd(stats1, stats2):
+        fd_calls.append((stats1, stats2))
+        return real_fd(stats1, stats2) if real_sqrtm else _fd_low_rank(stats1, stats2)
+
+    monkeypatch.setattr(metrics, "frechet_distance_of", fd)
+
+    def features(fn, images):  # the same 8-row shape as the eval's: one compile
+        return np.concatenate([np.asarray(fn(images[i : i + 8])) for i in range(0, len(images), 8)])
+
+    stats_path = os.path.join(trained_workdir, "eval", "stats", "inception_train.npz")
+    cached_means, fids = [], []
+    for round_, path in enumerate(weights):
+        config = _eval_config(
+            metrics=("fid",),
+            num_samples=8,
+            batch_size=8,
+            guidance_scales=(1.0,),
+            inception_weights=path,
+        )
+        config.data.source = f"npz:{data_path}"
+        results = evaluate.evaluate(config, trained_workdir)
+        (row,) = results["guidance"]
+        assert len(samples) == round_ + 1 and len(fd_calls) == round_ + 1
+        generated = samples[-1]
+        assert generated.shape == (8, 16, 16, 1)
+        np.testing.assert_array_equal(to_float(np.round((generated + 1) * 127.5)), generated)
+
+        params = inception.load_fid_inception_params(path)
+        fn = inception.make_feature_fn(params)
+        sample_feats = features(fn, generated)
+        reference_feats = features(fn, to_float(reference))
+        assert np.std(sample_feats, 0).max() > 0.01  # the features see the images
+        # The statistics the eval compared: the samples' and the reference images' features.
+        got_samples, got_reference = fd_calls[-1]
+        for got, feats in ((got_samples, sample_feats), (got_reference, reference_feats)):
+            want = metrics.feature_stats(feats)
+            assert got.count == want.count
+            np.testing.assert_allclose(got.mu, want.mu, rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(got.cov, want.cov, rtol=1e-3, atol=1e-6)
+        # The cache holds the reference statistics, keyed by these weights and this data.
+        cached = metrics.load_stats(stats_path)
+        np.testing.assert_array_equal(cached.mu, got_reference.mu)
+        np.testing.assert_array_equal(cached.cov, got_reference.cov)
+        key = metrics.load_stats_key(stats_path)
+        assert key["network"] == metrics.tree_digest(params)
+        assert key["source"] == config.data.source and key["split"] == "train"
+        cached_means.append(cached.mu)
+
+        # The row's fid: finite, >= 0, and the Fréchet distance of the features above.
+        assert np.isfinite(row["fid"]) and row["fid"] >= 0
+        want_fid = _fd_from_features(sample_feats, reference_feats)
+        np.testing.assert_allclose(row["fid"], want_fid, rtol=1e-4)
+        with open(os.path.join(trained_workdir, "eval", f"{results['step']}.json")) as f:
+            assert json.load(f)["guidance"][0]["fid"] == row["fid"]
+        fids.append(row["fid"])
+
+    # Other weights: recomputed statistics (a stale cache would repeat round 1's mean).
+    assert np.abs(cached_means[0] - cached_means[1]).max() > 1e-3
+    assert fids[0] != fids[1]

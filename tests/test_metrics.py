@@ -70,6 +70,32 @@ def test_stats_round_trip(tmp_path):
     np.testing.assert_array_equal(loaded.mu, stats.mu)
     np.testing.assert_array_equal(loaded.cov, stats.cov)
     assert loaded.count == 20
+    assert metrics.load_stats_key(path) is None  # saved without a key
+
+
+def test_stats_key_round_trip(tmp_path):
+    stats = metrics.feature_stats(np.random.default_rng(3).standard_normal((20, 4)))
+    path = str(tmp_path / "stats.npz")
+    key = {"network": "ab" * 32, "image_size": 28, "data_dir": None, "random_flip": False}
+    metrics.save_stats(path, stats, key)
+    assert metrics.load_stats_key(path) == key
+    np.testing.assert_array_equal(metrics.load_stats(path).mu, stats.mu)
+
+
+def test_tree_digest_identifies_the_parameters():
+    """Equal for equal trees however their dicts were built; different after one element,
+    a dtype or a leaf's name changes."""
+    rng = np.random.default_rng(5)
+    tree = {"conv": {"kernel": rng.standard_normal((3, 3, 1, 4)), "bias": np.zeros(4)}}
+    reordered = {"conv": {"bias": np.zeros(4), "kernel": tree["conv"]["kernel"].copy()}}
+    digest = metrics.tree_digest(tree)
+    assert len(digest) == 64 and metrics.tree_digest(reordered) == digest
+    perturbed = {"conv": {**tree["conv"], "kernel": tree["conv"]["kernel"].copy()}}
+    perturbed["conv"]["kernel"][2, 1, 0, 3] += 1e-6
+    as_float32 = {"conv": {k: v.astype(np.float32) for k, v in tree["conv"].items()}}
+    renamed = {"conv": {"kernel": tree["conv"]["kernel"], "scale": np.zeros(4)}}
+    others = {metrics.tree_digest(t) for t in (perturbed, as_float32, renamed)}
+    assert len(others) == 3 and digest not in others
 
 
 def test_precision_recall_of_disjoint_and_identical_sets():

@@ -7,18 +7,20 @@ the distributed runtime are fixed when JAX starts) and checks their numbers here
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ddpm import data, models, sharding, train
+from ddpm import data, sharding, train
 from tests import two_processes
-from tests.tiny import tiny_config
+from tests.tiny import step_parts, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,6 +48,28 @@ def _finish(proc: subprocess.Popen, timeout: float = 400) -> str:
     return out
 
 
+def _finish_all(procs: list[subprocess.Popen], timeout: float = 400) -> list[str]:
+    """Outputs of `procs` once all exited 0; on any failure or timeout every one is killed
+    (a process of a collective job left alone would wait for its peer forever)."""
+    try:
+        return [_finish(p, timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _wait_for_checkpoint(workdir, procs, step: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not os.path.isdir(os.path.join(workdir, "checkpoints", str(step))):
+        if time.time() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            raise AssertionError(f"no checkpoint {step} in {workdir}: {procs[0].communicate()[0]}")
+        time.sleep(0.05)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,10 +91,26 @@ def _saved_state(workdir, step: int) -> dict:
     return checkpointer.restore(path, target)
 
 
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_stop_together_resume_and_match_one_process(tmp_path):
+    """SIGTERM to one process of a 2-process job: both stop at the same step, save that
+    checkpoint together and exit 0; rerun, they resume it, and the finished run equals one
+    process training on the same global batches."""
+    port = str(_free_port())
+    procs = [
+        _python("tests.two_processes", str(i), port, str(tmp_path), "--slow") for i in range(2)
+    ]
+    _wait_for_checkpoint(tmp_path, procs, 2)
+    procs[1].send_signal(signal.SIGTERM)  # process 0 gets no signal
+    outs = _finish_all(procs)
+    stops = [int(o.split("saved checkpoint at step ")[1].split(";")[0]) for o in outs]
+    assert stops[0] == stops[1] and 2 <= stops[0] < two_processes.NUM_STEPS, outs
+    assert all("preemption notice (SIGTERM), on every process" in o for o in outs)
+    assert max(int(s) for s in os.listdir(tmp_path / "checkpoints")) == stops[0]
+
     port = str(_free_port())
     procs = [_python("tests.two_processes", str(i), port, str(tmp_path)) for i in range(2)]
-    outs = [_finish(p) for p in procs]
+    outs = _finish_all(procs)
+    assert all(f"Resumed from checkpoint at step {stops[0]}" in o for o in outs), outs
     assert all("Devices: 2 (cpu), processes: 2; global batch 8, per device 4" in o for o in outs)
 
     # One process, one device, the same config and global batches: process p's 4 rows (its
@@ -78,10 +118,7 @@ def test_two_processes_match_one_process(tmp_path):
     # gradient reduction (float32 rounding, well under 1e-5).
     config = two_processes.run_config()
     config.training.fsdp = 1
-    model, mesh = models.create_model(config), sharding.create_mesh()
-    tx, lr_fn = train.make_optimizer(config.training)
-    step_fn = train.make_train_step(config, model, tx, lr_fn, train.build_schedule(config), mesh)
-    state = train.init_train_state(jax.random.key(config.seed), config, model, tx, mesh)
+    objective, step_fn, state, mesh = step_parts(config, seed=config.seed)
     shards = [
         data.create_dataset(
             config, "train", batch_size=4, seed=config.seed, process_index=p, process_count=2
@@ -91,7 +128,7 @@ def test_two_processes_match_one_process(tmp_path):
     for _ in range(two_processes.NUM_STEPS):
         parts = [next(shard) for shard in shards]
         batch = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
-        state, _ = step_fn(state, sharding.global_batch(batch, mesh))
+        state, _ = step_fn(state, sharding.global_batch(batch, mesh), objective.frozen)
     saved = _saved_state(tmp_path, two_processes.NUM_STEPS)
     assert int(saved["step"]) == two_processes.NUM_STEPS
     expected = jax.device_get(state.params)
@@ -103,12 +140,12 @@ def test_two_processes_match_one_process(tmp_path):
     for i, out in enumerate(outs):
         assert f"process {i} holds (3, 3, 16, 16) of (3, 3, 32, 16)" in out, out
     # Process 0 alone logged (one line per logged step) and drew the grid; both wrote the
-    # checkpoints at steps 2 and 4.
+    # checkpoints.
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [4]
-    assert "step 4/4" in outs[0] and "step 4/4" not in outs[1]
-    assert os.listdir(tmp_path / "samples") == ["step_0000004.png"]
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+    assert [m["step"] for m in lines] == [5, 8]
+    assert "step 8/8" in outs[0] and "step 8/8" not in outs[1]
+    assert os.listdir(tmp_path / "samples") == ["step_0000008.png"]
+    assert "8" in os.listdir(tmp_path / "checkpoints")
 
 
 @pytest.mark.slow  # ~2 min of CPU; the default run's two-process test covers FSDP and restore too

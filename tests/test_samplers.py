@@ -98,25 +98,34 @@ def test_karras_levels_and_fractional_time():
     [
         (
             dict(method="ddmi"),
+            re.escape("method='ddmi' is not one of ddpm, ddim, dpm++2m, dpm++2s, euler, heun"),
+        ),
+        (dict(spacing="even"), "spacing='even' is not one of leading, trailing, linspace, karras"),
+        (dict(spacing="even", method="euler"), "spacing='even' is not one of"),
+        (dict(num_steps=0), "num_steps=0 must be an integer in"),
+        (
+            dict(num_steps=1001),
             re.escape(
-                "config.sample.method='ddmi' is not one of "
-                "ddpm, ddim, dpm++2m, dpm++2s, euler, heun"
+                "num_steps=1001 must be an integer in [1, 1000] (the schedule's num_timesteps)"
             ),
         ),
-        (dict(spacing="even"), "config.sample.spacing='even' is not one of"),
-        (dict(num_steps=0), "config.sample.num_steps=0"),
-        (dict(num_steps=1001), r"config.sample.num_steps=1001 must be an integer in \[1, 1000\]"),
-        (dict(eta=1.5), "config.sample.eta=1.5"),
-        (dict(prediction="score"), "config.diffusion.prediction='score'"),
+        (dict(num_steps=1001, method="euler", spacing="trailing"), "num_steps=1001"),
+        (dict(eta=1.5), re.escape("eta=1.5 must lie in [0, 1]")),
+        (dict(prediction="score"), "prediction='score' is not one of eps, x0, v"),
         (dict(variance="big", method="ddpm"), "variance='big'"),
-        (dict(guidance_scale=3.0, labels=np.zeros(4, np.int32)), "null label"),
-        (dict(churn=1.0, method="ddim"), "churn"),
+        (
+            dict(guidance_scale=3.0, labels=np.zeros(4, np.int32)),
+            "guidance_scale != 1 needs labels and null_label",
+        ),
+        (dict(churn=1.0, method="ddim"), "churn=1.0 applies to euler, heun"),
     ],
     ids=[
         "method",
         "spacing",
+        "spacing-euler",
         "steps0",
         "steps>T",
+        "steps>T-euler-trailing",
         "eta",
         "prediction",
         "variance",
@@ -125,10 +134,12 @@ def test_karras_levels_and_fractional_time():
     ],
 )
 def test_invalid_configuration_raises_before_tracing(kwargs, message):
+    """Each message starts with the offending argument of `sample` (no config path)."""
+
     def never(x, t, labels):
         raise AssertionError("the model must not be traced")
 
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match="^" + message):
         samplers.sample(never, SCHEDULE, (4, 2), jax.random.key(0), **kwargs)
 
 
@@ -139,9 +150,25 @@ def test_karras_steps_are_not_bounded_by_num_timesteps():
     assert np.all(np.isfinite(x))
 
 
+# The grid builders' options as `sample` sets them by default.
+OPTS = samplers._Options(
+    eta=0.0,
+    variance="fixed_small",
+    prediction="eps",
+    clip_x0=False,
+    dynamic_threshold=None,
+    guidance_interval=None,
+    null_label=None,
+    rho=7.0,
+    churn=0.0,
+    churn_tmin=0.0,
+    churn_tmax=float("inf"),
+    churn_noise=1.0,
+)
+
+
 def test_respaced_ddpm_grid_with_all_steps_is_the_schedules_posterior():
-    opts = samplers._Options(0.0, "fixed_small", "eps", False, None, None, None, 7.0, 0, 0, 0, 1)
-    g = samplers._ddpm_grid(SCHEDULE, 1000, "trailing", opts)
+    g = samplers._ddpm_grid(SCHEDULE, 1000, "trailing", OPTS)
     rev = slice(None, None, -1)
     np.testing.assert_allclose(g["beta"], SCHEDULE.betas[rev], rtol=1e-5)
     np.testing.assert_allclose(g["coef_x0"], SCHEDULE.posterior_mean_coef1[rev], rtol=1e-4)
@@ -149,6 +176,69 @@ def test_respaced_ddpm_grid_with_all_steps_is_the_schedules_posterior():
     np.testing.assert_allclose(
         g["log_var_small"], SCHEDULE.posterior_log_variance_clipped[rev], rtol=1e-5, atol=1e-4
     )
+
+
+def diffusers_euler_sigmas(num_steps, spacing):
+    """diffusers' `EulerDiscreteScheduler.set_timesteps` for `timestep_spacing` (steps_offset 0,
+    no Karras sigmas), in float64 from the linear betas: (timesteps [n], sigmas [n + 1]) with
+    sigmas = sqrt((1 - ab) / ab) interpolated at the timesteps, then 0. Its linspace timesteps
+    are fractional unless (T - 1) / (n - 1) is an integer."""
+    T = 1000
+    ab = np.cumprod(1 - np.linspace(1e-4, 0.02, T))
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, num_steps)[::-1]
+    elif spacing == "leading":
+        ts = (np.arange(num_steps) * (T // num_steps)).round()[::-1]
+    else:
+        ts = np.arange(T, 0, -T / num_steps).round() - 1
+    return ts, np.append(np.interp(ts, np.arange(T), np.sqrt((1 - ab) / ab)), 0.0)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_euler_heun_levels_on_timesteps_are_diffusers_euler_sigmas(spacing):
+    """With n = 28 steps (T / n = 35.7: trailing rounds; linspace's 999 / 27 = 37 makes
+    diffusers' timesteps integers too) the euler/heun grid's VE levels s [n] and s_next [n]
+    (ending at 0) are diffusers' sigmas (float32 tables: rtol 2e-6); the model is called at its
+    integer timesteps t [n], and heun's second call at the next ones, t_next [n] (the last row
+    unused)."""
+    ts, sigmas = diffusers_euler_sigmas(28, spacing)
+    g = samplers._karras_grid(SCHEDULE, 28, spacing, OPTS)
+    np.testing.assert_allclose(g["s"], sigmas[:-1], rtol=2e-6)
+    np.testing.assert_allclose(g["s_next"], sigmas[1:], rtol=2e-6)
+    np.testing.assert_array_equal(g["t"], ts)
+    np.testing.assert_array_equal(g["t_next"][:-1], ts[1:])
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "karras"])
+def test_churn_raises_levels_on_any_grid_and_calls_the_model_there(spacing):
+    """EDM churn 5.6 over n = 28 steps (gamma 0.2), tmin 0.5: s_hat = min(1.2 s, s_{T-1}) where
+    s >= 0.5, else s (float64 reference from the linear betas); the model time t [n] has level
+    s_hat (t_to_sigma(t) = s_hat), and on timestep grids rows left at s keep their integer t."""
+    ab = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    s_max = np.sqrt((1 - ab[-1]) / ab[-1])
+    g = samplers._karras_grid(SCHEDULE, 28, spacing, OPTS._replace(churn=5.6, churn_tmin=0.5))
+    s = np.asarray(g["s"], np.float64)
+    s_hat = np.where(s >= 0.5, np.minimum(1.2 * s, s_max), s)
+    np.testing.assert_allclose(g["s_hat"], s_hat, rtol=1e-6)
+    np.testing.assert_allclose(samplers.t_to_sigma(SCHEDULE, g["t"]), s_hat, rtol=1e-4)
+    raised = s_hat > s * (1 + 1e-6)
+    assert raised.any() and not raised.all()
+    if spacing != "karras":
+        np.testing.assert_array_equal(
+            g["t"][~raised], samplers.timesteps(1000, 28, spacing)[~raised]
+        )
+
+
+@pytest.mark.parametrize("method", samplers.METHODS)
+def test_spacing_none_builds_the_methods_default_grid(method):
+    """spacing=None: every row [n] of the grid is bitwise that of karras for euler/heun and of
+    trailing for the others."""
+    make_grid = samplers._METHOD_TABLE[method][0]
+    default = "karras" if method in ("euler", "heun") else "trailing"
+    none, explicit = make_grid(SCHEDULE, 28, None, OPTS), make_grid(SCHEDULE, 28, default, OPTS)
+    assert none.keys() == explicit.keys()
+    for name, row in none.items():
+        np.testing.assert_array_equal(row, explicit[name], err_msg=name)
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,18 +327,54 @@ M = 256  # trajectories (a pure numerical comparison: no sampling error)
     "kwargs, bound",
     [
         # Measured rms distance to the exact ODE solution on the mixture: ddim-50 0.04,
-        # dpm++2m-20 0.05, dpm++2s-10 (karras) 0.06, euler-50 0.04, heun-20 0.027.
+        # dpm++2m-20 0.05, dpm++2s-10 (karras) 0.06, euler-50 0.04, heun-20 0.027; on trailing
+        # timesteps euler-50 0.027, heun-20 0.039.
         (dict(method="ddim", num_steps=50), 0.06),
         (dict(method="dpm++2m", num_steps=20), 0.08),
         (dict(method="dpm++2s", num_steps=10, spacing="karras"), 0.09),
         (dict(method="euler", num_steps=50), 0.06),
         (dict(method="heun", num_steps=20), 0.04),
+        (dict(method="euler", num_steps=50, spacing="trailing"), 0.04),
+        (dict(method="heun", num_steps=20, spacing="trailing"), 0.055),
     ],
-    ids=["ddim50", "dpm++2m-20", "dpm++2s-10", "euler50", "heun20"],
+    ids=[
+        "ddim50",
+        "dpm++2m-20",
+        "dpm++2s-10",
+        "euler50",
+        "heun20",
+        "euler50-trailing",
+        "heun20-trailing",
+    ],
 )
 def test_deterministic_samplers_follow_the_ode(kwargs, bound):
     x = draw(MIX, (M, 2), **kwargs)
     assert rms(x, ode_reference((M, 2))) < bound
+
+
+@pytest.mark.parametrize("method, default", [("euler", "karras"), ("ddim", "trailing")])
+def test_spacing_none_samples_as_the_methods_default(method, default):
+    """`sample` without a spacing is bitwise the default spacing's: [M, 2] mixture samples of
+    50 steps (the spacing-less draw is the one of `test_deterministic_samplers_follow_the_ode`)."""
+    x = draw(MIX, (M, 2), method=method, num_steps=50)
+    np.testing.assert_array_equal(
+        x, draw(MIX, (M, 2), method=method, num_steps=50, spacing=default)
+    )
+
+
+def test_euler_on_timesteps_takes_diffusers_euler_steps():
+    """Gaussian data and its exact denoiser, euler on 10 trailing timesteps: the [64, 2] samples
+    are the float64 Euler recursion over diffusers' sigmas s_i in the VE variable x = x_t /
+    alpha, x <- x + (s_{i+1} - s_i) s_i (x - mu) / (std^2 + s_i^2), started from the sampler's
+    own x_T: x = x_T sqrt(1 + s_0^2)."""
+    shape, n = (64, 2), 10
+    _, sigmas = diffusers_euler_sigmas(n, "trailing")
+    x_T = np.asarray(jax.random.normal(jax.random.split(jax.random.key(0))[0], shape))
+    x = x_T.astype(np.float64) * np.sqrt(1 + sigmas[0] ** 2)
+    for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        x = x + (s_next - s) * s * (x - G_MEAN) / (G_STD**2 + s**2)
+    got = draw(GAUSS, shape, method="euler", num_steps=n, spacing="trailing")
+    np.testing.assert_allclose(got, x, rtol=1e-4, atol=1e-5)
 
 
 def test_reference_flow_is_exact_on_a_gaussian():

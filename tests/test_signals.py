@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from configs import sines as sines_config
-from ddpm import config_check, editing, generate, models, signals, train
+from ddpm import editing, generate, signals, train
+from ddpm.config import runs, validation
 from ddpm.data import create_dataset, sines
 from ddpm.models.unet import UNet
 
@@ -55,14 +56,14 @@ def test_pipeline_yields_signal_batches_and_validates_length():
     batch = next(create_dataset(config, "train", batch_size=8, seed=0))
     assert batch["image"].shape == (8, 32, 1) and batch["image"].dtype == np.float32
     assert set(np.unique(batch["label"])) <= set(range(sines.NUM_BANDS))
-    assert models.input_shape(config) == (32, 1)
+    assert runs.input_shape(config) == (32, 1)
     config.data.length = None
     with pytest.raises(ValueError, match=r"config.data.length=None must be an int >= 8"):
-        config_check.validate(config)
+        validation.validate(config)
     image = tiny_signal_config()
     image.data.source = "mnist5k"
     with pytest.raises(ValueError, match=r"config.data.length=32 is for 1-D signal sources"):
-        config_check.validate(image)
+        validation.validate(image)
 
 
 # ------------------------------------------------------------------------------------------
@@ -181,10 +182,10 @@ def test_inpaint_and_img2img_modes_on_a_signal_run(trained):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("strength", 0.0, r"config.edit.strength=0.0 must lie in \(0, 1\]"),
+        ("strength", 0.0, r"config.edit.strength=0.0 must be a number > 0 and <= 1"),
         ("input", "nope.png", "config.edit.input='nope.png' is neither a test-set index"),
         ("mask", "ring", "config.edit.mask='ring' is not one of center, left_half, random_b"),
-        ("resample", 0, "config.edit.resample=0 must be an integer >= 1"),
+        ("resample", 0, "config.edit.resample=0 must be an int >= 1"),
         ("num_samples", 0, "config.edit.num_samples=0 must be an int >= 1"),
     ],
 )

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from ddpm import conditioning, generate, samplers, text, train
-from ddpm.models import create_model, init_inputs, null_label
+from ddpm.config import runs, schema
+from ddpm.models import init_inputs, null_label
 from ddpm.schedules import get_schedule
 from tests.test_unet import tiny_config as unet_config
+from tests.tiny import create_model
 from tests.tiny import tiny_config as tiny_run_config
 
 
@@ -25,7 +27,9 @@ def text_config(source="captions", **model):
 
 def noisy_variables(model, config, seed=2):
     """Initial variables plus N(0, 0.1^2) noise (the zero output conv makes fresh outputs 0)."""
-    variables = jax.jit(model.init)(jax.random.key(1, impl="rbg"), *init_inputs(config))
+    variables = jax.jit(model.init)(
+        jax.random.key(1, impl="rbg"), *init_inputs(config, runs.input_shape(config))
+    )
     leaves, treedef = jax.tree.flatten(variables)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     noisy = [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
@@ -113,7 +117,8 @@ def test_dit_text_tokens_padding_and_empty_captions():
     """A text DiT: captions change the output, and an empty caption (the null condition of
     guidance) equals calling without text."""
     config = text_config()
-    config.model.update(name="dit", patch_size=4, hidden_size=16, depth=1, num_heads=2)
+    config.model = schema.dit()
+    config.model.update(patch_size=4, hidden_size=16, depth=1, num_heads=2)
     model = create_model(config)
     variables = noisy_variables(model, config)
     apply = jit_apply(model)
@@ -181,10 +186,10 @@ def test_precomputed_embeddings_are_looked_up_by_caption(tmp_path):
     [
         ("source", "clip", r"config\.text\.source='clip' is not one of None, 'captions'"),
         ("num_heads", 3, r"config\.text\.num_heads=3 does not divide config\.text\.width=16"),
-        ("max_length", 0, r"config\.text\.max_length=0 must be a positive int"),
+        ("max_length", 0, r"config\.text\.max_length=0 must be an int >= 1"),
     ],
 )
-def test_invalid_text_config_fails_at_create_model(field, value, message):
+def test_invalid_text_config_fails_at_validation(field, value, message):
     config = text_config()
     config.text[field] = value
     with pytest.raises(ValueError, match=message):
@@ -224,25 +229,23 @@ def test_tiny_text_unet_trains_resumes_and_samples_a_prompt(tmp_path, capsys):
 
 def test_mnist_text_and_dit_configs_are_valid_runs():
     from configs import mnist_dit, mnist_text
-    from ddpm import config_check
 
     for module in (mnist_text, mnist_dit):
-        config = module.get_config()
-        config_check.validate(config)
-        create_model(config)
+        create_model(module.get_config())
     assert null_label(mnist_text.get_config()) == {"tokens": 0}
 
 
 def test_workdir_of_an_older_config_stays_compatible(tmp_path):
-    """A config.json written before the DiT and text fields existed resumes with their
-    defaults; a different text width (other parameter shapes) is an error."""
-    from ddpm import config_check
-
+    """A config.json written before the text and runtime sections and the objective field
+    existed resumes with their defaults; turning text conditioning on (other parameters) is
+    an error naming the field."""
     config = tiny_run_config()
     saved = json.loads(config.to_json_best_effort())
-    del saved["text"], saved["model"]["patch_size"], saved["model"]["hidden_size"]
+    del saved["text"], saved["runtime"], saved["objective"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    config_check.check_workdir_compatible(config, str(tmp_path))
-    config.text.width = 32
-    with pytest.raises(ValueError, match=r"config\.text\.width: workdir has None, new config 32"):
-        config_check.check_workdir_compatible(config, str(tmp_path))
+    runs.check_resumable(config, str(tmp_path))
+    config.text.source = "captions"
+    with pytest.raises(
+        ValueError, match=r"config\.text\.source: workdir has None, new config 'captions'"
+    ):
+        runs.check_resumable(config, str(tmp_path))

@@ -14,8 +14,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ddpm import generate, models, sharding, train
-from tests.tiny import tiny_config
+from ddpm import generate, sharding, train
+from ddpm.errors import UserError
+from tests.tiny import step_parts, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +34,12 @@ def _run_tiny(workdir, overrides, *, slow=False, env=None) -> subprocess.Popen:
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:  # timed out: no child outlives the test
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 0, out
     return out
 
@@ -51,6 +57,8 @@ def _wait_for_checkpoint(workdir, proc, minimum_step: int, timeout: float = 120)
             return
         assert proc.poll() is None, proc.communicate()[0]
         time.sleep(0.05)
+    proc.kill()
+    proc.wait()
     raise TimeoutError(f"no checkpoint >= {minimum_step} in {workdir}")
 
 
@@ -73,16 +81,13 @@ def test_loss_decreases_and_step_compiles_once(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model"]["ch"] == 8
 
     # The jitted step compiles once for repeated calls with new states and batches.
-    model, mesh = models.create_model(config), sharding.create_mesh()
-    tx, lr_fn = train.make_optimizer(config.training)
-    step_fn = train.make_train_step(config, model, tx, lr_fn, train.build_schedule(config), mesh)
-    state = train.init_train_state(jax.random.key(0), config, model, tx, mesh)
+    objective, step_fn, state, mesh = step_parts(config)
     for i in range(3):
         batch = {
             "image": jax.random.uniform(jax.random.key(i), (8, 16, 16, 1), minval=-1, maxval=1),
             "label": jnp.arange(8, dtype=jnp.int32) % 10,
         }
-        state, metrics = step_fn(state, sharding.global_batch(batch, mesh))
+        state, metrics = step_fn(state, sharding.global_batch(batch, mesh), objective.frozen)
     assert int(state.step) == 3 and bool(metrics["finite"])
     assert step_fn._cache_size() == 1
 
@@ -98,16 +103,23 @@ def test_exact_resume_after_sigkill_and_sigterm(tmp_path):
     killed.wait()
     assert max(_steps(resumed)) < 40
 
+    # Signal only once this run wrote a checkpoint of its own (its handler is in place then;
+    # the killed run may have written more than step 10 before the kill landed).
+    first = max(_steps(resumed)) + 10
     terminated = _run_tiny(resumed, overrides, slow=True)
-    _wait_for_checkpoint(resumed, terminated, 20)
+    _wait_for_checkpoint(resumed, terminated, first)
     terminated.send_signal(signal.SIGTERM)
     out = _finish(terminated)
     assert "SIGTERM: saved checkpoint at step" in out, out
     saved_at = int(out.split("SIGTERM: saved checkpoint at step ")[1].split(";")[0])
-    assert 20 <= saved_at < 40 and saved_at in _steps(resumed)
+    assert first <= saved_at < 40 and saved_at in _steps(resumed)
 
     out = _finish(_run_tiny(resumed, overrides))
     assert f"Resumed from checkpoint at step {saved_at}" in out, out
+    # metrics.jsonl holds each logged step once although the killed run logged past its last
+    # checkpoint and the resumed runs logged those steps again.
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(5, 41, 5)), records
     _finish(uninterrupted)
     a, b = _saved_state(reference, 40), _saved_state(resumed, 40)
     assert int(b["step"]) == 40
@@ -166,6 +178,52 @@ def test_incompatible_workdir_is_a_clear_error(tmp_path):
     assert _steps(tmp_path)[-1] == 4
 
 
+def test_runtime_and_free_fields_resume_shape_fields_refuse(tmp_path):
+    """The resume check compares what changes parameter shapes or the network's function:
+    config.runtime and dropout/dtype/remat may change, and a workdir written before the
+    per-family model sections (a flat config.model with DiT fields and conv_grad_chunk)
+    resumes; a shape field is refused, naming it."""
+    train.train_and_evaluate(tiny_config(num_steps=2), str(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["model"].update(patch_size=2, depth=12, mlp_ratio=4.0, conv_grad_chunk=16)
+    del saved["objective"], saved["runtime"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    resumed = tiny_config(num_steps=4)
+    resumed.runtime.conv_grad_chunk, resumed.runtime.group_norm = 2, "flax"
+    resumed.model.remat = True
+    train.train_and_evaluate(resumed, str(tmp_path))
+    assert _steps(tmp_path)[-1] == 4
+    for field, value in (("ch_mult", (1, 1)), ("num_classes", None), ("learn_sigma", True)):
+        refused = tiny_config(num_steps=6)
+        refused.model[field] = value
+        with pytest.raises(UserError, match=rf"config\.model\.{field}: workdir has"):
+            train.train_and_evaluate(refused, str(tmp_path))
+    assert _steps(tmp_path)[-1] == 4
+
+
+def test_sampling_restores_ema_whatever_the_optimizer_section(tmp_path):
+    """A run trained with Adam and gradient accumulation samples with another optimizer
+    section (AdamW, no accumulation, another FSDP threshold): only the EMA subtree is read,
+    and it equals the checkpoint's."""
+    config = tiny_config(num_steps=4, optimizer="adam", grad_accum_steps=2, checkpoint_every=4)
+    train.train_and_evaluate(config, str(tmp_path))
+    other = tiny_config(optimizer="adamw", grad_accum_steps=1, weight_decay=0.1)
+    other.training.fsdp_min_size = 1
+    objective, mesh = generate.prepare(other, str(tmp_path))
+    params, step = generate.restore(objective, str(tmp_path), mesh)
+    assert step == 4
+    saved = _saved_state(tmp_path, 4)["ema_params"]
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The same samples as with the training config's own optimizer section.
+    samples = []
+    for sampling_config in (config, other):
+        png = generate.sample_from_workdir(sampling_config, str(tmp_path))
+        samples.append(np.load(png.replace(".png", ".npz"))["images"])
+    assert samples[0].shape == (20, 16, 16, 1)
+    np.testing.assert_array_equal(samples[0], samples[1])
+
+
 def test_sample_mode_writes_grid_and_npz(tmp_path):
     config = tiny_config(num_steps=3)
     train.train_and_evaluate(config, str(tmp_path))
@@ -178,7 +236,7 @@ def test_sample_mode_writes_grid_and_npz(tmp_path):
 
 
 def test_sample_mode_without_checkpoint_fails_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+    with pytest.raises(UserError, match="no checkpoint in"):
         generate.sample_from_workdir(tiny_config(), str(tmp_path))
 
 
@@ -191,8 +249,12 @@ def test_sample_mode_without_checkpoint_fails_clearly(tmp_path):
             "score",
             "config.diffusion.prediction='score' is not one of eps, x0, v",
         ),
-        ("training.ema_decay", 1.0, "config.training.ema_decay=1.0 must be >= 0 and < 1"),
-        ("training.num_steps", 0, "config.training.num_steps=0 must be >= 1"),
+        (
+            "training.ema_decay",
+            1.0,
+            "config.training.ema_decay=1.0 must be a number >= 0 and < 1",
+        ),
+        ("training.num_steps", 0, "config.training.num_steps=0 must be an int >= 1"),
         ("diffusion.zero_terminal_snr", True, "needs config.diffusion.prediction='v'"),
     ],
 )
@@ -201,7 +263,7 @@ def test_invalid_config_fields_fail_at_start(tmp_path, field, value, message):
     section, key = field.split(".")
     config[section][key] = value
     with pytest.raises(
-        ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")
+        UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")
     ):
         train.train_and_evaluate(config, str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints")
@@ -220,16 +282,13 @@ def test_gradient_accumulation_updates_every_k_steps():
     config = tiny_config(
         grad_accum_steps=2, ema_decay=0.5, ema_warmup=False, warmup_steps=0, lr_schedule="constant"
     )
-    model, mesh = models.create_model(config), sharding.create_mesh()
-    tx, lr_fn = train.make_optimizer(config.training)
-    step_fn = train.make_train_step(config, model, tx, lr_fn, train.build_schedule(config), mesh)
-    state = train.init_train_state(jax.random.key(0), config, model, tx, mesh)
+    objective, step_fn, state, mesh = step_parts(config)
     batch = {
         "image": jax.random.uniform(jax.random.key(1), (8, 16, 16, 1), minval=-1, maxval=1),
         "label": jnp.arange(8, dtype=jnp.int32),
     }
     initial = jax.device_get(state)
-    after_one, _ = step_fn(state, sharding.global_batch(batch, mesh))
+    after_one, _ = step_fn(state, sharding.global_batch(batch, mesh), objective.frozen)
     after_one = jax.device_get(after_one)
     # The first micro-step only accumulates: parameters and their EMA are unchanged.
     for tree in ("params", "ema_params"):
@@ -240,7 +299,9 @@ def test_gradient_accumulation_updates_every_k_steps():
         ):
             np.testing.assert_array_equal(a, b)
     after_two, _ = step_fn(
-        jax.device_put(after_one, sharding.replicated(mesh)), sharding.global_batch(batch, mesh)
+        jax.device_put(after_one, sharding.replicated(mesh)),
+        sharding.global_batch(batch, mesh),
+        objective.frozen,
     )
     # conv_out: the only layer with a gradient at init, as it is zero-initialised.
     kernel = lambda s: np.asarray(s.params["conv_out"]["kernel"])  # noqa: E731

@@ -1,13 +1,15 @@
 """A tiny run config shared by the training tests: seconds per run on a 2-core CPU."""
 
+import jax
 import ml_collections
 
-from configs import mnist
+from ddpm import build, objectives, sharding, train
+from ddpm.config import presets, validation
 
 
 def tiny_config(**training) -> ml_collections.ConfigDict:
     """mnist5k at 16x16, a tiny class-conditional U-Net without attention, a 5-step sampler."""
-    config = mnist.get_config()
+    config = presets.mnist()
     config.data.image_size = 16
     m = config.model
     m.ch, m.ch_mult, m.num_res_blocks, m.num_groups = 8, (1, 2), 1, 4
@@ -21,3 +23,21 @@ def tiny_config(**training) -> ml_collections.ConfigDict:
     t.update(training)
     config.sample.num_steps, config.sample.num_samples, config.sample.batch_size = 5, 20, 20
     return config
+
+
+def step_parts(config: ml_collections.ConfigDict, mesh=None, seed: int = 0):
+    """(objective, jitted train step, initial state, mesh) of a validated `config`: the pieces
+    `train.train_and_evaluate` builds, for tests that drive the step themselves."""
+    validation.validate(config)
+    mesh = mesh or sharding.create_mesh(fsdp=config.training.fsdp)
+    objective = objectives.create(config, workdir=None, mesh=mesh)
+    tx, lr_fn = build.optimizer(config.training)
+    step_fn = train.make_train_step(objective, tx, lr_fn, mesh)
+    state = train.init_train_state(jax.random.key(seed), objective, tx, mesh)
+    return objective, step_fn, state, mesh
+
+
+def create_model(config: ml_collections.ConfigDict):
+    """The network of a validated `config`, as the run layer builds it."""
+    validation.validate(config)
+    return build.model(config)

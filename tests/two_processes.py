@@ -1,19 +1,21 @@
 """Subprocess of test_multihost: one of two JAX processes on localhost (gloo collectives).
 
-`python -m tests.two_processes PROCESS_ID PORT WORKDIR` joins the 2-process job and runs
-`train_and_evaluate` of the tiny config for 4 steps (checkpoints at 2 and 4) in WORKDIR, with
-the parameters split over the two processes (fsdp=2). Then it restores step 4 and prints the
-shape of its own piece of the largest parameter.
+`python -m tests.two_processes PROCESS_ID PORT WORKDIR [--slow]` joins the 2-process job and
+runs `train_and_evaluate` of the tiny config for NUM_STEPS steps (checkpoints every 2) in
+WORKDIR, with the parameters split over the two processes (fsdp=2). Then it restores the
+latest checkpoint and prints the shape of its own piece of the largest parameter. With
+`--slow` every step waits 0.25 s, so a test can preempt the job mid-run.
 """
 
 import sys
+import time
 
 import jax
 
-from ddpm import checkpoint, models, sharding, train
+from ddpm import build, checkpoint, objectives, sharding, train
 from tests.tiny import tiny_config
 
-NUM_STEPS = 4
+NUM_STEPS = 8
 
 
 def run_config():
@@ -23,16 +25,25 @@ def run_config():
 
 if __name__ == "__main__":
     process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    if "--slow" in sys.argv:
+        assemble = sharding.global_batch
+
+        def slow_global_batch(*args, **kwargs):
+            time.sleep(0.25)
+            return assemble(*args, **kwargs)
+
+        sharding.global_batch = slow_global_batch
     sharding.initialize_distributed(f"127.0.0.1:{port}", 2, process_id)
     assert jax.process_count() == 2 and jax.device_count() == 2, jax.devices()
     config = run_config()
     train.train_and_evaluate(config, workdir)
 
-    tx, _ = train.make_optimizer(config.training)
+    tx, _ = build.optimizer(config.training)
     mesh = sharding.create_mesh(fsdp=2)
-    target = train.abstract_train_state(config, models.create_model(config), tx, mesh)
+    objective = objectives.create(config, workdir=workdir, mesh=mesh)
+    target = train.abstract_train_state(objective, tx, mesh)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.training.keep_checkpoints)
-    state, _ = ckpt.restore(NUM_STEPS, target)
+    state, _ = ckpt.restore(ckpt.latest_step(), target)
     ckpt.close()
     largest = max(jax.tree.leaves(state.params), key=lambda leaf: leaf.size)
     (piece,) = largest.addressable_shards

@@ -8,12 +8,12 @@ runs/mnist_lr/results.csv and the loss curves to runs/mnist_lr/results.png.
 
 import ml_collections
 
-from configs import mnist
+from ddpm.config import presets
 
 
 def get_config() -> ml_collections.ConfigDict:
     """The base config every trial starts from (override it with --config.<path>=...)."""
-    config = mnist.get_config()
+    config = presets.mnist()
     config.training.num_steps = 600
     config.training.sample_every = 600
     return config

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ddpm.data import transforms
+from ddpm.errors import UserError
 
 MNIST5K_PATH = Path(__file__).with_name("assets") / "mnist5k.npz"
 MNIST5K_SPLITS = ("train", "test")
@@ -43,16 +44,24 @@ class ArraySource:
         return images, self.labels[ids]
 
 
+def _members(path: Path) -> list[str]:
+    """Member names of the npz (zip) file at `path`; a UserError when it is not one."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    except (OSError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is not a readable .npz file ({e})") from e
+
+
 def npz_keys(path: Path, split: str) -> tuple[str, str]:
     """The (images, labels) member names that hold `split` in the npz file at `path`."""
-    with zipfile.ZipFile(path) as zf:
-        names = {n.removesuffix(".npy") for n in zf.namelist()}
+    names = {n.removesuffix(".npy") for n in _members(path)}
     if "images" in names:
         return "images", "labels"
     if f"{split}_images" in names:
         return f"{split}_images", f"{split}_labels"
     splits = sorted(n.removesuffix("_images") for n in names if n.endswith("_images"))
-    raise ValueError(
+    raise UserError(
         f"{path} has no array 'images' nor '{split}_images' (arrays: {sorted(names)}); "
         f"set config.data.train_split / eval_split to one of {splits}"
         if splits
@@ -62,17 +71,16 @@ def npz_keys(path: Path, split: str) -> tuple[str, str]:
 
 def npz_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype] | None:
     """(shape, dtype) of member `key` of an npz file without reading its data; None if absent."""
-    with zipfile.ZipFile(path) as zf:
-        if f"{key}.npy" not in zf.namelist():
-            return None
-        with zf.open(f"{key}.npy") as f:
-            version = np.lib.format.read_magic(f)
-            read = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, _, dtype = read(f)
+    if f"{key}.npy" not in _members(path):
+        return None
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = read(f)
     return shape, dtype
 
 
@@ -85,19 +93,19 @@ def check_npz(path: Path, split: str, size: int) -> int:
         or len(shape) not in (3, 4)
         or (len(shape) == 4 and shape[3] not in (1, 3, 4))
     ):
-        raise ValueError(
+        raise UserError(
             f"{path}: '{images_key}' must be uint8 [N, H, W, C] with C in 1, 3, 4 "
             f"(or [N, H, W]); got {dtype} {shape}"
         )
     h, w = shape[1:3]
     if not (h <= size and w <= size) and min(h, w) < size:
-        raise ValueError(
+        raise UserError(
             f"{path}: images of {h}x{w} pixels neither fit inside nor cover "
             f"config.data.image_size={size}"
         )
     labels = npz_header(path, labels_key)
     if labels is not None and (labels[0] != shape[:1] or labels[1].kind not in "iu"):
-        raise ValueError(f"{path}: '{labels_key}' must be integer [{shape[0]}]; got {labels}")
+        raise UserError(f"{path}: '{labels_key}' must be integer [{shape[0]}]; got {labels}")
     return shape[0]
 
 
@@ -110,7 +118,7 @@ def load_npz(path: Path, split: str, size: int, channels: int) -> ArraySource:
     if images.ndim == 3:
         images = images[..., None]
     if labels.size and labels.min() < 0:
-        raise ValueError(f"{path}: '{labels_key}' has negative labels")
+        raise UserError(f"{path}: '{labels_key}' has negative labels")
     return ArraySource(images, labels.astype(np.int32), size, channels)
 
 

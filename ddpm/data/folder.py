@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ddpm.data import transforms
+from ddpm.errors import UserError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 _READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -54,17 +55,17 @@ def _header_size(path: Path) -> tuple[int, int]:
 def index_folder(root: Path, size: int, *, skip_corrupt: bool) -> FolderIndex:
     """List the images of `root`, read their headers and assign labels (see module docstring)."""
     if not root.is_dir():
-        raise ValueError(f"config.data.source='folder:{root}': no such directory")
+        raise UserError(f"config.data.source='folder:{root}': no such directory")
     files = list_images(root)
     if not files:
-        raise ValueError(
+        raise UserError(
             f"config.data.source='folder:{root}': no image files ({', '.join(EXTENSIONS)}) found"
         )
     top = [p.relative_to(root).parts for p in files]
     nested = sum(len(parts) > 1 for parts in top)
     if 0 < nested < len(files):
         loose = [str(root.joinpath(*parts)) for parts in top if len(parts) == 1][:3]
-        raise ValueError(
+        raise UserError(
             f"config.data.source='folder:{root}': images both in class sub-folders and directly "
             f"in the root (e.g. {loose}); move them into sub-folders or flatten the folder"
         )
@@ -76,14 +77,14 @@ def index_folder(root: Path, size: int, *, skip_corrupt: bool) -> FolderIndex:
             width, height = _header_size(path)
         except _READ_ERRORS as e:
             if not skip_corrupt:
-                raise ValueError(
+                raise UserError(
                     f"unreadable image file {path}: {e} (set config.data.skip_corrupt=True "
                     "to skip such files)"
                 ) from e
             skipped.append(str(path))
             continue
         if min(width, height) < size:
-            raise ValueError(
+            raise UserError(
                 f"image file {path} is {width}x{height} pixels, smaller than "
                 f"config.data.image_size={size}"
             )
@@ -92,7 +93,7 @@ def index_folder(root: Path, size: int, *, skip_corrupt: bool) -> FolderIndex:
     if skipped:
         logging.warning("folder %s: skipped %d unreadable file(s): %s", root, len(skipped), skipped)
     if not paths:
-        raise ValueError(f"config.data.source='folder:{root}': no readable image files")
+        raise UserError(f"config.data.source='folder:{root}': no readable image files")
     return FolderIndex(paths, np.asarray(labels, np.int32), class_names, skipped)
 
 
@@ -127,12 +128,12 @@ class FolderSource:
                 return decode(path, self.size, self.channels), j
             except _READ_ERRORS as e:
                 if not self.skip_corrupt:
-                    raise ValueError(
+                    raise UserError(
                         f"corrupt image file {path}: {e} (set config.data.skip_corrupt=True "
                         "to skip such files)"
                     ) from e
                 logging.warning("corrupt image file %s skipped: %s", path, e)
-        raise ValueError(f"no image of the folder could be decoded (e.g. {self.index.paths[i]})")
+        raise UserError(f"no image of the folder could be decoded (e.g. {self.index.paths[i]})")
 
     def load(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """ids: [B] int -> (images [B, size, size, channels] uint8, labels [B] int32)."""

@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 
 from ddpm.data import arrays, folder, sines, tfds_source
+from ddpm.errors import UserError
 
 SOURCES = "mnist5k, tfds:<name>, folder:<path>, npz:<path>, sines"
 CHANNELS = (1, 3, 4)
@@ -51,12 +52,12 @@ def parse_source(source: str) -> tuple[str, str]:
     kind, _, arg = str(source).partition(":")
     if (kind in ("mnist5k", "sines") and not arg) or (kind in ("tfds", "folder", "npz") and arg):
         return kind, arg
-    raise ValueError(f"config.data.source={source!r} is not one of {SOURCES}")
+    raise UserError(f"config.data.source={source!r} is not one of {SOURCES}")
 
 
 def check_split(split: str) -> str:
     if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not one of {', '.join(SPLITS)}")
+        raise UserError(f"split={split!r} is not one of {', '.join(SPLITS)}")
     return split
 
 
@@ -70,34 +71,34 @@ def _check_fields(data: ml_collections.ConfigDict) -> None:
     kind, _ = parse_source(data.source)
     if kind == "sines":
         if not isinstance(data.length, int) or data.length < 8:
-            raise ValueError(
+            raise UserError(
                 f"config.data.length={data.length!r} must be an int >= 8 for "
                 "config.data.source='sines' (the signal length L)"
             )
         if not isinstance(data.channels, int) or data.channels < 1:
-            raise ValueError(f"config.data.channels={data.channels!r} must be a positive int")
+            raise UserError(f"config.data.channels={data.channels!r} must be a positive int")
     elif data.length is not None:
-        raise ValueError(
+        raise UserError(
             f"config.data.length={data.length!r} is for 1-D signal sources (sines); "
             f"config.data.source={data.source!r} holds images: leave it None"
         )
     if not isinstance(data.image_size, int) or data.image_size <= 0:
-        raise ValueError(f"config.data.image_size={data.image_size!r} must be a positive int")
+        raise UserError(f"config.data.image_size={data.image_size!r} must be a positive int")
     if kind != "sines" and data.channels not in CHANNELS:
-        raise ValueError(f"config.data.channels={data.channels!r} is not one of 1, 3, 4")
+        raise UserError(f"config.data.channels={data.channels!r} is not one of 1, 3, 4")
     for field in ("num_workers", "prefetch"):
         value = data[field]
         if not isinstance(value, int) or value < 0:
-            raise ValueError(f"config.data.{field}={value!r} must be an int >= 0")
+            raise UserError(f"config.data.{field}={value!r} must be an int >= 0")
     for field in ("random_flip", "skip_corrupt"):
         if not isinstance(data[field], bool):
-            raise ValueError(f"config.data.{field}={data[field]!r} must be True or False")
+            raise UserError(f"config.data.{field}={data[field]!r} must be True or False")
 
 
 def _existing_file(arg: str) -> Path:
     path = Path(arg).expanduser()
     if not path.is_file():
-        raise ValueError(f"config.data.source='npz:{arg}': no such file")
+        raise UserError(f"config.data.source='npz:{arg}': no such file")
     return path
 
 
@@ -148,7 +149,7 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     if kind == "mnist5k":
         for field in ("train_split", "eval_split"):
             if data[field] not in arrays.MNIST5K_SPLITS:
-                raise ValueError(f"config.data.{field}={data[field]!r} is not one of train, test")
+                raise UserError(f"config.data.{field}={data[field]!r} is not one of train, test")
     path = arrays.MNIST5K_PATH if kind == "mnist5k" else _existing_file(arg)
     sizes = {s: arrays.check_npz(path, split_name(data, s), data.image_size) for s in SPLITS}
     if kind == "mnist5k":
@@ -179,7 +180,7 @@ def open_source(config: ml_collections.ConfigDict, split: str) -> Source:
         index = folder.index_folder(Path(arg).expanduser(), size, skip_corrupt=data.skip_corrupt)
         return folder.FolderSource(index, size, channels, data.skip_corrupt)
     if kind == "mnist5k" and name not in arrays.MNIST5K_SPLITS:
-        raise ValueError(f"config.data split {name!r} is not one of train, test")
+        raise UserError(f"config.data split {name!r} is not one of train, test")
     path = arrays.MNIST5K_PATH if kind == "mnist5k" else _existing_file(arg)
     arrays.check_npz(path, name, size)
     return arrays.load_npz(path, name, size, channels)

@@ -20,6 +20,7 @@ import numpy as np
 from absl import flags
 
 from ddpm.data import info, transforms
+from ddpm.errors import UserError
 
 
 def epoch_order(seed: int, epoch: int, n: int, shuffle: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +157,7 @@ class DataIterator:
                 for k in saved.keys() | current.keys()
                 if saved.get(k) != current.get(k)
             }
-            raise ValueError(f"data iterator state is for other settings (saved, now): {diff}")
+            raise UserError(f"data iterator state is for other settings (saved, now): {diff}")
         self.close()
         self._next_batch = int(state["next_batch"])
 

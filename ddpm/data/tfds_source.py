@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ddpm.data import transforms
+from ddpm.errors import UserError
 
 _PREPARE_HELP = (
     "Prepare it where there is network access (Image features need tensorflow-cpu to encode): "
@@ -30,19 +31,19 @@ def load_builder(name: str, data_dir: str | None) -> Any:
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(
+        raise UserError(
             f"config.data.source='tfds:{name}': TFDS knows no dataset {name!r} and none is "
             f"prepared under config.data.data_dir={data_dir!r} (names: `tfds.list_builders()`)"
         ) from None
     if not builder.is_prepared():
-        raise ValueError(
+        raise UserError(
             f"config.data.source='tfds:{name}': not prepared under {builder.data_dir} "
             f"(config.data.data_dir={data_dir!r}); nothing is downloaded at training time. "
             + _PREPARE_HELP.format(name=name)
         )
     file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
     if file_format != "array_record":
-        raise ValueError(
+        raise UserError(
             f"config.data.source='tfds:{name}': prepared as {file_format}, but random access "
             "needs array_record. " + _PREPARE_HELP.format(name=name)
         )
@@ -54,21 +55,21 @@ def check_features(builder: Any, name: str, image_key: str, label_key: str, size
     features = builder.info.features
     keys = sorted(features.keys())
     if image_key not in features:
-        raise ValueError(f"config.data.image_key={image_key!r} is not a feature of {name}: {keys}")
+        raise UserError(f"config.data.image_key={image_key!r} is not a feature of {name}: {keys}")
     shape = features[image_key].shape
     if len(shape) != 3 or shape[-1] not in (1, 3, 4) or features[image_key].np_dtype != np.uint8:
-        raise ValueError(
+        raise UserError(
             f"config.data.image_key={image_key!r} of {name} is not a uint8 [H, W, 1|3|4] image "
             f"(shape {shape})"
         )
     h, w = shape[:2]
     if h and w and not (h <= size and w <= size) and min(h, w) < size:
-        raise ValueError(
+        raise UserError(
             f"{name} images of {h}x{w} pixels neither fit inside nor cover "
             f"config.data.image_size={size}"
         )
     if label_key and label_key not in features:
-        raise ValueError(
+        raise UserError(
             f"config.data.label_key={label_key!r} is not a feature of {name}: {keys} "
             "(set config.data.label_key='' for an unconditional dataset)"
         )
@@ -79,7 +80,7 @@ def split_size(builder: Any, name: str, split: str, field: str) -> int:
     try:
         return builder.info.splits[split].num_examples
     except (KeyError, ValueError) as e:
-        raise ValueError(
+        raise UserError(
             f"config.data.{field}={split!r} is not a split of {name}: "
             f"{sorted(builder.info.splits.keys())} ({e})"
         ) from None
@@ -110,7 +111,7 @@ class TfdsSource:
             image = transforms.convert_channels(example[self.image_key], self.channels)
             return transforms.fit_image(image, self.size, pad_small=True)
         except ValueError as e:
-            raise ValueError(f"tfds:{self.name} example {index}: {e}") from e
+            raise UserError(f"tfds:{self.name} example {index}: {e}") from e
 
     def load(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """ids: [B] int -> (images [B, size, size, channels] uint8, labels [B] int32)."""

@@ -6,6 +6,8 @@ Images are uint8 NHWC (or HWC) until `to_float`; all functions return new arrays
 import numpy as np
 from PIL import Image
 
+from ddpm.errors import UserError
+
 _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
@@ -33,7 +35,7 @@ def convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
     if c == channels:
         return images
     if c not in _PIL_MODES:
-        raise ValueError(f"images with {c} channels are not supported (accepted: 1, 3, 4)")
+        raise UserError(f"images with {c} channels are not supported (accepted: 1, 3, 4)")
     rgb = np.repeat(images, 3, axis=-1) if c == 1 else images[..., :3]
     if channels == 1:
         return luminance(rgb)[..., None]
@@ -74,7 +76,7 @@ def fit_image(image: np.ndarray, size: int, *, pad_small: bool) -> np.ndarray:
         out[top : top + h, left : left + w] = image
         return out
     if min(h, w) < size:
-        raise ValueError(f"image of {h}x{w} pixels is smaller than config.data.image_size={size}")
+        raise UserError(f"image of {h}x{w} pixels is smaller than config.data.image_size={size}")
     pil = Image.fromarray(image[..., 0] if c == 1 else image, pil_mode(c))
     out = np.asarray(crop_resize(pil, size))
     return out[..., None] if c == 1 else out

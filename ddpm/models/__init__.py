@@ -1,4 +1,5 @@
-"""Denoising networks. `create_model(config)` is the one place that maps a config to a module."""
+"""Denoising networks. `create_model(config, input_shape)` is the one place that maps a config
+to a module."""
 
 import flax.linen as nn
 import jax
@@ -19,20 +20,22 @@ __all__ = [
     "UNet",
     "create_model",
     "init_inputs",
-    "input_shape",
     "null_label",
 ]
 
 
-def create_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """Validate the full `config` (model section plus `config.data.channels/image_size`) and
-    build `config.model.name`'s module, called as
-    `model.apply(variables, x, t, labels=None, train=False, rngs={"dropout": key})`.
+def create_model(config: ml_collections.ConfigDict, input_shape: tuple[int, ...]) -> nn.Module:
+    """`config.model.name`'s module for inputs of `input_shape` (one example, no batch axis),
+    called as `model.apply(variables, x, t, labels=None, train=False, rngs={"dropout": key})`.
+
+    The config is validated first by `ddpm.config.validation.validate` (the run layer, and
+    `ddpm.build.model`, do that); the run layer also decides `input_shape` (the data's, or a
+    latent shape: `ddpm.config.runs.input_shape`).
     """
     name = config.model.name
     if name not in MODELS:
-        raise ValueError(f"config.model.name={name!r} is not one of {', '.join(MODELS)}")
-    return MODELS[name](config)
+        raise ValueError(f"model name {name!r} is not one of {', '.join(MODELS)}")
+    return MODELS[name](config, tuple(input_shape))
 
 
 def null_label(config: ml_collections.ConfigDict) -> int | dict | None:
@@ -43,34 +46,18 @@ def null_label(config: ml_collections.ConfigDict) -> int | dict | None:
     spec = context_spec(config)
     if spec is not None:
         return null_context(spec)
-    return config.model.num_classes
+    return config.model.get("num_classes")
 
 
-def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-    """Shape of one example as the denoising network sees it (no batch axis): (H, W, C).
-
-    Every shape the run layer builds (init, sample grids, samplers) comes from here, so a model
-    family whose input is not `config.data`'s image (latents, 1-D signals) changes only this.
-    Latent diffusion (`config.latent.autoencoder_workdir` set): the stage-1 autoencoder's
-    latents, (H/f, W/f, z) with f = `config.latent.factor`, z = `config.latent.z_channels`.
-    1-D signals (`config.data.length` set): (L, C).
-    """
-    if config.data.length is not None:
-        return (config.data.length, config.data.channels)
-    size = config.data.image_size
-    if config.latent.autoencoder_workdir is not None:
-        f = config.latent.factor
-        return (size // f, size // f, config.latent.z_channels)
-    return (size, size, config.data.channels)
-
-
-def init_inputs(config: ml_collections.ConfigDict) -> tuple[jax.Array | None, ...]:
-    """Positional inputs (batch 1, zeros) of `model.init` for `create_model(config)`'s module.
+def init_inputs(
+    config: ml_collections.ConfigDict, input_shape: tuple[int, ...]
+) -> tuple[jax.Array | None, ...]:
+    """Positional inputs (batch 1, zeros) of `model.init` for `create_model(config, shape)`.
 
     The autoencoder takes an image [1, H, W, C]; a denoiser takes (x [1, ...], t [1] int32,
     labels [1] int32, a text model's conditioning dict (`ddpm.models.context`), or None).
     """
-    x = jnp.zeros((1, *input_shape(config)), jnp.float32)
+    x = jnp.zeros((1, *input_shape), jnp.float32)
     if config.model.name == "autoencoder":
         return (x,)
     t = jnp.zeros((1,), jnp.int32)

@@ -19,10 +19,10 @@ from jax.typing import ArrayLike, DTypeLike
 from ddpm.models.layers import (
     AttentionBlock,
     Downsample,
-    GroupNorm,
     ResBlock,
     Upsample,
     _conv,
+    group_norm,
 )
 
 Array = jax.Array
@@ -56,13 +56,9 @@ class _Coder(nn.Module):
     dropout: float
     dtype: DTypeLike
     param_dtype: DTypeLike
-    conv_grad_chunk: int
 
     def conv(self, features: int, name: str) -> nn.Conv:
-        return _conv(
-            features, self.dtype, self.param_dtype, conv_grad_chunk=self.conv_grad_chunk,
-            name=name,
-        )  # fmt: skip
+        return _conv(features, self.dtype, self.param_dtype, name=name)
 
     def block(self, out_ch: int, name: str, train: bool) -> ResBlock:
         return ResBlock(
@@ -73,7 +69,6 @@ class _Coder(nn.Module):
             name=name,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            conv_grad_chunk=self.conv_grad_chunk,
         )
 
     def attention(self, name: str) -> AttentionBlock:
@@ -93,7 +88,7 @@ class _Coder(nn.Module):
         return self.block(h.shape[-1], "mid_res1", train)(h, None)
 
     def output(self, h: Array, features: int) -> Array:
-        h = GroupNorm(self.num_groups, dtype=self.dtype, param_dtype=self.param_dtype)(h)
+        h = group_norm(self.num_groups, self.dtype, self.param_dtype)(h)
         return self.conv(features, "conv_out")(nn.silu(h))
 
 
@@ -112,9 +107,7 @@ class Encoder(_Coder):
                 if h.shape[1] in self.attention_resolutions:
                     h = self.attention(f"down{level}_attn{i}")(h)
             if level != levels - 1:
-                h = Downsample(
-                    self.dtype, self.param_dtype, self.conv_grad_chunk, name=f"down{level}_resample"
-                )(h)
+                h = Downsample(self.dtype, self.param_dtype, name=f"down{level}_resample")(h)
         moments = self.output(self.middle(h, train), 2 * self.z_channels).astype(jnp.float32)
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return mean, jnp.clip(logvar, *LOGVAR_RANGE)
@@ -136,14 +129,12 @@ class Decoder(_Coder):
                 if h.shape[1] in self.attention_resolutions:
                     h = self.attention(f"up{level}_attn{i}")(h)
             if level != 0:
-                h = Upsample(
-                    self.dtype, self.param_dtype, self.conv_grad_chunk, name=f"up{level}_resample"
-                )(h)
+                h = Upsample(self.dtype, self.param_dtype, name=f"up{level}_resample")(h)
         return self.output(h, self.out_channels).astype(jnp.float32)
 
 
 class Autoencoder(nn.Module):
-    """KL-regularised autoencoder. Fields mirror `config.model` plus `config.latent.z_channels`.
+    """KL-regularised autoencoder. Fields mirror `config.model` (the autoencoder family).
 
     `model.apply(v, x, noise)` reconstructs; `method="encode"` / `method="decode"` give the
     two halves (`model.apply(v, x, method="encode")`).
@@ -162,7 +153,6 @@ class Autoencoder(nn.Module):
     dropout: float = 0.0
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
-    conv_grad_chunk: int = 0  # layers.chunked_kernel_grad_conv; 0 = one convolution
 
     def setup(self) -> None:
         common = dict(
@@ -177,7 +167,6 @@ class Autoencoder(nn.Module):
             dropout=self.dropout,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            conv_grad_chunk=self.conv_grad_chunk,
         )
         self.encoder = Encoder(z_channels=self.z_channels, **common)
         self.decoder = Decoder(out_channels=self.out_channels, **common)
@@ -210,33 +199,15 @@ class Autoencoder(nn.Module):
         return self.decode(z, train), mean, logvar
 
 
-def validate_autoencoder_config(config: ml_collections.ConfigDict) -> None:
-    """The U-Net's checks of the shared fields, then the autoencoder's own (ValueError)."""
-    from ddpm.models.unet import validate_unet_config
-
-    validate_unet_config(config)
-    m, latent = config.model, config.latent
-    factor = 2 ** (len(m.ch_mult) - 1)
-    if factor != latent.factor:
-        raise ValueError(
-            f"config.model.ch_mult={tuple(m.ch_mult)!r} downsamples by 2^(len(ch_mult)-1)="
-            f"{factor}, but config.latent.factor={latent.factor!r}; give ch_mult "
-            f"{len(bin(latent.factor)) - 2} levels or set config.latent.factor={factor}"
-        )
-    if m.num_classes is not None or m.learn_sigma:
-        raise ValueError(
-            f"config.model.num_classes={m.num_classes!r} and config.model.learn_sigma="
-            f"{m.learn_sigma!r}: the autoencoder takes neither (set None and False)"
-        )
-
-
-def autoencoder_from_config(config: ml_collections.ConfigDict) -> Autoencoder:
-    """Validate `config` and build the autoencoder it describes (images of `config.data`)."""
-    validate_autoencoder_config(config)
+def autoencoder_from_config(
+    config: ml_collections.ConfigDict, input_shape: tuple[int, ...]
+) -> Autoencoder:
+    """The autoencoder of `config.model` (validated by `ddpm.config.validation`) for images of
+    `input_shape` = (H, W, C)."""
     m = config.model
     return Autoencoder(
-        out_channels=config.data.channels,
-        z_channels=config.latent.z_channels,
+        out_channels=input_shape[-1],
+        z_channels=m.z_channels,
         ch=m.ch,
         ch_mult=tuple(m.ch_mult),
         num_res_blocks=m.num_res_blocks,
@@ -248,5 +219,4 @@ def autoencoder_from_config(config: ml_collections.ConfigDict) -> Autoencoder:
         dropout=m.dropout,
         dtype=jnp.dtype(m.dtype),
         param_dtype=jnp.dtype(m.param_dtype),
-        conv_grad_chunk=m.conv_grad_chunk,
     )

@@ -34,30 +34,13 @@ class ContextSpec(NamedTuple):
 
 
 def context_spec(config: ml_collections.ConfigDict) -> ContextSpec | None:
-    """The `ContextSpec` of `config.text` (None when config.text.source is None)."""
+    """The `ContextSpec` of `config.text` (validated by `ddpm.config.validation`); None when
+    config.text.source is None."""
     from ddpm import text  # the vocabulary (no model knowledge flows back)
 
     t = config.text
     if t.source is None:
         return None
-    if t.source != "captions" and not t.source.startswith("npz:"):
-        raise ValueError(
-            f"config.text.source={t.source!r} is not one of None, 'captions', 'npz:<path>'"
-        )
-    if config.model.num_classes is not None:
-        raise ValueError(
-            f"config.text.source={t.source!r} with config.model.num_classes="
-            f"{config.model.num_classes}: text models take no class labels (set num_classes None)"
-        )
-    for field in ("max_length", "width", "num_heads"):
-        if not isinstance(t[field], int) or t[field] < 1:
-            raise ValueError(f"config.text.{field}={t[field]!r} must be a positive int")
-    if not isinstance(t.depth, int) or t.depth < 0:
-        raise ValueError(f"config.text.depth={t.depth!r} must be an int >= 0")
-    if t.width % t.num_heads:
-        raise ValueError(
-            f"config.text.num_heads={t.num_heads} does not divide config.text.width={t.width}"
-        )
     vocab = len(text.VOCAB) if t.source == "captions" else None
     return ContextSpec(t.max_length, t.width, vocab, t.depth, t.num_heads)
 

@@ -16,7 +16,6 @@ from jax.typing import ArrayLike, DTypeLike
 
 from ddpm.models.context import ContextEncoder, ContextSpec, cond_arguments, context_spec
 from ddpm.models.layers import CrossAttention, timestep_embedding
-from ddpm.models.unet import DTYPES
 
 Array = jax.Array
 
@@ -227,62 +226,12 @@ class DiT(nn.Module):
         return emb
 
 
-def validate_dit_config(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> None:
-    """Raise ValueError naming the first invalid `config.model.*` field for inputs of `shape`
-    ((H, W, C), the model's input without the batch axis)."""
-    m = config.model
-    for field in ("patch_size", "hidden_size", "depth", "num_heads"):
-        if not isinstance(m[field], int) or m[field] < 1:
-            raise ValueError(f"config.model.{field}={m[field]!r} must be a positive int")
-    if len(shape) != 3:
-        raise ValueError(f"the DiT takes [H, W, C] inputs; this config gives {shape}")
-    height, width, _ = shape
-    p = m.patch_size
-    if height % p or width % p:
-        divisors = [q for q in range(1, min(height, width) + 1) if not height % q + width % q]
-        raise ValueError(
-            f"config.model.patch_size={p} does not divide the input size {height}x{width} "
-            f"(config.data.image_size, or the latent size); patch sizes that work: "
-            f"{', '.join(map(str, divisors))}"
-        )
-    if m.hidden_size % m.num_heads:
-        raise ValueError(
-            f"config.model.num_heads={m.num_heads} does not divide "
-            f"config.model.hidden_size={m.hidden_size}"
-        )
-    if m.hidden_size % 4:
-        raise ValueError(
-            f"config.model.hidden_size={m.hidden_size} must be divisible by 4 (2-D sin-cos "
-            "position embedding)"
-        )
-    if not m.mlp_ratio > 0:
-        raise ValueError(f"config.model.mlp_ratio={m.mlp_ratio!r} must be > 0")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ValueError(f"config.model.dropout={m.dropout!r} must be in [0, 1)")
-    if m.num_classes is not None and (not isinstance(m.num_classes, int) or m.num_classes < 1):
-        raise ValueError(
-            f"config.model.num_classes={m.num_classes!r} must be None (unconditional) or an "
-            "int >= 1"
-        )
-    if m.time_embed_freqs is not None and m.time_embed_freqs < 1:
-        raise ValueError(
-            f"config.model.time_embed_freqs={m.time_embed_freqs!r} must be None (= 128 for the "
-            "DiT) or an int >= 1"
-        )
-    for field in ("dtype", "param_dtype"):
-        if m[field] not in DTYPES:
-            raise ValueError(f"config.model.{field}={m[field]!r} is not one of {', '.join(DTYPES)}")
-
-
-def dit_from_config(config: ml_collections.ConfigDict) -> DiT:
-    """Validate `config` and build the DiT it describes."""
-    from ddpm.models import input_shape  # the package imports this module
-
-    shape = input_shape(config)
-    validate_dit_config(config, shape)
+def dit_from_config(config: ml_collections.ConfigDict, input_shape: tuple[int, ...]) -> DiT:
+    """The DiT of `config.model` (validated by `ddpm.config.validation`) for inputs of
+    `input_shape` = (H, W, C)."""
     m = config.model
     return DiT(
-        out_channels=shape[-1] * (2 if m.learn_sigma else 1),
+        out_channels=input_shape[-1] * (2 if m.learn_sigma else 1),
         patch_size=m.patch_size,
         hidden_size=m.hidden_size,
         depth=m.depth,

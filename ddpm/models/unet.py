@@ -21,16 +21,15 @@ from ddpm.models.layers import (
     AttentionBlock,
     CrossAttentionBlock,
     Downsample,
-    GroupNorm,
     ResBlock,
     Upsample,
     _conv,
     default_init,
+    group_norm,
     timestep_embedding,
 )
 
 Array = jax.Array
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class UNet(nn.Module):
@@ -58,7 +57,6 @@ class UNet(nn.Module):
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
     remat: bool = False
-    conv_grad_chunk: int = 0  # layers.chunked_kernel_grad_conv; 0 = one convolution
     context_spec: ContextSpec | None = None  # cross-attention on a token sequence (text)
 
     @nn.compact
@@ -99,7 +97,6 @@ class UNet(nn.Module):
         rank = x.ndim - 2
         res_block = nn.remat(ResBlock) if self.remat else ResBlock
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        convs = dict(common, conv_grad_chunk=self.conv_grad_chunk)  # modules with convolutions
         block = lambda out_ch, name, resample=None: res_block(
             out_ch,
             num_groups=self.num_groups,
@@ -108,7 +105,7 @@ class UNet(nn.Module):
             resample=resample,
             deterministic=not train,
             name=name,
-            **convs,
+            **common,
         )
         heads = (self.num_heads, self.head_dim, self.num_groups)
 
@@ -126,7 +123,7 @@ class UNet(nn.Module):
                 h = CrossAttentionBlock(*heads, name=f"{name}_cross", **common)(h, *ctx)
             return h
 
-        h = _conv(self.ch, rank=rank, name="conv_in", **convs)(x.astype(self.dtype))
+        h = _conv(self.ch, rank=rank, name="conv_in", **common)(x.astype(self.dtype))
         hs = [h]
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
@@ -138,7 +135,7 @@ class UNet(nn.Module):
                 if self.resblock_updown:
                     h = block(h.shape[-1], f"down{level}_resample", "down")(h, emb)
                 else:
-                    h = Downsample(name=f"down{level}_resample", **convs)(h)
+                    h = Downsample(name=f"down{level}_resample", **common)(h)
                 hs.append(h)
 
         h = block(h.shape[-1], "mid_res0")(h, emb)
@@ -156,11 +153,11 @@ class UNet(nn.Module):
                 if self.resblock_updown:
                     h = block(h.shape[-1], f"up{level}_resample", "up")(h, emb)
                 else:
-                    h = Upsample(name=f"up{level}_resample", **convs)(h)
+                    h = Upsample(name=f"up{level}_resample", **common)(h)
 
-        h = GroupNorm(self.num_groups, name="norm_out", **common)(h)
+        h = group_norm(self.num_groups, name="norm_out", **common)(h)
         zeros = nn.initializers.zeros
-        h = _conv(self.out_channels, rank=rank, kernel_init=zeros, name="conv_out", **convs)(
+        h = _conv(self.out_channels, rank=rank, kernel_init=zeros, name="conv_out", **common)(
             nn.silu(h)
         )
         return h.astype(jnp.float32)
@@ -192,122 +189,12 @@ class UNet(nn.Module):
         return emb
 
 
-def _input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-    """(H, W, C) of the network's input: the image's, or the latents' for latent diffusion."""
-    from ddpm.models import input_shape  # the package imports this module
-
-    return input_shape(config)
-
-
-def _levels(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
-    """(resolution, channels) of each U-Net level, highest resolution first."""
+def unet_from_config(config: ml_collections.ConfigDict, input_shape: tuple[int, ...]) -> UNet:
+    """The U-Net of `config.model` (validated by `ddpm.config.validation`) for inputs of
+    `input_shape` (no batch axis; the output has its channels, doubled with learn_sigma)."""
     m = config.model
-    return [(_input_shape(config)[0] // 2**i, m.ch * mult) for i, mult in enumerate(m.ch_mult)]
-
-
-def _fmt(values) -> str:
-    return ", ".join(str(v) for v in values)
-
-
-def validate_unet_config(config: ml_collections.ConfigDict) -> None:
-    """Raise ValueError naming the first invalid `config.model.*` / `config.data.*` field."""
-    m, d = config.model, config.data
-    if not isinstance(d.channels, int) or d.channels < 1:
-        raise ValueError(f"config.data.channels={d.channels!r} must be a positive int")
-    if not isinstance(m.ch, int) or m.ch < 1:
-        raise ValueError(f"config.model.ch={m.ch!r} must be a positive int")
-    if len(m.ch_mult) == 0 or any(not isinstance(c, int) or c < 1 for c in m.ch_mult):
-        raise ValueError(
-            f"config.model.ch_mult={tuple(m.ch_mult)!r} must be a non-empty tuple of positive "
-            "ints, e.g. (1, 2, 2)"
-        )
-    if not isinstance(m.num_res_blocks, int) or m.num_res_blocks < 1:
-        raise ValueError(f"config.model.num_res_blocks={m.num_res_blocks!r} must be an int >= 1")
-    factor = 2 ** (len(m.ch_mult) - 1)
-    size = _input_shape(config)[0]
-    if not isinstance(size, int) or size < 1 or size % factor:
-        lo = max(factor, size // factor * factor) if isinstance(size, int) else factor
-        name = "config.data.image_size"
-        if config.latent.autoencoder_workdir is not None:
-            name = "the latent size config.data.image_size / config.latent.factor"
-        raise ValueError(
-            f"{name}={size!r} is not divisible by 2^(len(config.model.ch_mult)-1)"
-            f"={factor}; sizes that work are multiples of {factor}, e.g. {lo} or {lo + factor} "
-            "(or pad the images, or use fewer levels in config.model.ch_mult)"
-        )
-    levels = _levels(config)
-    resolutions = [r for r, _ in levels]
-    bad = [r for r in m.attention_resolutions if r not in resolutions]
-    if bad:
-        raise ValueError(
-            f"config.model.attention_resolutions={tuple(m.attention_resolutions)!r} is not a "
-            f"subset of the resolutions of the U-Net (resolutions: {_fmt(resolutions)})"
-        )
-    if not isinstance(m.num_groups, int) or m.num_groups < 1:
-        raise ValueError(f"config.model.num_groups={m.num_groups!r} must be a positive int")
-    for _, c in levels:
-        if c % m.num_groups:
-            raise ValueError(
-                f"config.model.num_groups={m.num_groups} does not divide the channel count {c} "
-                f"(channels: {_fmt(c for _, c in levels)} = config.model.ch * ch_mult)"
-            )
-    attn_channels = [c for r, c in levels if r in m.attention_resolutions]
-    if m.mid_attention:
-        attn_channels.append(levels[-1][1])
-    for c in attn_channels:
-        if m.head_dim is not None:
-            if m.head_dim < 1 or c % m.head_dim:
-                raise ValueError(
-                    f"config.model.head_dim={m.head_dim} does not divide the channel count {c} "
-                    "of an attention block"
-                )
-        elif m.num_heads < 1 or c % m.num_heads:
-            raise ValueError(
-                f"config.model.num_heads={m.num_heads} does not divide the channel count {c} "
-                "of an attention block"
-            )
-    if not 0.0 <= m.dropout < 1.0:
-        raise ValueError(f"config.model.dropout={m.dropout!r} must be in [0, 1)")
-    if m.num_classes is not None and (not isinstance(m.num_classes, int) or m.num_classes < 1):
-        raise ValueError(
-            f"config.model.num_classes={m.num_classes!r} must be None (unconditional) or an "
-            "int >= 1"
-        )
-    if m.time_embed_freqs is not None and m.time_embed_freqs < 1:
-        raise ValueError(
-            f"config.model.time_embed_freqs={m.time_embed_freqs!r} must be None (= ch // 2) "
-            "or an int >= 1"
-        )
-    if (m.time_embed_freqs or m.ch // 2) < 1:
-        raise ValueError(
-            f"config.model.ch={m.ch} gives no time-embedding frequencies (ch // 2 = 0); "
-            "set config.model.time_embed_freqs"
-        )
-    if not m.time_embed_max_period > 0:
-        raise ValueError(
-            f"config.model.time_embed_max_period={m.time_embed_max_period!r} must be > 0"
-        )
-    for field in ("dtype", "param_dtype"):
-        if m[field] not in DTYPES:
-            raise ValueError(f"config.model.{field}={m[field]!r} is not one of {_fmt(DTYPES)}")
-    if not isinstance(m.conv_grad_chunk, int) or m.conv_grad_chunk < 0:
-        raise ValueError(
-            f"config.model.conv_grad_chunk={m.conv_grad_chunk!r} must be an int >= 0 (examples "
-            "per chunk of the convolution kernel gradients; 0 = one convolution over the batch)"
-        )
-
-
-def unet_from_config(config: ml_collections.ConfigDict) -> UNet:
-    """Validate `config` and build the U-Net it describes."""
-    validate_unet_config(config)
-    m = config.model
-    if config.text.source is not None and not (m.attention_resolutions or m.mid_attention):
-        raise ValueError(
-            f"config.text.source={config.text.source!r} needs attention blocks for its "
-            "cross-attention: set config.model.attention_resolutions or mid_attention=True"
-        )
     return UNet(
-        out_channels=_input_shape(config)[-1] * (2 if m.learn_sigma else 1),
+        out_channels=input_shape[-1] * (2 if m.learn_sigma else 1),
         ch=m.ch,
         ch_mult=tuple(m.ch_mult),
         num_res_blocks=m.num_res_blocks,
@@ -325,6 +212,5 @@ def unet_from_config(config: ml_collections.ConfigDict) -> UNet:
         dtype=jnp.dtype(m.dtype),
         param_dtype=jnp.dtype(m.param_dtype),
         remat=m.remat,
-        conv_grad_chunk=m.conv_grad_chunk,
         context_spec=context_spec(config),
     )

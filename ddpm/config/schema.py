@@ -1,16 +1,104 @@
-"""Shared defaults for every run. Other configs start from `get_config()` here and override.
+"""Every config field, its default and its meaning: the schema recipes start from.
 
-Every field the code reads lives here, with one spelling; `--config.<path>=value` overrides it
-on the command line.
+`get_config()` is the whole default config; recipes (configs/*.py) take it and override
+fields. `config.model` holds only the fields of its family (`model_section(name)`: "unet",
+"dit" or "autoencoder"), so a run carries only what its network reads. Choices that change
+speed but never results live in `config.runtime`, applied by platform (`ddpm.runtime`).
+`--config.<path>=value` overrides any field on the command line.
 """
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+OBJECTIVES = ("diffusion", "autoencoder", "latent")
+
+
+def _common_model_fields(model: ml_collections.ConfigDict) -> None:
+    model.dropout = 0.1
+    model.dtype = "float32"  # compute dtype, e.g. bfloat16 (parameters stay param_dtype)
+    model.param_dtype = "float32"
+    model.remat = False  # rematerialise blocks in the backward pass (memory for compute)
+
+
+def _denoiser_fields(model: ml_collections.ConfigDict) -> None:
+    model.num_classes = placeholder(int)  # None = unconditional; else null label = n
+    model.learn_sigma = False  # also output the variance interpolation (iDDPM)
+    model.time_embed_freqs = placeholder(int)  # None = the family's default
+    model.time_embed_max_period = 10000.0
+
+
+def unet() -> ml_collections.ConfigDict:
+    """`config.model` of the U-Net (ddpm.models.unet): DDPM's with its successors' options."""
+    model = ml_collections.ConfigDict()
+    model.name = "unet"
+    model.ch = 64
+    model.ch_mult = (1, 2, 2)
+    model.num_res_blocks = 2
+    model.attention_resolutions = (16,)
+    model.mid_attention = True  # self-attention in the middle block (DDPM: True)
+    model.num_heads = 4
+    model.head_dim = placeholder(int)  # set: heads = channels // head_dim
+    model.resblock_updown = False
+    model.scale_shift_norm = False  # AdaGN-style time conditioning
+    model.num_groups = 32
+    _denoiser_fields(model)  # time_embed_freqs None = ch // 2
+    _common_model_fields(model)
+    return model
+
+
+def dit() -> ml_collections.ConfigDict:
+    """`config.model` of the Diffusion Transformer (ddpm.models.dit)."""
+    model = ml_collections.ConfigDict()
+    model.name = "dit"
+    model.patch_size = 2
+    model.hidden_size = 384
+    model.depth = 12
+    model.num_heads = 6
+    model.mlp_ratio = 4.0
+    _denoiser_fields(model)  # time_embed_freqs None = 128
+    _common_model_fields(model)
+    model.dropout = 0.0
+    return model
+
+
+def autoencoder() -> ml_collections.ConfigDict:
+    """`config.model` of latent diffusion's stage-1 KL-autoencoder (ddpm.models.autoencoder);
+    it downsamples by f = 2^(len(ch_mult) - 1) to z_channels latent channels."""
+    model = ml_collections.ConfigDict()
+    model.name = "autoencoder"
+    model.ch = 64
+    model.ch_mult = (1, 2, 2)
+    model.num_res_blocks = 2
+    model.attention_resolutions = ()
+    model.mid_attention = True
+    model.num_heads = 4
+    model.head_dim = placeholder(int)
+    model.num_groups = 32
+    model.z_channels = 4
+    _common_model_fields(model)
+    model.dropout = 0.0
+    return model
+
+
+MODEL_SECTIONS = {"unet": unet, "dit": dit, "autoencoder": autoencoder}
+# Model fields that change neither the parameters' shapes nor the function a trained network
+# computes: a workdir resumes when only these (or config.runtime) differ.
+FREE_MODEL_FIELDS = ("dropout", "dtype", "param_dtype", "remat")
+
+
+def model_section(name: str) -> ml_collections.ConfigDict:
+    """The default `config.model` of family `name` (a KeyError for an unknown family)."""
+    return MODEL_SECTIONS[name]()
+
 
 def get_config() -> ml_collections.ConfigDict:
+    """The default config: every field the code reads, with one spelling."""
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # What is trained: "diffusion" (a denoiser on data), "autoencoder" (latent diffusion's
+    # stage 1, model.name="autoencoder"), "latent" (a denoiser on the latents of the frozen
+    # autoencoder in latent.autoencoder_workdir). See ddpm.objectives.
+    config.objective = "diffusion"
 
     # Input pipeline (ddpm.data).
     config.data = ml_collections.ConfigDict()
@@ -28,37 +116,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.num_workers = 0  # grain worker processes; 0 = in the main process
     config.data.prefetch = 2  # batches buffered ahead of the train step
 
-    # Network (ddpm.models).
-    config.model = ml_collections.ConfigDict()
-    config.model.name = "unet"
-    config.model.ch = 64
-    config.model.ch_mult = (1, 2, 2)
-    config.model.num_res_blocks = 2
-    config.model.attention_resolutions = (16,)
-    config.model.mid_attention = True  # self-attention in the middle block (DDPM: True)
-    config.model.num_heads = 4
-    config.model.head_dim = placeholder(int)  # set: heads = channels // head_dim
-    config.model.dropout = 0.1
-    config.model.num_classes = placeholder(int)  # None = unconditional; else null label = n
-    config.model.resblock_updown = False
-    config.model.scale_shift_norm = False  # AdaGN-style time conditioning
-    config.model.num_groups = 32
-    config.model.learn_sigma = False
-    config.model.time_embed_freqs = placeholder(int)  # None = ch // 2 frequencies
-    config.model.time_embed_max_period = 10000.0
-    config.model.dtype = "float32"  # compute dtype, e.g. bfloat16
-    config.model.param_dtype = "float32"
-    config.model.remat = False
-    # U-Net/autoencoder: compute each convolution's kernel gradient over chunks of this many
-    # examples (0 = one convolution over the batch). A CPU speed-up: XLA:CPU's kernel gradient
-    # slows down sharply with batch size (bench/README.md); leave 0 on GPU/TPU.
-    config.model.conv_grad_chunk = 0
-    # DiT only (name="dit"; also uses num_heads, dropout, num_classes, learn_sigma, dtype, remat,
-    # time_embed_freqs with None = 128).
-    config.model.patch_size = 2
-    config.model.hidden_size = 384
-    config.model.depth = 12
-    config.model.mlp_ratio = 4.0
+    # Network (ddpm.models): the fields of one family, see model_section.
+    config.model = unet()
 
     # Text conditioning by cross-attention (ddpm.text, ddpm.models.context); needs
     # model.num_classes = None. source: None (off) | "captions" (MNIST captions measured from
@@ -109,10 +168,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.method = "ddim"  # ddpm | ddim | dpm++2m | dpm++2s | euler | heun
     config.sample.num_steps = 50
     config.sample.eta = 0.0
-    config.sample.spacing = "trailing"  # leading | trailing | linspace | karras (not euler/heun)
-    config.sample.variance = (
-        "fixed_small"  # ddpm: fixed_small | fixed_large (learned if learn_sigma)
-    )
+    # leading | trailing | linspace | karras; None = the method's own (karras for euler and
+    # heun, trailing for the others)
+    config.sample.spacing = placeholder(str)
+    config.sample.variance = "fixed_small"  # ddpm: fixed_small | fixed_large (or learned)
     config.sample.dynamic_threshold = placeholder(float)  # Imagen quantile, e.g. 0.995 (pixels)
     config.sample.churn = 0.0  # euler / heun: EDM S_churn
     config.sample.guidance_scale = 1.0
@@ -122,15 +181,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.prompt = placeholder(str)  # text models: None = "a handwritten <digit>" rows
     config.sample.clip_x0 = True  # pixel space only
 
-    # Latent diffusion (ddpm.latent). Stage 1 trains model.name="autoencoder" (a KL-autoencoder,
-    # ddpm.models.autoencoder); stage 2 names that run's workdir and trains the denoiser on its
-    # latents, sampling in latent space (sample.clip_x0 must be False there) and decoding.
+    # Latent diffusion (ddpm.objectives.latent). Stage 1 (objective="autoencoder") trains the
+    # KL-autoencoder; stage 2 (objective="latent") names that run's workdir and trains the
+    # denoiser on its latents (shape from the stage-1 run), sampling in latent space
+    # (sample.clip_x0 must be False there) and decoding.
     config.latent = ml_collections.ConfigDict()
-    config.latent.z_channels = 4  # latent channels (stage 2: must equal the stage-1 run's)
-    config.latent.factor = 4  # spatial downsampling f = 2^(len(ch_mult)-1) of the autoencoder
     config.latent.recon_loss = "l1"  # stage 1: l1 | l2
     config.latent.kl_weight = 1e-6  # stage 1: beta (LDM's scale: recon summed over pixels)
-    config.latent.autoencoder_workdir = placeholder(str)  # stage 2: the stage-1 run; None=pixels
+    config.latent.autoencoder_workdir = placeholder(str)  # stage 2: the stage-1 run
     config.latent.scale_factor = placeholder(float)  # stage 2: None = 1 / std of the latents
     config.latent.sample_posterior = True  # stage 2: train on z ~ q(z|x) (False: its mean)
 
@@ -156,4 +214,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.classifier_steps = 500  # training steps of the feature/accuracy classifier
     config.eval.inception_weights = placeholder(str)  # fid: the converted FID Inception .npz
     config.eval.reference_split = "train"  # real images the generated ones are compared with
+
+    # Speed only, never results (ddpm.runtime): chosen by platform unless set. The resume
+    # check ignores this section.
+    config.runtime = ml_collections.ConfigDict()
+    # Convolution kernel gradients summed over chunks of this many examples (XLA:CPU's
+    # kernel gradient slows down sharply with batch size). None = 16 on a single CPU device,
+    # 0 (one convolution) elsewhere.
+    config.runtime.conv_grad_chunk = placeholder(int)
+    # GroupNorm: "fast" (a hand-written two-pass gradient; reverse mode only, no jax.jvp),
+    # "flax" (flax's own), "auto" (fast on CPU, flax on GPU/TPU).
+    config.runtime.group_norm = "auto"
+    # Parameter init keys: "rbg" (XLA:CPU compiles initialisers 3-4x faster), "threefry",
+    # "auto" (rbg on CPU, threefry elsewhere). Changes the initial draw, so set it explicitly
+    # to compare runs across platforms from the same init.
+    config.runtime.init_key = "auto"
+    config.runtime.async_checkpoint = True  # write checkpoints while training goes on
     return config

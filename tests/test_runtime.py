@@ -1,6 +1,6 @@
-"""Hand-written gradients of the U-Net's layers against autodiff of a second implementation:
-`group_norm` against `flax.linen.GroupNorm`, `chunked_kernel_grad_conv` against
-`lax.conv_general_dilated`."""
+"""The runtime's CPU kernels against autodiff of a second implementation (`group_norm` swapped
+into `flax.linen.GroupNorm` against flax's own, `chunked_kernel_grad_conv` against
+`lax.conv_general_dilated`), and how `config.runtime` resolves per platform."""
 
 import functools
 
@@ -11,12 +11,16 @@ import numpy as np
 import pytest
 from jax import lax
 
-from ddpm.models.layers import GroupNorm, chunked_kernel_grad_conv
+from ddpm import runtime
+from ddpm.config import schema
+from ddpm.runtime import chunked_kernel_grad_conv, group_norm
+
+FAST_GROUP_NORM = runtime.Runtime(fast_group_norm=True)
 
 
-def _weighted_sum_grads(module, variables, x, weights):
-    """Gradients of sum(sin(module(x)) * weights) with respect to the variables and x."""
-    loss = lambda v, x: jnp.sum(jnp.sin(module.apply(v, x).astype(jnp.float32)) * weights)
+def _weighted_sum_grads(apply, variables, x, weights):
+    """Gradients of sum(sin(apply(variables, x)) * weights) with respect to variables and x."""
+    loss = lambda v, x: jnp.sum(jnp.sin(apply(v, x).astype(jnp.float32)) * weights)
     return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, x)
 
 
@@ -33,15 +37,14 @@ def test_group_norm_matches_flax_output_and_gradients(shape, groups, dtype):
     keys = jax.random.split(jax.random.key(0), 4)
     # Off-centre input (mean 1, std 3) and non-trivial scale/bias exercise every term.
     x = (jax.random.normal(keys[0], shape) * 3 + 1).astype(dtype)
-    ours = GroupNorm(groups, dtype=dtype)
     flax_norm = nn.GroupNorm(groups, dtype=dtype)
+    ours = runtime.wrap(flax_norm.apply, FAST_GROUP_NORM)  # the same module, our kernel
     variables = flax_norm.init(keys[1], x)
     variables = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(keys[2], p.shape), variables)
-    # The same parameter tree, so a flax GroupNorm checkpoint loads into ours.
-    assert jax.tree.structure(ours.init(keys[1], x)) == jax.tree.structure(variables)
+    assert "custom_vjp_call" in str(jax.make_jaxpr(ours)(variables, x))
     weights = jax.random.normal(keys[3], shape)
 
-    y_ours, y_flax = ours.apply(variables, x), flax_norm.apply(variables, x)
+    y_ours, y_flax = ours(variables, x), flax_norm.apply(variables, x)
     assert y_ours.dtype == y_flax.dtype == dtype
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     scale = float(jnp.max(jnp.abs(y_flax.astype(jnp.float32))))
@@ -50,7 +53,7 @@ def test_group_norm_matches_flax_output_and_gradients(shape, groups, dtype):
     )
 
     (dv_ours, dx_ours), (dv_flax, dx_flax) = (
-        _weighted_sum_grads(m, variables, x, weights) for m in (ours, flax_norm)
+        _weighted_sum_grads(f, variables, x, weights) for f in (ours, flax_norm.apply)
     )
     for a, b in zip(
         jax.tree.leaves((dv_ours, dx_ours)), jax.tree.leaves((dv_flax, dx_flax)), strict=True
@@ -63,9 +66,7 @@ def test_group_norm_normalises_each_group():
     """Closed form: with scale 1 and bias 0 every (example, group) has mean 0 and variance
     var / (var + eps)."""
     x = jax.random.normal(jax.random.key(1), (3, 5, 5, 12)) * 2 - 4
-    y = GroupNorm(3, epsilon=1e-6).apply(
-        {"params": {"scale": jnp.ones(12), "bias": jnp.zeros(12)}}, x
-    )
+    y = group_norm(x, jnp.ones(12), jnp.zeros(12), 3, 1e-6)
     groups = np.asarray(y).reshape(3, 25, 3, 4).transpose(0, 2, 1, 3).reshape(3, 3, -1)
     var_x = np.asarray(x).reshape(3, 25, 3, 4).transpose(0, 2, 1, 3).reshape(3, 3, -1).var(-1)
     np.testing.assert_allclose(groups.mean(-1), 0.0, atol=1e-5)
@@ -120,3 +121,31 @@ def test_chunked_kernel_grad_equals_one_convolution(
     jaxpr = jax.make_jaxpr(jax.grad(lambda x, k: jnp.sum(chunked(x, k)), argnums=1))(lhs, rhs)
     expected = 3 + 2 * chunks if chunks > 1 else 2
     assert str(jaxpr).count("conv_general_dilated[") == expected
+
+
+@pytest.mark.parametrize(
+    "platform,devices,overrides,expected",
+    [
+        ("cpu", 1, {}, runtime.Runtime(16, True, "rbg")),
+        ("cpu", 4, {}, runtime.Runtime(0, True, "rbg")),  # no per-chunk all-reduces on a mesh
+        ("gpu", 1, {}, runtime.Runtime(0, False, "threefry")),
+        ("tpu", 8, {}, runtime.Runtime(0, False, "threefry")),
+        (
+            "cpu",
+            1,
+            {"conv_grad_chunk": 0, "group_norm": "flax", "init_key": "threefry"},
+            runtime.Runtime(0, False, "threefry"),
+        ),
+        ("gpu", 1, {"conv_grad_chunk": 8, "group_norm": "fast"}, runtime.Runtime(8, True)),
+        ("gpu", 1, {"async_checkpoint": False}, runtime.Runtime(async_checkpoint=False)),
+    ],
+)
+def test_runtime_resolves_by_platform(platform, devices, overrides, expected):
+    section = schema.get_config().runtime
+    section.update(overrides)
+    assert runtime.resolve(section, platform, devices) == expected
+
+
+def test_wrap_is_the_identity_without_speedups():
+    apply = nn.GroupNorm(2).apply
+    assert runtime.wrap(apply, runtime.Runtime()) is apply

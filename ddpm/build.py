@@ -1,0 +1,158 @@
+"""config -> the parts of a run: runtime, mesh, schedule, model, optimizer, sampler, and the
+EMA parameters of a trained workdir.
+
+Every mode builds what it needs here (training, sampling, editing, evaluation, sweeps,
+benchmarks), so none of them imports the trainer. Objectives (`ddpm.objectives`) compose
+these parts into a loss and a sampler.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from ddpm import checkpoint, models, runtime, samplers, sharding
+from ddpm.config import runs
+from ddpm.errors import UserError
+from ddpm.schedules import Schedule, get_schedule
+
+
+def run_runtime(config: ml_collections.ConfigDict) -> runtime.Runtime:
+    """`config.runtime` resolved for this process's devices."""
+    return runtime.resolve(config.runtime)
+
+
+def mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The (data, fsdp) mesh over every device, split as `config.training.fsdp` says."""
+    return sharding.create_mesh(fsdp=config.training.fsdp)
+
+
+def schedule(config: ml_collections.ConfigDict) -> Schedule:
+    """The noise schedule of `config.diffusion`."""
+    d = config.diffusion
+    return get_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr)
+
+
+def model(
+    config: ml_collections.ConfigDict, input_shape: tuple[int, ...] | None = None
+) -> nn.Module:
+    """The network of `config.model` for inputs of `input_shape` (default: what the config
+    trains on, `ddpm.config.runs.input_shape`: the data's shape, or latent diffusion's)."""
+    shape = runs.input_shape(config) if input_shape is None else input_shape
+    return models.create_model(config, shape)
+
+
+def abstract_params(config: ml_collections.ConfigDict, net: nn.Module, shape) -> Any:
+    """`net`'s parameters as float32 `jax.ShapeDtypeStruct`s (the EMA's layout); nothing is
+    computed."""
+    inputs = models.init_inputs(config, shape)
+    params = jax.eval_shape(lambda: net.init(jax.random.key(0), *inputs)["params"])
+    return jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
+
+
+def optimizer(
+    training: ml_collections.ConfigDict,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """optax chain: global-norm clip -> Adam(W) with linear warmup then constant or cosine LR.
+
+    Wrapped in `optax.MultiSteps` when `grad_accum_steps > 1` (the LR schedule then counts
+    real updates).
+    """
+    warmup = max(training.warmup_steps, 0)
+    lr = training.learning_rate
+    if training.lr_schedule == "cosine":
+        lr_fn = optax.warmup_cosine_decay_schedule(
+            0.0,
+            lr,
+            max(warmup, 1),
+            max(training.num_steps // training.grad_accum_steps, warmup + 1),
+        )
+    else:
+        lr_fn = optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
+        )
+    if training.optimizer == "adamw":
+        opt = optax.adamw(lr_fn, b2=training.adam_b2, weight_decay=training.weight_decay)
+    else:
+        opt = optax.adam(lr_fn, b2=training.adam_b2)
+    tx = optax.chain(optax.clip_by_global_norm(training.grad_clip), opt)
+    if training.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=training.grad_accum_steps)
+    return tx, lr_fn
+
+
+def sampler(
+    config: ml_collections.ConfigDict,
+    apply_fn: Callable[..., jax.Array],
+    noise_schedule: Schedule,
+    shape: tuple[int, ...],
+    **edit: Any,
+) -> Callable[..., jax.Array]:
+    """Jitted `fn(params, rng, cond, **arrays) -> [*shape] float32` with the method, steps and
+    guidance of config.sample; `apply_fn(variables, x_t, t, cond, train=False)` is the model's.
+
+    cond: the conditioning pytree of shape[0] examples (`ddpm.conditioning`), or None.
+    `edit`: static editing options of `samplers.sample` (strength, jump_length, resample);
+    fn then takes its editing arrays as keywords (known, mask, init).
+    """
+    s = config.sample
+    null = models.null_label(config)
+    guidance = null is not None and s.guidance_scale != 1.0
+
+    def model_fn(params, x_t, t, cond):
+        return apply_fn({"params": params}, x_t, t, cond, train=False)
+
+    sample = samplers.make_sampler(
+        model_fn,
+        noise_schedule,
+        shape,
+        method=s.method,
+        num_steps=s.num_steps,
+        eta=s.eta,
+        spacing=s.spacing,
+        guidance=guidance,
+        null_label=null,
+        prediction=config.diffusion.prediction,
+        clip_x0=s.clip_x0,
+        dynamic_threshold=s.dynamic_threshold,
+        variance="learned" if config.model.learn_sigma else s.variance,
+        churn=s.churn,
+        **edit,
+    )
+    scale = jnp.float32(s.guidance_scale) if guidance else None
+    return lambda params, rng, cond, **arrays: sample(params, rng, cond, scale, **arrays)
+
+
+def restore_ema(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    net: nn.Module,
+    shape: tuple[int, ...],
+    where: jax.sharding.Mesh,
+) -> tuple[Any, int]:
+    """(EMA parameters, step) of the latest checkpoint of `workdir`, laid out on `where` as
+    training lays them out (replicated, or split over config.training.fsdp devices).
+
+    Only the EMA subtree is read (an orbax partial restore), so neither the optimizer section
+    nor the devices need to match the run that wrote it. No checkpoint: a UserError.
+    """
+    target = abstract_params(config, net, shape)
+    shardings = sharding.state_shardings(target, where, config.training.fsdp_min_size)
+    target = jax.tree.map(
+        lambda s, w: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=w), target, shardings
+    )
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.training.keep_checkpoints, create=False)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise UserError(
+                f"no checkpoint in {ckpt.directory}; train first: python main.py "
+                f"--config=<config> --workdir={workdir}"
+            )
+        return ckpt.restore_ema(step, target), step
+    finally:
+        ckpt.close()

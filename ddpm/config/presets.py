@@ -1,0 +1,174 @@
+"""Named networks and the MNIST base recipe, for recipes to build on.
+
+A model preset returns a complete `config.model` (its family's defaults with the preset's
+values): `config.model = presets.ddpm_cifar10()`. `mnist()` is the default run's whole
+config; configs/mnist.py returns it and the MNIST variants (DiT, text, latent) start from it,
+so a recipe copied out of configs/ still works: recipes import only from the package.
+"""
+
+import ml_collections
+
+from ddpm.config import schema
+
+
+def _preset(family: str, **values) -> ml_collections.ConfigDict:
+    model = schema.model_section(family)
+    model.update(values)
+    return model
+
+
+def ddpm_cifar10() -> ml_collections.ConfigDict:
+    """The DDPM paper's CIFAR-10 U-Net (35.7M parameters at 32x32x3, unconditional)."""
+    return _preset(
+        "unet",
+        ch=128,
+        ch_mult=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(16,),
+        num_heads=1,
+        dropout=0.1,
+        num_groups=32,
+    )
+
+
+def unet64() -> ml_collections.ConfigDict:
+    """64x64 images: levels 64->32->16->8 with 64/128/256/512 channels, attention at 16 and 8."""
+    return _preset(
+        "unet",
+        ch=64,
+        ch_mult=(1, 2, 4, 8),
+        num_res_blocks=2,
+        attention_resolutions=(16, 8),
+        num_heads=4,
+        dropout=0.1,
+        num_groups=32,
+    )
+
+
+def mnist_small() -> ml_collections.ConfigDict:
+    """Class-conditional MNIST at 28x28x1 on a 2-core CPU: 16/32/64 channels (28 -> 14 -> 7),
+    one ResBlock per level, attention only in the 7x7 middle block; 0.64M parameters."""
+    return _preset(
+        "unet",
+        ch=16,
+        ch_mult=(1, 2, 4),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        num_heads=4,
+        dropout=0.0,
+        num_classes=10,
+        num_groups=8,
+    )
+
+
+# DiT (Peebles & Xie 2023, table 1): size -> (hidden_size, depth, num_heads).
+DIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+DIT_PATCHES = (2, 4, 8)
+
+
+def dit(size: str = "XL", patch: int = 2, **overrides) -> ml_collections.ConfigDict:
+    """The DiT paper's DiT-{S,B,L,XL}/{2,4,8} (MLP ratio 4, no dropout); `overrides` set other
+    `config.model` fields, e.g. num_classes=1000, learn_sigma=True as in the paper."""
+    if size not in DIT_SIZES:
+        raise ValueError(f"DiT size {size!r} is not one of {', '.join(DIT_SIZES)}")
+    if patch not in DIT_PATCHES:
+        raise ValueError(f"DiT patch size {patch!r} is not one of {DIT_PATCHES}")
+    hidden, depth, heads = DIT_SIZES[size]
+    return _preset(
+        "dit",
+        patch_size=patch,
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=4.0,
+        dropout=0.0,
+        **overrides,
+    )
+
+
+def mnist_dit() -> ml_collections.ConfigDict:
+    """Class-conditional DiT for MNIST at 28x28x1 on a 2-core CPU: 4x4 patches (7x7 = 49
+    tokens), width 128, 6 blocks of 4 heads; 1.8M parameters."""
+    return _preset(
+        "dit",
+        patch_size=4,
+        hidden_size=128,
+        depth=6,
+        num_heads=4,
+        mlp_ratio=4.0,
+        dropout=0.0,
+        num_classes=10,
+    )
+
+
+def mnist() -> ml_collections.ConfigDict:
+    """The default run: class-conditional diffusion on the embedded MNIST-5k digits (2-core
+    CPU, about 8 minutes).
+
+    Recipe chosen by measurement (1200 steps of batch 64, same model, DDIM-50, guidance 2, 100
+    samples scored by a CNN trained on MNIST-5k): eps-prediction 61 % of samples classified as
+    their label, v-prediction with min-SNR-5 weighting 82 %; the latter at guidance 3: 92 %.
+    """
+    config = schema.get_config()
+    config.data.source = "mnist5k"
+    config.data.image_size = 28  # the digits as they are (3 U-Net levels: 28, 14, 7)
+    config.data.channels = 1
+    config.model = mnist_small()
+
+    config.diffusion.schedule = "cosine"
+    config.diffusion.num_timesteps = 1000
+    config.diffusion.prediction = "v"
+    config.diffusion.loss_weighting = "min_snr"
+    config.diffusion.min_snr_gamma = 5.0
+
+    t = config.training
+    t.num_steps = 1200
+    t.batch_size = 64
+    t.learning_rate = 2e-3
+    t.warmup_steps = 200
+    t.lr_schedule = "cosine"
+    t.ema_decay = 0.999
+    t.ema_warmup = True
+    t.label_dropout = 0.1
+    t.log_every = 100
+    t.checkpoint_every = 500
+    t.sample_every = 600
+
+    config.sample.method = "ddim"
+    config.sample.num_steps = 50
+    config.sample.guidance_scale = 3.0
+    config.sample.num_samples = 100  # 10 rows (one per digit) of 10
+    return config
+
+
+def cifar10() -> ml_collections.ConfigDict:
+    """The DDPM paper's CIFAR-10 run (Ho et al., 2020): the 35.7M-parameter U-Net, linear
+    schedule, eps-prediction, 800k steps of batch 128, ancestral sampling with 1000 steps."""
+    config = schema.get_config()
+    config.data.source = "tfds:cifar10"
+    config.data.image_size = 32
+    config.data.channels = 3
+    config.data.random_flip = True
+    config.model = ddpm_cifar10()
+
+    config.diffusion.schedule = "linear"
+    config.diffusion.num_timesteps = 1000
+    config.diffusion.prediction = "eps"
+
+    t = config.training
+    t.num_steps = 800_000
+    t.batch_size = 128
+    t.optimizer = "adam"
+    t.learning_rate = 2e-4
+    t.warmup_steps = 5000
+    t.grad_clip = 1.0
+    t.ema_decay = 0.9999
+    t.label_dropout = 0.0
+    t.log_every = 100
+    t.checkpoint_every = 10_000
+    t.sample_every = 50_000
+
+    config.sample.method = "ddpm"
+    config.sample.num_steps = 1000
+    config.sample.num_samples = 64
+    return config

@@ -1,0 +1,190 @@
+"""The config of a workdir: reading a run's config.json back, the resume check, and the shape
+of the network's input (which, for latent diffusion, the stage-1 run decides)."""
+
+import functools
+import json
+import os
+
+import ml_collections
+
+from ddpm.config import schema
+from ddpm.errors import UserError
+
+CONFIG_FILE = "config.json"
+# Sections compared whole by the resume check (besides the model's shape fields).
+_COMPARED = ("objective", "data.image_size", "data.channels", "data.length", "text")
+
+
+def _update(node: ml_collections.ConfigDict, values: dict) -> None:
+    """Overlay JSON `values` on `node`, skipping keys the schema no longer has."""
+    for key, value in values.items():
+        if key not in node:
+            continue
+        if isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
+            _update(node[key], value)
+        else:
+            node[key] = tuple(value) if isinstance(value, list) else value
+
+
+def from_json(saved: dict) -> ml_collections.ConfigDict:
+    """A run's saved config over today's schema: fields added since keep their defaults,
+    fields since removed are dropped. Workdirs written before the run-layer redesign (one
+    flat `model` section, `latent.z_channels`, no `objective`) read as they were meant."""
+    config = schema.get_config()
+    model = saved.get("model", {})
+    name = model.get("name", "unet")
+    if name not in schema.MODEL_SECTIONS:
+        raise UserError(f"a saved config has model.name={name!r}, not one of the known families")
+    config.model = schema.model_section(name)
+    _update(config, saved)
+    latent = saved.get("latent", {})
+    if name == "autoencoder" and "z_channels" not in model and "z_channels" in latent:
+        config.model.z_channels = latent["z_channels"]
+    if "objective" not in saved:
+        if name == "autoencoder":
+            config.objective = "autoencoder"
+        elif latent.get("autoencoder_workdir") is not None:
+            config.objective = "latent"
+    return config
+
+
+def config_path(workdir: str) -> str:
+    return os.path.join(workdir, CONFIG_FILE)
+
+
+def read_saved(workdir: str) -> dict | None:
+    """The raw config.json of `workdir` (None when there is none); a corrupt file is a
+    UserError naming it."""
+    path = config_path(workdir)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not a readable run config ({e}); is this a workdir?") from e
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with (`from_json` of its config.json)."""
+    saved = read_saved(workdir)
+    if saved is None:
+        raise UserError(f"{config_path(workdir)} does not exist: {workdir!r} holds no run")
+    return from_json(saved)
+
+
+def _get(tree, path: str):
+    for key in path.split("."):
+        tree = tree[key]
+    return tree
+
+
+def _plain(value):
+    if isinstance(value, ml_collections.ConfigDict):
+        return value.to_dict()
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def incompatibilities(
+    old: ml_collections.ConfigDict, new: ml_collections.ConfigDict
+) -> list[tuple[str, object, object]]:
+    """(field, old value, new value) of every field that differs between two configs and
+    changes the parameters' shapes or the function the network computes; runtime fields and
+    model fields in `schema.FREE_MODEL_FIELDS` do not count."""
+    differences = []
+    for path in _COMPARED:
+        a, b = _get(old, path), _get(new, path)
+        if path == "text":  # a text section matters only when text conditioning is on
+            if a.source is None and b.source is None:
+                continue
+            pairs = [(f"text.{key}", a[key], b[key]) for key in b]
+        else:
+            pairs = [(path, a, b)]
+        differences += [(p, _plain(x), _plain(y)) for p, x, y in pairs if _plain(x) != _plain(y)]
+    if old.model.name != new.model.name:
+        return [*differences, ("model.name", old.model.name, new.model.name)]
+    for key in new.model:
+        if key not in schema.FREE_MODEL_FIELDS:
+            a, b = _plain(old.model[key]), _plain(new.model[key])
+            if a != b:
+                differences.append((f"model.{key}", a, b))
+    return differences
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """A workdir holding a run with other parameter/data shapes is a UserError, not an
+    overwrite. A workdir path that is a file is one too."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir={workdir!r} is a file, not a directory")
+    saved = read_saved(workdir)
+    if saved is None:
+        return
+    differences = incompatibilities(from_json(saved), config)
+    if differences:
+        text = "; ".join(
+            f"config.{f}: workdir has {o!r}, new config {n!r}" for f, o, n in differences
+        )
+        raise UserError(
+            f"workdir {workdir} holds a run whose config is incompatible with this one ({text}). "
+            "Use a new --workdir, or the same config to resume."
+        )
+
+
+def data_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """One example of config.data without the batch axis: (H, W, C), or (L, C) for 1-D
+    signals (`config.data.length` set)."""
+    d = config.data
+    if d.length is not None:
+        return (d.length, d.channels)
+    return (d.image_size, d.image_size, d.channels)
+
+
+@functools.cache
+def _stage1_config(path: str, mtime_ns: int) -> ml_collections.ConfigDict:
+    del mtime_ns  # part of the cache key: a retrained stage 1 is read again
+    return load_config(os.path.dirname(path))
+
+
+def stage1_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config of `config.latent.autoencoder_workdir`'s run, checked against `config`:
+    a UserError when the workdir holds no autoencoder run or its image shape differs."""
+    workdir = config.latent.autoencoder_workdir
+    if workdir is None:
+        raise UserError("config.objective='latent' needs config.latent.autoencoder_workdir")
+    path = os.path.abspath(config_path(workdir))
+    if not os.path.exists(path):
+        raise UserError(
+            f"config.latent.autoencoder_workdir={workdir!r} holds no autoencoder run ({path} "
+            "does not exist); train stage 1 first: python main.py "
+            f"--config=configs/mnist_autoencoder.py --workdir={workdir}"
+        )
+    saved = _stage1_config(path, os.stat(path).st_mtime_ns)
+    if saved.objective != "autoencoder":
+        raise UserError(
+            f"config.latent.autoencoder_workdir={workdir!r} holds a {saved.model.name!r} run, "
+            "not an autoencoder (config.objective='autoencoder')"
+        )
+    for field in ("image_size", "channels"):
+        if config.data[field] != saved.data[field]:
+            raise UserError(
+                f"config.data.{field}={config.data[field]!r} does not match the autoencoder in "
+                f"config.latent.autoencoder_workdir={workdir!r} (data.{field}="
+                f"{saved.data[field]!r})"
+            )
+    return saved
+
+
+def latent_factor(autoencoder: ml_collections.ConfigDict) -> int:
+    """Spatial downsampling f = 2^(len(ch_mult) - 1) of an autoencoder's `config.model`."""
+    return 2 ** (len(autoencoder.ch_mult) - 1)
+
+
+def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Shape of one example as the trained network sees it (no batch axis): the data's, or
+    for latent diffusion the stage-1 autoencoder's latents (H/f, W/f, z_channels)."""
+    if config.objective != "latent":
+        return data_shape(config)
+    stage1 = stage1_config(config)
+    f = latent_factor(stage1.model)
+    size = config.data.image_size
+    return (size // f, size // f, stage1.model.z_channels)

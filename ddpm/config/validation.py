@@ -1,0 +1,378 @@
+"""Start-up validation of a config: every check of a config path lives here, and each failure
+is a `UserError` naming the field and the accepted values, before any compile.
+
+The math and model modules check their own arguments (their errors name those); the checks
+here run first, so a user sees config paths.
+"""
+
+from collections.abc import Iterable, Iterator
+
+import ml_collections
+
+from ddpm import data, diffusion, samplers, schedules
+from ddpm.config import runs, schema
+from ddpm.errors import UserError
+
+DTYPES = ("float32", "bfloat16", "float16")
+RECON_LOSSES = ("l1", "l2")
+GROUP_NORMS = ("auto", "fast", "flax")
+INIT_KEYS = ("auto", "rbg", "threefry")
+
+
+def _fmt(values: Iterable) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def _field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[str]:
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _field_paths(value, path + ".")
+        else:
+            yield path
+
+
+def _get(config: ml_collections.ConfigDict, path: str):
+    value = config
+    for key in path.split("."):
+        value = value[key]
+    return value
+
+
+def choice(config: ml_collections.ConfigDict, path: str, choices: Iterable) -> None:
+    choices = tuple(choices)
+    value = _get(config, path)
+    if value not in choices:
+        raise UserError(f"config.{path}={value!r} is not one of {_fmt(choices)}")
+
+
+def number(
+    config: ml_collections.ConfigDict,
+    path: str,
+    low: float,
+    high: float | None = None,
+    *,
+    low_inclusive: bool = True,
+    high_inclusive: bool = False,
+    integer: bool = False,
+) -> None:
+    """config.<path> must be a number (an int with `integer`) in the stated range."""
+    value = _get(config, path)
+    kind = "an int" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok_type:
+        raise UserError(f"config.{path}={value!r} must be {kind}")
+    ok_low = value >= low if low_inclusive else value > low
+    ok_high = high is None or (value <= high if high_inclusive else value < high)
+    if not (ok_low and ok_high):
+        bound = f"{'>=' if low_inclusive else '>'} {low}"
+        if high is not None:
+            bound += f" and {'<=' if high_inclusive else '<'} {high}"
+        raise UserError(f"config.{path}={value!r} must be {kind} {bound}")
+
+
+def _positive_ints(config: ml_collections.ConfigDict, section: str, fields: Iterable[str]) -> None:
+    for field in fields:
+        number(config, f"{section}.{field}", 1, integer=True)
+
+
+def check_known_fields(config: ml_collections.ConfigDict) -> None:
+    """Every field must exist in the schema (`ddpm.config.schema`), with the model section of
+    config.model.name's family: catches typos and fields of another network family."""
+    name = config.model.get("name")
+    if name not in schema.MODEL_SECTIONS:
+        raise UserError(f"config.model.name={name!r} is not one of {_fmt(schema.MODEL_SECTIONS)}")
+    reference = schema.get_config()
+    reference.model = schema.model_section(name)
+    known = set(_field_paths(reference))
+    unknown = sorted(set(_field_paths(config)) - known)
+    if unknown:
+        fields = ", ".join("config." + u for u in unknown)
+        hint = "; every field must exist in ddpm/config/schema.py"
+        if any(u.startswith("model.") for u in unknown):
+            hint += f" (config.model holds the fields of the {name!r} family)"
+        raise UserError(f"unknown config field(s): {fields}{hint}")
+
+
+def validate(config: ml_collections.ConfigDict) -> data.DatasetInfo:
+    """Raises UserError naming the first invalid field; returns the data source's metadata,
+    read while validating it (for a folder source that means indexing the folder, so callers
+    should not read it again)."""
+    check_known_fields(config)
+    _validate_objective(config)
+    info = data.dataset_info(config)
+    _validate_text(config)
+    if config.objective != "autoencoder":
+        _validate_diffusion(config)
+        _validate_sample(config)
+    _validate_training(config)
+    _validate_latent(config)
+    shape = runs.input_shape(config)
+    {"unet": _validate_unet, "dit": _validate_dit, "autoencoder": _validate_autoencoder}[
+        config.model.name
+    ](config, shape)
+    _validate_runtime(config)
+    return info
+
+
+def _validate_objective(config: ml_collections.ConfigDict) -> None:
+    choice(config, "objective", schema.OBJECTIVES)
+    name, objective = config.model.name, config.objective
+    if (objective == "autoencoder") != (name == "autoencoder"):
+        raise UserError(
+            f"config.objective={objective!r} with config.model.name={name!r}: the autoencoder "
+            "objective trains model.name='autoencoder' and the diffusion objectives a denoiser "
+            "(unet, dit)"
+        )
+    workdir = config.latent.autoencoder_workdir
+    if objective == "latent" and workdir is None:
+        raise UserError(
+            "config.objective='latent' needs config.latent.autoencoder_workdir (the stage-1 run)"
+        )
+    if objective != "latent" and workdir is not None:
+        raise UserError(
+            f"config.latent.autoencoder_workdir={workdir!r} is set but config.objective="
+            f"{objective!r}; set config.objective='latent' for diffusion on its latents"
+        )
+
+
+def _validate_text(config: ml_collections.ConfigDict) -> None:
+    t = config.text
+    if t.source is None:
+        return
+    if t.source != "captions" and not t.source.startswith("npz:"):
+        raise UserError(
+            f"config.text.source={t.source!r} is not one of None, 'captions', 'npz:<path>'"
+        )
+    if config.objective == "autoencoder":
+        raise UserError(f"config.text.source={t.source!r}: the autoencoder takes no text")
+    if config.model.num_classes is not None:
+        raise UserError(
+            f"config.text.source={t.source!r} with config.model.num_classes="
+            f"{config.model.num_classes}: text models take no class labels (set num_classes None)"
+        )
+    _positive_ints(config, "text", ("max_length", "width", "num_heads"))
+    number(config, "text.depth", 0, integer=True)
+    if t.width % t.num_heads:
+        raise UserError(
+            f"config.text.num_heads={t.num_heads} does not divide config.text.width={t.width}"
+        )
+    m = config.model
+    if m.name == "unet" and not (m.attention_resolutions or m.mid_attention):
+        raise UserError(
+            f"config.text.source={t.source!r} needs attention blocks for its cross-attention: "
+            "set config.model.attention_resolutions or mid_attention=True"
+        )
+
+
+def _validate_diffusion(config: ml_collections.ConfigDict) -> None:
+    choice(config, "diffusion.schedule", schedules.SCHEDULE_NAMES)
+    choice(config, "diffusion.prediction", diffusion.PREDICTIONS)
+    choice(config, "diffusion.loss_weighting", diffusion.LOSS_WEIGHTINGS)
+    number(config, "diffusion.num_timesteps", 1, integer=True)
+    number(config, "diffusion.min_snr_gamma", 0, low_inclusive=False)
+    if config.diffusion.zero_terminal_snr and config.diffusion.prediction != "v":
+        raise UserError(
+            "config.diffusion.zero_terminal_snr=True needs config.diffusion.prediction='v' "
+            f"(got {config.diffusion.prediction!r}): eps is undefined at SNR 0"
+        )
+
+
+def _validate_sample(config: ml_collections.ConfigDict) -> None:
+    s = config.sample
+    choice(config, "sample.method", samplers.METHODS)
+    if s.spacing is not None:
+        choice(config, "sample.spacing", samplers.SPACINGS)
+    choice(config, "sample.variance", samplers.VARIANCES[:2])
+    karras = (s.spacing or samplers.DEFAULT_SPACING[s.method]) == "karras"  # fractional t
+    high = None if karras else config.diffusion.num_timesteps
+    number(config, "sample.num_steps", 1, high, high_inclusive=True, integer=True)
+    number(config, "sample.eta", 0, 1, high_inclusive=True)
+    number(config, "sample.churn", 0)
+    number(config, "sample.guidance_scale", 0)
+    _positive_ints(config, "sample", ("num_samples", "batch_size"))
+    if s.dynamic_threshold is not None:
+        number(config, "sample.dynamic_threshold", 0, 1, low_inclusive=False)
+    num_classes = config.model.get("num_classes")
+    if s.labels is not None:
+        if num_classes is None:
+            raise UserError(
+                f"config.sample.labels={s.labels!r} needs a class-conditional model "
+                "(config.model.num_classes is None)"
+            )
+        number(config, "sample.labels", 0, num_classes, integer=True)
+    if s.prompt is not None and config.text.source is None:
+        raise UserError(
+            f"config.sample.prompt={s.prompt!r} needs a text model (config.text.source is None)"
+        )
+
+
+def _validate_training(config: ml_collections.ConfigDict) -> None:
+    choice(config, "training.optimizer", ("adam", "adamw"))
+    choice(config, "training.lr_schedule", ("constant", "cosine"))
+    _positive_ints(
+        config,
+        "training",
+        (
+            "num_steps",
+            "batch_size",
+            "grad_accum_steps",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "sample_every",
+            "fsdp",
+        ),
+    )
+    number(config, "training.learning_rate", 0, low_inclusive=False)
+    number(config, "training.fsdp_min_size", 0, integer=True)
+    number(config, "training.warmup_steps", 0, integer=True)
+    number(config, "training.weight_decay", 0)
+    number(config, "training.grad_clip", 0, low_inclusive=False)
+    number(config, "training.ema_decay", 0, 1)
+    number(config, "training.label_dropout", 0, 1)
+    number(config, "training.adam_b2", 0, 1)
+
+
+def _validate_latent(config: ml_collections.ConfigDict) -> None:
+    """config.latent: stage 1's loss; stage 2's stage-1 run and pixel-only sample options."""
+    lat = config.latent
+    if config.objective == "autoencoder":
+        choice(config, "latent.recon_loss", RECON_LOSSES)
+        number(config, "latent.kl_weight", 0)
+    if config.objective != "latent":
+        return
+    if config.sample.clip_x0 or config.sample.dynamic_threshold is not None:
+        raise UserError(
+            f"config.sample.clip_x0={config.sample.clip_x0!r} / config.sample.dynamic_threshold="
+            f"{config.sample.dynamic_threshold!r}: clipping to [-1, 1] is for pixels, not "
+            "latents; set clip_x0=False and dynamic_threshold=None for latent diffusion"
+        )
+    runs.stage1_config(config)  # exists, is an autoencoder run, same image shape
+    if config.data.length is not None:
+        raise UserError("config.objective='latent' takes images, not 1-D signals (data.length)")
+    f = runs.latent_factor(runs.stage1_config(config).model)
+    if config.data.image_size % f:
+        raise UserError(
+            f"config.data.image_size={config.data.image_size} is not divisible by the stage-1 "
+            f"autoencoder's downsampling factor {f}"
+        )
+    if lat.scale_factor is not None:
+        number(config, "latent.scale_factor", 0, low_inclusive=False)
+
+
+def _validate_common_model(config: ml_collections.ConfigDict) -> None:
+    m = config.model
+    number(config, "model.dropout", 0, 1)
+    for field in ("dtype", "param_dtype"):
+        choice(config, f"model.{field}", DTYPES)
+    if "num_classes" in m and m.num_classes is not None:
+        number(config, "model.num_classes", 1, integer=True)
+    if "time_embed_freqs" in m and m.time_embed_freqs is not None:
+        number(config, "model.time_embed_freqs", 1, integer=True)
+    if "time_embed_max_period" in m:
+        number(config, "model.time_embed_max_period", 0, low_inclusive=False)
+
+
+def _validate_conv_levels(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> None:
+    """The fields the U-Net and the autoencoder share: levels, attention, groups, heads."""
+    m = config.model
+    _validate_common_model(config)
+    _positive_ints(config, "model", ("ch", "num_res_blocks", "num_groups"))
+    if len(m.ch_mult) == 0 or any(not isinstance(c, int) or c < 1 for c in m.ch_mult):
+        raise UserError(
+            f"config.model.ch_mult={tuple(m.ch_mult)!r} must be a non-empty tuple of positive "
+            "ints, e.g. (1, 2, 2)"
+        )
+    factor = 2 ** (len(m.ch_mult) - 1)
+    size = shape[0]
+    if size % factor:
+        lo = max(factor, size // factor * factor)
+        name = "config.data.image_size" if config.data.length is None else "config.data.length"
+        if config.objective == "latent":
+            name = "the latent size (config.data.image_size / the stage-1 factor)"
+        raise UserError(
+            f"{name}={size!r} is not divisible by 2^(len(config.model.ch_mult)-1)"
+            f"={factor}; sizes that work are multiples of {factor}, e.g. {lo} or {lo + factor} "
+            "(or pad the images, or use fewer levels in config.model.ch_mult)"
+        )
+    levels = [(size // 2**i, m.ch * mult) for i, mult in enumerate(m.ch_mult)]
+    resolutions = [r for r, _ in levels]
+    if any(r not in resolutions for r in m.attention_resolutions):
+        raise UserError(
+            f"config.model.attention_resolutions={tuple(m.attention_resolutions)!r} is not a "
+            f"subset of the resolutions of the network (resolutions: {_fmt(resolutions)})"
+        )
+    for _, c in levels:
+        if c % m.num_groups:
+            raise UserError(
+                f"config.model.num_groups={m.num_groups} does not divide the channel count {c} "
+                f"(channels: {_fmt(c for _, c in levels)} = config.model.ch * ch_mult)"
+            )
+    attn_channels = [c for r, c in levels if r in m.attention_resolutions]
+    if m.mid_attention:
+        attn_channels.append(levels[-1][1])
+    field, value = (
+        ("head_dim", m.head_dim) if m.head_dim is not None else ("num_heads", m.num_heads)
+    )
+    for c in attn_channels:
+        if not isinstance(value, int) or value < 1 or c % value:
+            raise UserError(
+                f"config.model.{field}={value!r} does not divide the channel count {c} of an "
+                "attention block"
+            )
+
+
+def _validate_unet(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> None:
+    m = config.model
+    _validate_conv_levels(config, shape)
+    if m.time_embed_freqs is None and m.ch // 2 < 1:
+        raise UserError(
+            f"config.model.ch={m.ch} gives no time-embedding frequencies (ch // 2 = 0); "
+            "set config.model.time_embed_freqs"
+        )
+
+
+def _validate_dit(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> None:
+    m = config.model
+    _validate_common_model(config)
+    _positive_ints(config, "model", ("patch_size", "hidden_size", "depth", "num_heads"))
+    if len(shape) != 3:
+        raise UserError(
+            f"config.model.name='dit' takes [H, W, C] inputs; this config gives {shape}"
+        )
+    height, width, _ = shape
+    p = m.patch_size
+    if height % p or width % p:
+        divisors = [q for q in range(1, min(height, width) + 1) if not height % q + width % q]
+        raise UserError(
+            f"config.model.patch_size={p} does not divide the input size {height}x{width} "
+            f"(config.data.image_size, or the latent size); patch sizes that work: "
+            f"{_fmt(divisors)}"
+        )
+    if m.hidden_size % m.num_heads:
+        raise UserError(
+            f"config.model.num_heads={m.num_heads} does not divide "
+            f"config.model.hidden_size={m.hidden_size}"
+        )
+    if m.hidden_size % 4:
+        raise UserError(
+            f"config.model.hidden_size={m.hidden_size} must be divisible by 4 (2-D sin-cos "
+            "position embedding)"
+        )
+    number(config, "model.mlp_ratio", 0, low_inclusive=False)
+
+
+def _validate_autoencoder(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> None:
+    if len(shape) != 3:
+        raise UserError(f"the autoencoder takes [H, W, C] images; this config gives {shape}")
+    _validate_conv_levels(config, shape)
+    number(config, "model.z_channels", 1, integer=True)
+
+
+def _validate_runtime(config: ml_collections.ConfigDict) -> None:
+    if config.runtime.conv_grad_chunk is not None:
+        number(config, "runtime.conv_grad_chunk", 0, integer=True)
+    choice(config, "runtime.group_norm", GROUP_NORMS)
+    choice(config, "runtime.init_key", INIT_KEYS)
+    choice(config, "runtime.async_checkpoint", (True, False))

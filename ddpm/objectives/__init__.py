@@ -1,0 +1,61 @@
+"""Objectives by name (`config.objective`): what a run trains and draws.
+
+Adding one is a module with an `Objective` subclass (`ddpm.objectives.base`) and a line in
+`_FACTORIES`. `create(config, ...)` is what the modes call.
+"""
+
+from collections.abc import Callable
+
+import jax
+import ml_collections
+
+from ddpm import build
+from ddpm.config import runs
+from ddpm.objectives import latent
+from ddpm.objectives.autoencoder import Autoencoder
+from ddpm.objectives.base import Objective
+from ddpm.objectives.diffusion import Diffusion
+from ddpm.objectives.latent import LatentDiffusion
+
+__all__ = ["Autoencoder", "Diffusion", "LatentDiffusion", "Objective", "create"]
+
+
+def _diffusion(config, speed, **_) -> Diffusion:
+    shape = runs.input_shape(config)
+    return Diffusion(
+        config=config,
+        model=build.model(config, shape),
+        input_shape=shape,
+        speed=speed,
+        schedule=build.schedule(config),
+    )
+
+
+def _autoencoder(config, speed, **_) -> Autoencoder:
+    shape = runs.input_shape(config)
+    return Autoencoder(
+        config=config, model=build.model(config, shape), input_shape=shape, speed=speed
+    )
+
+
+_FACTORIES: dict[str, Callable[..., Objective]] = {
+    "diffusion": _diffusion,
+    "autoencoder": _autoencoder,
+    "latent": latent.create,
+}
+
+
+def create(
+    config: ml_collections.ConfigDict,
+    *,
+    workdir: str | None,
+    mesh: jax.sharding.Mesh,
+    estimate_scale: bool = False,
+) -> Objective:
+    """The objective `config.objective` names, for a validated `config` trained (or read) in
+    `workdir` (None: none yet) on `mesh`. `estimate_scale`: latent diffusion may estimate its
+    scale factor (training's first start); elsewhere it must be saved."""
+    speed = build.run_runtime(config)
+    return _FACTORIES[config.objective](
+        config, speed, workdir=workdir, mesh=mesh, estimate_scale=estimate_scale
+    )

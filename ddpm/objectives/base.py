@@ -1,0 +1,69 @@
+"""The objective interface: what a run trains and what it draws, for one train step and one
+sampler core to serve every model family.
+
+An objective holds the network, its input shape and whatever it keeps frozen (a stage-1
+autoencoder's parameters, later a teacher's), and supplies three things, as in vdm's
+experiment classes: the loss of a batch, the grid the trainer draws, and (for generative
+objectives) a sampler. The frozen parameters are an explicit argument of the compiled train
+step (`loss(params, frozen, batch, rng)`) and of the samplers, never a compile-time constant.
+"""
+
+import abc
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from ddpm import models, runtime
+from ddpm.errors import UserError
+
+Array = jax.Array
+Batch = dict[str, Array]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Objective(abc.ABC):
+    """config: the run's config, completed where the objective decides a value (latent
+    diffusion's scale factor), as saved in the workdir; model: the trained network;
+    input_shape: one example as the network sees it; speed: the resolved `config.runtime`;
+    frozen: parameters held fixed (None if nothing is), replicated."""
+
+    config: ml_collections.ConfigDict
+    model: nn.Module
+    input_shape: tuple[int, ...]
+    speed: runtime.Runtime
+    frozen: Any = None
+
+    @functools.cached_property
+    def apply(self) -> Callable[..., Any]:
+        """`model.apply` with the runtime's kernels (`ddpm.runtime.wrap`)."""
+        return runtime.wrap(self.model.apply, self.speed)
+
+    def init_params(self, rng: Array) -> Any:
+        """Fresh parameters of the network (traceable: jit it)."""
+        inputs = models.init_inputs(self.config, self.input_shape)
+        return self.model.init(runtime.init_key(rng, self.speed), *inputs)["params"]
+
+    @abc.abstractmethod
+    def loss(self, params: Any, frozen: Any, batch: Batch, rng: Array) -> tuple[Array, dict]:
+        """(scalar float32 loss, {name: scalar} extra metrics) of a training batch
+        {"image": [B, ...] float32 in [-1, 1], "label": [B] int32}. Traceable."""
+
+    @abc.abstractmethod
+    def training_grid(self, rng: Array) -> tuple[Callable[[Any], Array], int]:
+        """(fn(params) -> images [N, ...] float32, columns) drawn every sample_every steps
+        from the EMA parameters."""
+
+    def sampler(self, num: int, **edit: Any) -> Callable[..., Array]:
+        """Jitted fn(params, rng, cond, **arrays) -> [num, ...] samples in data space with
+        `config.sample`'s method (see `ddpm.build.sampler`); generative objectives only."""
+        del num, edit
+        raise UserError(
+            f"config.objective={self.config.objective!r} is not a generative model: sampling "
+            "needs a diffusion run (an autoencoder's reconstructions are the grids in its "
+            "workdir's samples/)"
+        )

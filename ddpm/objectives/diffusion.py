@@ -1,0 +1,65 @@
+"""Diffusion on the data itself: the denoising loss of `ddpm.diffusion` (eps / x0 / v
+targets, min-SNR weighting, learned variance) with classifier-free label dropout, and samples
+from `config.sample`'s sampler."""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ddpm import build, conditioning, diffusion
+from ddpm.objectives.base import Array, Batch, Objective
+from ddpm.schedules import Schedule
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Diffusion(Objective):
+    """schedule: the forward process of `config.diffusion`."""
+
+    schedule: Schedule
+
+    def denoising_loss(self, params: Any, x0: Array, batch: Batch, rng: Array) -> Array:
+        """The diffusion loss of data x0 [B, ...] float32 conditioned on `batch`'s condition
+        (each dropped to the null one with probability config.training.label_dropout)."""
+        c = self.config
+        label_rng, loss_rng = jax.random.split(rng)
+        cond = conditioning.drop(
+            c, conditioning.batch_cond(c, batch), label_rng, c.training.label_dropout
+        )
+
+        def apply_fn(params, x_t, t, dropout_rng):
+            return self.apply(
+                {"params": params}, x_t, t, cond, train=True, rngs={"dropout": dropout_rng}
+            )
+
+        loss, _ = diffusion.loss(
+            params,
+            apply_fn,
+            self.schedule,
+            x0,
+            loss_rng,
+            prediction=c.diffusion.prediction,
+            weighting=c.diffusion.loss_weighting,
+            min_snr_gamma=c.diffusion.min_snr_gamma,
+            learned_variance=c.model.learn_sigma,
+        )
+        return loss
+
+    def loss(self, params: Any, frozen: Any, batch: Batch, rng: Array) -> tuple[Array, dict]:
+        del frozen
+        return self.denoising_loss(params, batch["image"], batch, rng), {}
+
+    def sampler(self, num: int, **edit: Any) -> Callable[..., Array]:
+        return build.sampler(
+            self.config, self.apply, self.schedule, (num, *self.input_shape), **edit
+        )
+
+    def training_grid(self, rng: Array) -> tuple[Callable[[Any], Array], int]:
+        """One row per class (or the configured labels / prompts), config.sample.num_samples
+        samples drawn with the same key each time."""
+        cond, cols, _ = conditioning.grid_cond(self.config)
+        cond = jax.tree.map(jnp.asarray, cond)
+        sample = self.sampler(self.config.sample.num_samples)
+        return (lambda params: sample(params, rng, cond)), cols

@@ -1,0 +1,174 @@
+"""User errors through the real CLI: each bad input exits non-zero within seconds, before any
+compile, with one line naming the field or file and no traceback."""
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIME_LIMIT = 30.0  # seconds per bad input, interpreter start and JAX import included
+
+
+def _cases(tmp) -> dict[str, tuple[list[str], str]]:
+    """name -> (CLI arguments after main.py, text the error must contain)."""
+    w = str(tmp / "w")
+    (tmp / "a_file").write_text("not a directory")
+    (tmp / "corrupt.npz").write_bytes(b"PK\x03\x04 this is not a zip archive")
+    (tmp / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    os.makedirs(tmp / "other_run")
+    (tmp / "other_run" / "config.json").write_text(json.dumps({"model": {"name": "unet", "ch": 7}}))
+    os.makedirs(tmp / "bad_json")
+    (tmp / "bad_json" / "config.json").write_text("{ not json")
+    os.makedirs(tmp / "empty")
+    os.makedirs(tmp / "images" / "digit")
+    (tmp / "images" / "digit" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    base = ["--config=configs/mnist.py", f"--workdir={w}"]
+    return {
+        "schedule": (
+            [*base, "--config.diffusion.schedule=cosinus"],
+            "config.diffusion.schedule='cosinus' is not one of linear",
+        ),
+        "method": (
+            [*base, "--mode=sample", "--config.sample.method=ddmi"],
+            "config.sample.method='ddmi' is not one of ddpm, ddim",
+        ),
+        "spacing": (
+            [*base, "--config.sample.spacing=even"],
+            "config.sample.spacing='even' is not one of leading, trailing",
+        ),
+        "groups": (
+            [*base, "--config.model.num_groups=3"],
+            "config.model.num_groups=3 does not divide the channel count 16",
+        ),
+        "batch": ([*base, "--config.training.batch_size=0"], "config.training.batch_size=0"),
+        "runtime": (
+            [*base, "--config.runtime.group_norm=fastest"],
+            "config.runtime.group_norm='fastest' is not one of auto, fast, flax",
+        ),
+        "text": ([*base, "--config.text.source=clip"], "config.text.source='clip'"),
+        "unknown_field": (
+            [*base, "--config.model.patch_size=4"],
+            "patch_size",
+        ),
+        "config_file": (["--config=configs/nope.py", f"--workdir={w}"], "configs/nope.py"),
+        "folder": (
+            [*base, f"--config.data.source=folder:{tmp}/missing"],
+            f"config.data.source='folder:{tmp}/missing': no such directory",
+        ),
+        "corrupt_image": (
+            [*base, f"--config.data.source=folder:{tmp}/images"],
+            "broken.png",
+        ),
+        "npz_missing": (
+            [*base, f"--config.data.source=npz:{tmp}/none.npz"],
+            f"config.data.source='npz:{tmp}/none.npz': no such file",
+        ),
+        "npz_corrupt": ([*base, f"--config.data.source=npz:{tmp}/corrupt.npz"], "corrupt.npz"),
+        "workdir_file": (
+            ["--config=configs/mnist.py", f"--workdir={tmp}/a_file"],
+            f"--workdir='{tmp}/a_file' is a file",
+        ),
+        "other_run": (
+            ["--config=configs/mnist.py", f"--workdir={tmp}/other_run"],
+            "config.model.ch: workdir has 7, new config 16",
+        ),
+        "corrupt_run_config": (
+            ["--config=configs/mnist.py", f"--workdir={tmp}/bad_json", "--mode=sample"],
+            f"{tmp}/bad_json/config.json is not a readable run config",
+        ),
+        "no_checkpoint": (
+            ["--config=configs/mnist.py", f"--workdir={tmp}/empty", "--mode=sample"],
+            f"no checkpoint in {tmp}/empty/checkpoints",
+        ),
+        "edit_input": (
+            [*base, "--mode=img2img", "--config.edit.input=missing.png"],
+            "config.edit.input='missing.png' is neither a test-set index",
+        ),
+        "edit_mask": (
+            [*base, "--mode=inpaint", f"--config.edit.mask={tmp}/corrupt.png"],
+            f"config.edit.mask='{tmp}/corrupt.png' is not a readable image",
+        ),
+        "inception_weights": (
+            [*base, "--mode=eval", "--config.eval.metrics=fid"],
+            "config.eval.inception_weights=None is not a file",
+        ),
+        "stage1": (
+            [
+                *base,
+                "--config.objective=latent",
+                f"--config.latent.autoencoder_workdir={tmp}/empty",
+                "--config.sample.clip_x0=False",
+            ],
+            f"config.latent.autoencoder_workdir='{tmp}/empty' holds no autoencoder run",
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """name -> (exit status, stderr + stdout, seconds, expected text), two at a time."""
+    tmp = tmp_path_factory.mktemp("cli")
+    cases = _cases(tmp)
+
+    def run(args: list[str]) -> tuple[int, str, float]:
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "main.py", *args],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": ROOT},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        return proc.returncode, proc.stderr + proc.stdout, time.perf_counter() - start
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(run, args) for name, (args, _) in cases.items()}
+        return {name: (*futures[name].result(), cases[name][1]) for name in cases}
+
+
+CASES = [
+    "schedule",
+    "method",
+    "spacing",
+    "groups",
+    "batch",
+    "runtime",
+    "text",
+    "unknown_field",
+    "config_file",
+    "folder",
+    "corrupt_image",
+    "npz_missing",
+    "npz_corrupt",
+    "workdir_file",
+    "other_run",
+    "corrupt_run_config",
+    "no_checkpoint",
+    "edit_input",
+    "edit_mask",
+    "inception_weights",
+    "stage1",
+]
+
+
+def test_the_table_is_complete(tmp_path):
+    assert sorted(_cases(tmp_path)) == sorted(CASES)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_input_is_one_line_and_a_non_zero_exit(results, name):
+    status, output, seconds, expected = results[name]
+    print(f"{name}: exit {status} in {seconds:.1f} s: {output.strip().splitlines()[-1:]}")
+    assert status != 0, output
+    assert "Traceback" not in output, output
+    assert expected in output, output
+    assert seconds < TIME_LIMIT, seconds
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert status == 2 and len(errors) == 1, output
