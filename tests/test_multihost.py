@@ -144,7 +144,17 @@ def test_two_processes_stop_together_resume_and_match_one_process(tmp_path):
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [5, 8]
     assert "step 8/8" in outs[0] and "step 8/8" not in outs[1]
-    assert os.listdir(tmp_path / "samples") == ["step_0000008.png"]
+    # Sample mode on the finished run: both processes sampled from parameters split over
+    # them (gathered to each), process 0 alone wrote.
+    assert sorted(os.listdir(tmp_path / "samples")) == [
+        "ddim_5.npz",
+        "ddim_5.png",
+        "step_0000008.png",
+    ]
+    assert "ddim_5.png and .npz" in outs[0] and "ddim_5.png and .npz" not in outs[1]
+    written = np.load(tmp_path / "samples" / "ddim_5.npz")
+    assert written["images"].shape == (4, 16, 16, 1)
+    np.testing.assert_array_equal(written["labels"], [0, 1, 2, 3])  # one row per class
     assert "8" in os.listdir(tmp_path / "checkpoints")
 
 

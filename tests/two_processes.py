@@ -4,7 +4,9 @@
 runs `train_and_evaluate` of the tiny config for NUM_STEPS steps (checkpoints every 2) in
 WORKDIR, with the parameters split over the two processes (fsdp=2). Then it restores the
 latest checkpoint and prints the shape of its own piece of the largest parameter. With
-`--slow` every step waits 0.25 s, so a test can preempt the job mid-run.
+`--slow` every step waits 0.25 s, so a test can preempt the job mid-run; without it, a
+finished run also draws 4 samples with `--mode=sample`'s function (gathered from both
+processes; process 0 writes them).
 """
 
 import sys
@@ -12,7 +14,7 @@ import time
 
 import jax
 
-from ddpm import build, checkpoint, objectives, sharding, train
+from ddpm import build, checkpoint, generate, objectives, sharding, train
 from tests.tiny import tiny_config
 
 NUM_STEPS = 8
@@ -43,8 +45,12 @@ if __name__ == "__main__":
     objective = objectives.create(config, workdir=workdir, mesh=mesh)
     target = train.abstract_train_state(objective, tx, mesh)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.training.keep_checkpoints)
-    state, _ = ckpt.restore(ckpt.latest_step(), target)
+    ckpt_step = ckpt.latest_step()
+    state, _ = ckpt.restore(ckpt_step, target)
     ckpt.close()
     largest = max(jax.tree.leaves(state.params), key=lambda leaf: leaf.size)
     (piece,) = largest.addressable_shards
     print(f"process {process_id} holds {piece.data.shape} of {largest.shape}", flush=True)
+    if ckpt_step == NUM_STEPS:
+        config.sample.num_samples, config.sample.batch_size = 4, 4
+        generate.sample_from_workdir(config, workdir)
