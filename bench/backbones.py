@@ -16,7 +16,8 @@ import time
 import jax
 import numpy as np
 
-from ddpm import models, sharding, train
+from ddpm import build, objectives, sharding, train
+from ddpm.config.runs import data_shape
 
 
 def emit(**record) -> None:
@@ -24,32 +25,35 @@ def emit(**record) -> None:
 
 
 def setup(config_module: str):
-    """(config, jitted step, state, batch, compile seconds, parameter count) of one config."""
+    """(config, jitted step fn(state, batch), state, batch, compile seconds, parameter count)
+    of one config."""
     config = importlib.import_module(config_module).get_config()
-    mesh = sharding.create_mesh()
-    model = models.create_model(config)
-    tx, lr_fn = train.make_optimizer(config.training)
-    schedule = train.build_schedule(config)
-    step_fn = train.make_train_step(config, model, tx, lr_fn, schedule, mesh)
-    state = train.init_train_state(jax.random.key(0), config, model, tx, mesh)
+    mesh = build.mesh(config)
+    objective = objectives.create(config, workdir=None, mesh=mesh)
+    tx, lr_fn = build.optimizer(config.training)
+    step_fn = train.make_train_step(objective, tx, lr_fn, mesh)
+    state = train.init_train_state(jax.random.key(0), objective, tx, mesh)
     batch_size = config.training.batch_size
     rng = np.random.default_rng(0)
     batch = sharding.global_batch(
         {
-            "image": rng.uniform(-1, 1, (batch_size, *models.input_shape(config))).astype(
-                np.float32
-            ),
+            "image": rng.uniform(-1, 1, (batch_size, *data_shape(config))).astype(np.float32),
             "label": rng.integers(0, 10, (batch_size,)).astype(np.int32),
         },
         mesh,
     )
     start = time.perf_counter()
-    state, metrics = step_fn(state, batch)
+    state, metrics = step_fn(state, batch, objective.frozen)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
     params = sum(p.size for p in jax.tree.leaves(state.params))
     return dict(
-        config=config, step=step_fn, state=state, batch=batch, compile_s=compile_s, params=params
+        config=config,
+        step=lambda state, batch: step_fn(state, batch, objective.frozen),
+        state=state,
+        batch=batch,
+        compile_s=compile_s,
+        params=params,
     )
 
 

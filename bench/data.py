@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from configs.default import get_config
 from ddpm import data
+from ddpm.config.schema import get_config
 
 
 def make_folder(root: Path, num_files: int) -> None:

@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import mnist_autoencoder, mnist_ldm
-from ddpm import latent, models, train
+from ddpm import build, objectives
+from ddpm.config import runs
+from ddpm.objectives.latent import LatentDiffusion, decode_latents
 
 
 def emit(**record) -> None:
@@ -37,10 +39,6 @@ def timed(fn, *args, repeats: int) -> tuple[float, float]:
     return first, best
 
 
-def init_params(config, model):
-    return jax.jit(model.init)(jax.random.key(0), *models.init_inputs(config))["params"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=20)
@@ -52,13 +50,26 @@ def main() -> None:
     latent_config.sample.num_steps = args.steps
     latent_config.latent.scale_factor = 1.0
     pixel_config = latent_config.copy_and_resolve_references()
+    pixel_config.objective = "diffusion"
     pixel_config.latent.autoencoder_workdir = None
-    ae_config = mnist_autoencoder.get_config()
-    ae = models.create_model(ae_config)
-    stage1 = latent.Stage1(ae, init_params(ae_config, ae), ae_config)
+    mesh = build.mesh(latent_config)
+    pixel = objectives.create(pixel_config, workdir=None, mesh=mesh)
+    ae = objectives.create(mnist_autoencoder.get_config(), workdir=None, mesh=mesh)
+    # Stage 2 without a trained stage-1 workdir: the autoencoder's parameters are random.
+    f = runs.latent_factor(ae.config.model)
+    size = latent_config.data.image_size
+    latent_shape = (size // f, size // f, ae.config.model.z_channels)
+    latent = LatentDiffusion(
+        config=latent_config,
+        model=build.model(latent_config, latent_shape),
+        input_shape=latent_shape,
+        speed=pixel.speed,
+        frozen=jax.jit(ae.init_params)(jax.random.key(0)),
+        schedule=build.schedule(latent_config),
+        stage1=ae.model,
+    )
     labels = jnp.arange(args.batch, dtype=jnp.int32) % latent_config.model.num_classes
     rng = jax.random.key(1)
-    schedule = train.build_schedule(latent_config)
     common = dict(
         device=jax.devices()[0].platform,
         method=latent_config.sample.method,
@@ -70,25 +81,21 @@ def main() -> None:
     )
 
     per_image = {}
-    for space, config, first_stage in (
-        ("pixel", pixel_config, None),
-        ("latent", latent_config, stage1),
-    ):
-        model = models.create_model(config)
-        params = init_params(config, model)
-        sampler = train.make_grid_sampler(config, model, schedule, args.batch, first_stage)
+    for space, objective in (("pixel", pixel), ("latent", latent)):
+        params = jax.jit(objective.init_params)(jax.random.key(0))
+        sampler = objective.sampler(args.batch)
         first, best = timed(sampler, params, rng, labels, repeats=args.repeats)
         per_image[space] = best / args.batch
         emit(
             figure=f"{space}_sampling",
-            input_shape=list(models.input_shape(config)),
+            input_shape=list(objective.input_shape),
             s_per_image=per_image[space],
             first_call_s=first,
             **common,
         )
-    decode = jax.jit(lambda p, z: latent.decode_latents(ae, p, z, scale_factor=1.0))
-    z = jnp.zeros((args.batch, *models.input_shape(latent_config)))
-    _, best = timed(decode, stage1.params, z, repeats=args.repeats)
+    decode = jax.jit(lambda p, z: decode_latents(latent.stage1_apply, p, z, scale_factor=1.0))
+    z = jnp.zeros((args.batch, *latent_shape))
+    _, best = timed(decode, latent.frozen, z, repeats=args.repeats)
     emit(figure="decode_only", s_per_image=best / args.batch, **common)
     emit(figure="latent_over_pixel_ratio", ratio=per_image["latent"] / per_image["pixel"], **common)
 

@@ -26,25 +26,26 @@ import time
 import jax
 import numpy as np
 
-from ddpm import models, sharding, train
+from ddpm import build, objectives, sharding, train
+from ddpm.config.runs import data_shape
 
 GIB = 2**30
 
 
 def _train_step_at(config, batch: int):
-    """(config with training.batch_size = batch, model, tx, mesh, the jitted train step)."""
+    """(config with training.batch_size = batch, objective, tx, mesh, the jitted train step)."""
     config = config.copy_and_resolve_references()
     config.training.batch_size = batch
-    model = models.create_model(config)
-    mesh = sharding.create_mesh(fsdp=config.training.fsdp)
-    tx, lr_fn = train.make_optimizer(config.training)
-    step = train.make_train_step(config, model, tx, lr_fn, train.build_schedule(config), mesh)
-    return config, model, tx, mesh, step
+    mesh = build.mesh(config)
+    objective = objectives.create(config, workdir=None, mesh=mesh)
+    tx, lr_fn = build.optimizer(config.training)
+    step = train.make_train_step(objective, tx, lr_fn, mesh)
+    return config, objective, tx, mesh, step
 
 
 def _batch_spec(config, batch: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     where = sharding.batch_sharded(mesh)
-    shape = (batch, *models.input_shape(config))
+    shape = (batch, *data_shape(config))
     return {
         "image": jax.ShapeDtypeStruct(shape, np.float32, sharding=where),
         "label": jax.ShapeDtypeStruct((batch,), np.int32, sharding=where),
@@ -53,10 +54,10 @@ def _batch_spec(config, batch: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
 
 def compiled_peak_bytes(config, batch: int) -> tuple[int, float]:
     """(peak bytes of the compiled train step at `batch`, compile seconds). Nothing runs."""
-    config, model, tx, mesh, step = _train_step_at(config, batch)
-    state = train.abstract_train_state(config, model, tx, mesh)
+    config, objective, tx, mesh, step = _train_step_at(config, batch)
+    state = train.abstract_train_state(objective, tx, mesh)
     start = time.perf_counter()
-    compiled = step.lower(state, _batch_spec(config, batch, mesh)).compile()
+    compiled = step.lower(state, _batch_spec(config, batch, mesh), objective.frozen).compile()
     seconds = time.perf_counter() - start
     m = compiled.memory_analysis()
     peak = (
@@ -70,11 +71,11 @@ def compiled_peak_bytes(config, batch: int) -> tuple[int, float]:
 
 def runs(config, batch: int) -> bool:
     """Whether two train steps at `batch` run on the device (False on out-of-memory)."""
-    config, model, tx, mesh, step = _train_step_at(config, batch)
+    config, objective, tx, mesh, step = _train_step_at(config, batch)
     rng = np.random.default_rng(0)
-    shape = (batch, *models.input_shape(config))
+    shape = (batch, *data_shape(config))
     try:
-        state = train.init_train_state(jax.random.key(0), config, model, tx, mesh)
+        state = train.init_train_state(jax.random.key(0), objective, tx, mesh)
         data = sharding.global_batch(
             {
                 "image": rng.uniform(-1, 1, shape).astype(np.float32),
@@ -83,7 +84,7 @@ def runs(config, batch: int) -> bool:
             mesh,
         )
         for _ in range(2):
-            state, metrics = step(state, data)
+            state, metrics = step(state, data, objective.frozen)
         jax.block_until_ready(metrics)
         return True
     except jax.errors.JaxRuntimeError as err:

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm import samplers, train
+from ddpm import build, objectives, samplers
 from ddpm.diffusion import alpha_sigma, predict_x0_eps
-from ddpm.models import create_model, input_shape, null_label
+from ddpm.models import null_label
 
 # Model evaluations per sample for a given step count.
 NFE = {"dpm++2s": lambda n: 2 * n - 1, "heun": lambda n: 2 * n - 1}
@@ -37,6 +37,15 @@ def timed(fn, *args, repeats: int) -> float:
         jax.block_until_ready(fn(*args))
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def sampler(objective, batch: int, **sample):
+    """`build.sampler` of the objective's config with `config.sample` fields overridden,
+    jitted here so that it can be lowered: fn(params, rng, labels)."""
+    config = objective.config.copy_and_resolve_references()
+    config.sample.update(sample)
+    shape = (batch, *objective.input_shape)
+    return jax.jit(build.sampler(config, objective.apply, objective.schedule, shape))
 
 
 def python_loop_ddim(model_fn, schedule, params, x_T, labels, num_steps, prediction):
@@ -81,12 +90,12 @@ def main() -> None:
     args = parser.parse_args()
 
     config = importlib.import_module(args.config).get_config()
-    model = create_model(config)
-    schedule = train.build_schedule(config)
-    shape = (args.batch, *input_shape(config))
+    objective = objectives.create(config, workdir=None, mesh=build.mesh(config))
+    schedule = objective.schedule
+    shape = (args.batch, *objective.input_shape)
     null = null_label(config)
     labels = None if null is None else jnp.arange(args.batch, dtype=jnp.int32) % null
-    params = model.init(jax.random.key(0), jnp.zeros(shape), jnp.zeros((args.batch,)), labels)
+    params = jax.jit(objective.init_params)(jax.random.key(0))
     # Perturb every leaf, so the zero-initialised output layer does not make the net constant.
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(3), len(leaves))
@@ -94,31 +103,19 @@ def main() -> None:
         p + 0.02 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys, strict=True)
     ]
     params = jax.tree.unflatten(treedef, noisy)
-    scale = config.sample.guidance_scale
-    guided = null is not None and scale != 1.0
+    guided = null is not None and config.sample.guidance_scale != 1.0
     prediction = config.diffusion.prediction
     learned = config.model.get("learn_sigma", False)
 
     def model_fn(params, x, t, y):
-        return model.apply(params, x, t, labels=y)
+        return objective.apply({"params": params}, x, t, y, train=False)
 
     device = str(jax.devices()[0].device_kind)
     common = dict(config=args.config, batch=args.batch, device=device, guidance=guided)
     for method in args.methods.split(","):
         for num_steps in (int(s) for s in args.steps.split(",")):
-            fn = samplers.make_sampler(
-                model_fn,
-                schedule,
-                shape,
-                guidance=guided,
-                method=method,
-                num_steps=num_steps,
-                null_label=null,
-                prediction=prediction,
-                variance="learned" if learned else "fixed_small",
-                clip_x0=bool(config.sample.clip_x0),
-            )
-            call = (params, jax.random.key(1), labels, jnp.float32(scale) if guided else None)
+            fn = sampler(objective, args.batch, method=method, num_steps=num_steps)
+            call = (params, jax.random.key(1), labels)
             start = time.perf_counter()
             compiled = fn.lower(*call).compile()
             compile_s = time.perf_counter() - start
@@ -137,10 +134,9 @@ def main() -> None:
 
     # DDIM-50, no guidance: one scan vs a Python loop over a jitted step, same x_T.
     num_steps, rng = 50, jax.random.key(2)
-    scan_fn = samplers.make_sampler(
-        model_fn, schedule, shape, method="ddim", num_steps=num_steps, prediction=prediction,
-        variance="learned" if learned else "fixed_small",
-    )  # fmt: skip
+    scan_fn = sampler(
+        objective, args.batch, method="ddim", num_steps=num_steps, guidance_scale=1.0, clip_x0=False
+    )
     if learned:  # the loop below reads the first half of the channels only
         model_fn_loop = lambda p, x, t, y: jnp.split(model_fn(p, x, t, y), 2, axis=-1)[0]
     else:

@@ -20,10 +20,10 @@ case goes on without it; a case whose worker dies mid-round gets `<case>/failed`
 Cases: `train@B` is one full training step at batch B (ours: `ddpm.train.make_train_step`:
 v-prediction min-SNR loss, grad clip, Adam, EMA; theirs: the same loss, `clip_grad_norm_`,
 `torch.optim.Adam`, a foreach EMA). `METHOD{N}@B` (ddim, dpm++2m) samples B images with N steps
-(ours: `make_sampler`, one jitted lax.scan; theirs: a Python loop over `UNet2DModel` and
+(ours: `ddpm.build.sampler`, one jitted lax.scan; theirs: a Python loop over `UNet2DModel` and
 diffusers' `DDIMScheduler` / `DPMSolverMultistepScheduler` with our schedule's betas). Class-
-conditional, no guidance. `--breakdown` adds train figures for the forward pass alone
-(`train_fwd`) and forward + backward (`train_fwdbwd`), to see where the time goes.
+conditional, no guidance. `--breakdown` adds train figures for the objective's loss alone
+(`train_fwd`) and loss + gradients (`train_fwdbwd`), to see where the time goes.
 
 Efficiency: each train case also gets `<figure>_b<B>/efficiency` lines: the FLOPs of our
 call (XLA's cost analysis of the lowered computation) per second at the median round, as a
@@ -147,14 +147,15 @@ def ours_worker(args, case) -> tuple[dict, dict]:
     import jax
     import jax.numpy as jnp
 
-    from ddpm import diffusion, models, samplers, sharding, train
+    from ddpm import build, objectives, sharding, train
+    from ddpm.config.runs import data_shape
 
     if args.precision == "fp32":
         jax.config.update("jax_default_matmul_precision", "highest")
     config = load_config(args.config, case["batch"], args.precision)
-    model = models.create_model(config)
-    schedule = train.build_schedule(config)
-    batch, shape = case["batch"], (case["batch"], *models.input_shape(config))
+    mesh = build.mesh(config)
+    objective = objectives.create(config, workdir=None, mesh=mesh)
+    batch = case["batch"]
     rng = np.random.default_rng(0)
     labels = None
     if config.model.num_classes is not None:
@@ -170,52 +171,39 @@ def ours_worker(args, case) -> tuple[dict, dict]:
         return out
 
     if case["kind"] == "train":
-        mesh = sharding.create_mesh()
-        tx, lr_fn = train.make_optimizer(config.training)
-        step_fn = train.make_train_step(config, model, tx, lr_fn, schedule, mesh)
-        state = train.init_train_state(jax.random.key(0), config, model, tx, mesh)
-        images = rng.uniform(-1, 1, shape).astype(np.float32)
+        tx, lr_fn = build.optimizer(config.training)
+        step_fn = train.make_train_step(objective, tx, lr_fn, mesh)
+        state = train.init_train_state(jax.random.key(0), objective, tx, mesh)
+        images = rng.uniform(-1, 1, (batch, *data_shape(config))).astype(np.float32)
         label = np.zeros(batch, np.int32) if labels is None else np.asarray(labels)
         data = sharding.global_batch({"image": images, "label": label}, mesh)
-        step = compiled("step", step_fn, state, data)
+        frozen = objective.frozen
+        step = compiled("step", step_fn, state, data, frozen)
         holder = {"state": state}
         n_params = sum(p.size for p in jax.tree.leaves(state.params))
 
         def run_step():
-            holder["state"], metrics = step(holder["state"], data)
+            holder["state"], metrics = step(holder["state"], data, frozen)
             return metrics
 
         parts["step"] = run_step
         if args.breakdown:
-            d = config.diffusion
 
-            def loss_fn(params, x0, labels, key):
-                apply = lambda p, x_t, t, r: model.apply(
-                    {"params": p}, x_t, t, labels, train=True, rngs={"dropout": r}
-                )
-                loss, _ = diffusion.loss(
-                    params, apply, schedule, x0, key, prediction=d.prediction,
-                    weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma,
-                )  # fmt: skip
-                return loss
+            def loss_fn(params, key):
+                return objective.loss(params, frozen, data, key)[0]
 
             params = jax.tree.map(jnp.copy, state.params)  # the step donates `state`
-            call = (params, data["image"], labels, jax.random.key(1))
+            call = (params, jax.random.key(1))
             fwd = compiled("fwd", jax.jit(loss_fn), *call)
             grad = compiled("fwdbwd", jax.jit(jax.grad(loss_fn)), *call)
             parts["fwd"] = lambda: fwd(*call)
             parts["fwdbwd"] = lambda: grad(*call)
     else:
-        params = jax.jit(model.init)(jax.random.key(0), *models.init_inputs(config))
+        params = jax.jit(objective.init_params)(jax.random.key(0))
         n_params = sum(p.size for p in jax.tree.leaves(params))
-
-        def model_fn(params, x, t, y):
-            return model.apply(params, x, t, labels=y)
-
-        fn = samplers.make_sampler(
-            model_fn, schedule, shape, method=case["method"], num_steps=case["steps"],
-            prediction=config.diffusion.prediction, clip_x0=bool(config.sample.clip_x0),
-        )  # fmt: skip
+        config.sample.update(method=case["method"], num_steps=case["steps"], guidance_scale=1.0)
+        shape = (batch, *objective.input_shape)
+        fn = jax.jit(build.sampler(config, objective.apply, objective.schedule, shape))
         key = jax.random.key(1)
         sampler = compiled("sample", fn, params, key, labels)
         parts["sample"] = lambda: sampler(params, key, labels)
@@ -274,7 +262,7 @@ def torch_worker(args, case, variant: str) -> tuple[dict, dict]:
     import diffusers
     import torch
 
-    from ddpm.schedules import get_schedule
+    from ddpm import build
 
     torch.set_num_threads(args.torch_threads)
     cuda = args.device == "cuda"
@@ -290,9 +278,7 @@ def torch_worker(args, case, variant: str) -> tuple[dict, dict]:
     if variant != "eager":
         net = torch.compile(unet, mode="reduce-overhead" if variant == "compile-ro" else None)
     autocast = lambda: torch.autocast(dev.type, torch.bfloat16, enabled=args.precision == "bf16")
-    d = config.diffusion  # train.build_schedule's betas, without importing the trainer here
-    schedule = get_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr)
-    betas = np.asarray(schedule.betas, np.float64)
+    betas = np.asarray(build.schedule(config).betas, np.float64)
     batch = case["batch"]
     shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
     gen = np.random.default_rng(0)

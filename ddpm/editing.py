@@ -23,55 +23,15 @@ from ddpm.config import validation
 from ddpm.data import transforms
 from ddpm.errors import UserError
 
-MODES = ("inpaint", "img2img")
-MASKS = ("center", "left_half", "random_boxes")
-
-
-def _index(spec) -> int | None:
-    """config.edit.input as a test-set index (an int or a string of digits), else None."""
-    if isinstance(spec, int):
-        return spec
-    return int(spec) if isinstance(spec, str) and spec.strip().isdigit() else None
-
-
-def validate_edit_config(config: ml_collections.ConfigDict, mode: str) -> None:
-    """Raises UserError naming the config.edit field that cannot work (no data is read)."""
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not one of {', '.join(MODES)}")
-    e = config.edit
-    if _index(e.input) is None and not Path(str(e.input)).expanduser().is_file():
-        raise UserError(
-            f"config.edit.input={e.input!r} is neither a test-set index (an int >= 0) nor an "
-            "existing PNG file"
-        )
-    if _index(e.input) is None and config.data.length is not None:
-        raise UserError(
-            f"config.edit.input={e.input!r}: 1-D signal runs take a test-set index as input"
-        )
-    signal = config.data.length is not None
-    png_mask = not signal and Path(str(e.mask)).expanduser().is_file()
-    if mode == "inpaint" and e.mask not in MASKS and not png_mask:
-        kinds = f"one of {', '.join(MASKS)}" + ("" if signal else " or an existing PNG file")
-        raise UserError(f"config.edit.mask={e.mask!r} is not {kinds}")
-    validation.number(config, "edit.num_samples", 1, integer=True)
-    if mode == "inpaint":
-        validation.number(config, "edit.jump_length", 1, integer=True)
-        validation.number(config, "edit.resample", 1, integer=True)
-    else:
-        validation.number(config, "edit.strength", 0, 1, low_inclusive=False, high_inclusive=True)
-    if config.objective != "diffusion":
-        raise UserError(
-            f"--mode={mode} edits with a diffusion model in data space; config.objective="
-            f"{config.objective!r} is not supported"
-        )
-
 
 def named_mask(name: str, spatial: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """Mask [*spatial, 1] float32, 1 = keep, 0 = generate, for a named region to generate:
     center (the middle half of every axis), left_half (the first half of the last spatial
     axis: left for images, start for signals), random_boxes (3 boxes, sides 1/8 - 3/8)."""
-    if name not in MASKS:
-        raise UserError(f"config.edit.mask={name!r} is not one of {', '.join(MASKS)}")
+    if name not in validation.EDIT_MASKS:
+        raise UserError(
+            f"config.edit.mask={name!r} is not one of {', '.join(validation.EDIT_MASKS)}"
+        )
     mask = np.ones((*spatial, 1), np.float32)
     if name == "center":
         mask[tuple(slice(n // 4, n - n // 4) for n in spatial)] = 0
@@ -98,7 +58,7 @@ def _open_png(path: str, field: str) -> Image.Image:
 def load_mask(spec: str, spatial: tuple[int, ...], seed: int) -> np.ndarray:
     """config.edit.mask -> [*spatial, 1] float32 (1 = keep): a named mask, or a PNG resized
     (nearest) to the data's size whose white (>= 128 gray) pixels are kept."""
-    if spec in MASKS:
+    if spec in validation.EDIT_MASKS:
         return named_mask(spec, spatial, np.random.default_rng(seed))
     gray = _open_png(spec, "config.edit.mask").convert("L")
     gray = gray.resize(spatial[::-1], Image.Resampling.NEAREST)
@@ -109,7 +69,7 @@ def load_input(config: ml_collections.ConfigDict) -> tuple[np.ndarray, int | Non
     """config.edit.input -> (x: the example's shape float32 in [-1, 1], label or None): test
     example i of config.data's source, or a PNG fitted to the data's size and channels."""
     spec = config.edit.input
-    index = _index(spec)
+    index = validation.edit_input_index(spec)
     if index is not None:
         source = data.info.open_source(config, "test")
         if index >= len(source):
@@ -138,7 +98,7 @@ def _labels(config: ml_collections.ConfigDict, input_label: int | None, n: int):
 def edit_from_workdir(config: ml_collections.ConfigDict, workdir: str, mode: str) -> str:
     """Runs `mode` (inpaint | img2img) on config.edit.input with the EMA parameters of
     `workdir`; writes the grid input | mask | results and returns its path."""
-    validate_edit_config(config, mode)
+    validation.validate_edit(config, mode)
     objective, mesh = generate.prepare(config, workdir)
     e, s = config.edit, config.sample
     x, input_label = load_input(config)

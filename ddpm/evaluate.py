@@ -34,64 +34,11 @@ import tqdm
 from tensorboardX import SummaryWriter
 
 from ddpm import classifier, diffusion, generate, images, metrics, models
+from ddpm.config import validation
 from ddpm.data.transforms import to_float
-from ddpm.errors import UserError
 from ddpm.objectives import Objective
 
-METRICS = ("bpd", "fd", "accuracy", "pr", "fid")
 _CLASSIFIER_METRICS = ("fd", "accuracy", "pr")
-
-
-def metric_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """config.eval.metrics as a tuple of names; `--config.eval.metrics=bpd,fd` arrives as the
-    one string "bpd,fd", which is split at the commas."""
-    return tuple(name.strip() for item in config.eval.metrics for name in item.split(","))
-
-
-def guidance_scales(config: ml_collections.ConfigDict) -> tuple[float, ...]:
-    scales = tuple(config.eval.guidance_scales)
-    return scales or (float(config.sample.guidance_scale),)
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks config.eval against the run before any compile or I/O; UserError naming the
-    field otherwise."""
-    e = config.eval
-    chosen = metric_names(config)
-    unknown = [m for m in chosen if m not in METRICS]
-    if not chosen or unknown:
-        raise UserError(f"config.eval.metrics={chosen!r}: each must be one of {', '.join(METRICS)}")
-    for field in ("num_samples", "batch_size", "bpd_examples", "bpd_importance_examples"):
-        if e[field] < 1:
-            raise UserError(f"config.eval.{field}={e[field]!r} must be >= 1")
-    if e.bpd_importance_draws < 2:
-        raise UserError(f"config.eval.bpd_importance_draws={e.bpd_importance_draws} must be >= 2")
-    conditional = config.model.get("num_classes") is not None
-    scales = guidance_scales(config)
-    if any(s < 0 for s in scales):
-        raise UserError(f"config.eval.guidance_scales={scales!r} must be >= 0")
-    if not conditional and (scales != (1.0,) or "accuracy" in chosen):
-        raise UserError(
-            "config.eval.guidance_scales and the accuracy metric need a class-conditional model "
-            f"(config.model.num_classes is None); got scales {scales!r}, metrics {chosen!r}"
-        )
-    if "bpd" in chosen and (
-        config.objective != "diffusion"
-        or config.data.length is not None
-        or config.text.source is not None
-    ):
-        raise UserError(
-            "config.eval.metrics includes bpd, which is defined here for 8-bit pixel data and "
-            "label- or unconditional models: not for latent diffusion, 1-D signals or text"
-        )
-    if "fid" in chosen:
-        path = e.inception_weights
-        if path is None or not os.path.exists(path):
-            raise UserError(
-                f"config.eval.metrics includes fid but config.eval.inception_weights={path!r} "
-                "is not a file: convert the FID Inception weights once (README, 'FID') and "
-                "point the field at the .npz"
-            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,7 +175,7 @@ def sample_metrics(
 ) -> list[dict[str, Any]]:
     """One dict of sample metrics per guidance scale; writes a sample grid of each."""
     config = objective.config
-    chosen = metric_names(config)
+    chosen = validation.eval_metric_names(config)
     num_classes = config.model.num_classes
     labels = None
     if num_classes is not None:
@@ -257,7 +204,7 @@ def sample_metrics(
         floor["fd_real_test"] = metrics.frechet_distance_of(
             metrics.feature_stats(test_feats), references["classifier"][0]
         )
-    for scale in guidance_scales(config):
+    for scale in validation.eval_guidance_scales(config):
         samples = generate_samples(objective, params, mesh, scale, labels)
         grid = images.make_grid(images.to_uint8(samples[:100]), 10)
         if jax.process_index() == 0:
@@ -317,11 +264,11 @@ def write_guidance_table(path_stem: str, rows: list[dict[str, Any]]) -> None:
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Computes `config.eval.metrics` for the latest checkpoint of `workdir`; writes
     `eval/<step>.json` (and TensorBoard scalars under eval/); returns the same dict."""
-    validate(config)
+    validation.validate_eval(config)
     objective, mesh = generate.prepare(config, workdir)
     config = objective.config
     params, step = generate.restore(objective, workdir, mesh)
-    chosen = metric_names(config)
+    chosen = validation.eval_metric_names(config)
     results: dict[str, Any] = {"step": step, "metrics": list(chosen)}
     print(f"Evaluating {', '.join(chosen)} at step {step} of {workdir}", flush=True)
     test_images, _ = classifier.load_split(config, "test")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ddpm import classifier, evaluate, train
+from ddpm.config import validation
 from tests.tiny import tiny_config
 
 
@@ -72,7 +73,7 @@ def test_unconditional_model_rejects_accuracy(tmp_path):
     config = _eval_config(guidance_scales=(), metrics=("accuracy",))
     config.model.num_classes = None
     with pytest.raises(ValueError, match="class-conditional"):
-        evaluate.validate(config)
+        validation.validate_eval(config)
 
 
 @pytest.mark.slow

@@ -1,11 +1,14 @@
-"""Start-up validation of a config: every check of a config path lives here, and each failure
-is a `UserError` naming the field and the accepted values, before any compile.
+"""Start-up validation of a config: every check of a config path lives here (`validate` for
+every run, `validate_eval` / `validate_edit` for those modes' sections), and each failure is
+a `UserError` naming the field and the accepted values, before any compile.
 
 The math and model modules check their own arguments (their errors name those); the checks
 here run first, so a user sees config paths.
 """
 
+import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import ml_collections
 
@@ -376,3 +379,99 @@ def _validate_runtime(config: ml_collections.ConfigDict) -> None:
     choice(config, "runtime.group_norm", GROUP_NORMS)
     choice(config, "runtime.init_key", INIT_KEYS)
     choice(config, "runtime.async_checkpoint", (True, False))
+
+
+EVAL_METRICS = ("bpd", "fd", "accuracy", "pr", "fid")
+EDIT_MODES = ("inpaint", "img2img")
+EDIT_MASKS = ("center", "left_half", "random_boxes")
+
+
+def eval_metric_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """config.eval.metrics as a tuple of names; `--config.eval.metrics=bpd,fd` arrives as the
+    one string "bpd,fd", which is split at the commas."""
+    return tuple(name.strip() for item in config.eval.metrics for name in item.split(","))
+
+
+def eval_guidance_scales(config: ml_collections.ConfigDict) -> tuple[float, ...]:
+    """config.eval.guidance_scales, or (config.sample.guidance_scale,) when empty."""
+    scales = tuple(config.eval.guidance_scales)
+    return scales or (float(config.sample.guidance_scale),)
+
+
+def validate_eval(config: ml_collections.ConfigDict) -> None:
+    """config.eval for --mode=eval against the run, before any compile or I/O."""
+    e = config.eval
+    chosen = eval_metric_names(config)
+    unknown = [m for m in chosen if m not in EVAL_METRICS]
+    if not chosen or unknown:
+        raise UserError(f"config.eval.metrics={chosen!r}: each must be one of {_fmt(EVAL_METRICS)}")
+    _positive_ints(config, "eval", ("num_samples", "batch_size", "bpd_examples"))
+    _positive_ints(config, "eval", ("bpd_importance_examples", "classifier_steps"))
+    number(config, "eval.bpd_importance_draws", 2, integer=True)
+    choice(config, "eval.reference_split", ("train", "test"))
+    conditional = config.model.get("num_classes") is not None
+    scales = eval_guidance_scales(config)
+    if any(s < 0 for s in scales):
+        raise UserError(f"config.eval.guidance_scales={scales!r} must be >= 0")
+    if not conditional and (scales != (1.0,) or "accuracy" in chosen):
+        raise UserError(
+            "config.eval.guidance_scales and the accuracy metric need a class-conditional model "
+            f"(config.model.num_classes is None); got scales {scales!r}, metrics {chosen!r}"
+        )
+    if "bpd" in chosen and (
+        config.objective != "diffusion"
+        or config.data.length is not None
+        or config.text.source is not None
+    ):
+        raise UserError(
+            "config.eval.metrics includes bpd, which is defined here for 8-bit pixel data and "
+            "label- or unconditional models: not for latent diffusion, 1-D signals or text"
+        )
+    if "fid" in chosen:
+        path = e.inception_weights
+        if path is None or not os.path.exists(path):
+            raise UserError(
+                f"config.eval.metrics includes fid but config.eval.inception_weights={path!r} "
+                "is not a file: convert the FID Inception weights once (README, 'FID') and "
+                "point the field at the .npz"
+            )
+
+
+def edit_input_index(spec) -> int | None:
+    """config.edit.input as a test-set index (an int or a string of digits), else None."""
+    if isinstance(spec, int):
+        return spec
+    return int(spec) if isinstance(spec, str) and spec.strip().isdigit() else None
+
+
+def validate_edit(config: ml_collections.ConfigDict, mode: str) -> None:
+    """config.edit for --mode=inpaint / img2img, before any compile (no data is read)."""
+    if mode not in EDIT_MODES:
+        raise ValueError(f"mode={mode!r} is not one of {_fmt(EDIT_MODES)}")
+    e = config.edit
+    index = edit_input_index(e.input)
+    if index is None and not Path(str(e.input)).expanduser().is_file():
+        raise UserError(
+            f"config.edit.input={e.input!r} is neither a test-set index (an int >= 0) nor an "
+            "existing PNG file"
+        )
+    signal = config.data.length is not None
+    if index is None and signal:
+        raise UserError(
+            f"config.edit.input={e.input!r}: 1-D signal runs take a test-set index as input"
+        )
+    png_mask = not signal and Path(str(e.mask)).expanduser().is_file()
+    if mode == "inpaint" and e.mask not in EDIT_MASKS and not png_mask:
+        kinds = f"one of {_fmt(EDIT_MASKS)}" + ("" if signal else " or an existing PNG file")
+        raise UserError(f"config.edit.mask={e.mask!r} is not {kinds}")
+    number(config, "edit.num_samples", 1, integer=True)
+    if mode == "inpaint":
+        number(config, "edit.jump_length", 1, integer=True)
+        number(config, "edit.resample", 1, integer=True)
+    else:
+        number(config, "edit.strength", 0, 1, low_inclusive=False, high_inclusive=True)
+    if config.objective != "diffusion":
+        raise UserError(
+            f"--mode={mode} edits with a diffusion model in data space; config.objective="
+            f"{config.objective!r} is not supported"
+        )
