@@ -1,5 +1,7 @@
 """A tiny run config shared by the training tests: seconds per run on a 2-core CPU."""
 
+import time
+
 import jax
 import ml_collections
 
@@ -41,3 +43,15 @@ def create_model(config: ml_collections.ConfigDict):
     """The network of a validated `config`, as the run layer builds it."""
     validation.validate(config)
     return build.model(config)
+
+
+def slow_down_steps(seconds: float) -> None:
+    """Make every train step of this process wait `seconds` (in batch assembly), so a test can
+    signal a subprocess's run between checkpoints."""
+    assemble = sharding.global_batch
+
+    def slow_global_batch(*args, **kwargs):
+        time.sleep(seconds)
+        return assemble(*args, **kwargs)
+
+    sharding.global_batch = slow_global_batch

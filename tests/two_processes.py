@@ -10,12 +10,11 @@ processes; process 0 writes them).
 """
 
 import sys
-import time
 
 import jax
 
 from ddpm import build, checkpoint, generate, objectives, sharding, train
-from tests.tiny import tiny_config
+from tests.tiny import slow_down_steps, tiny_config
 
 NUM_STEPS = 8
 
@@ -28,13 +27,7 @@ def run_config():
 if __name__ == "__main__":
     process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     if "--slow" in sys.argv:
-        assemble = sharding.global_batch
-
-        def slow_global_batch(*args, **kwargs):
-            time.sleep(0.25)
-            return assemble(*args, **kwargs)
-
-        sharding.global_batch = slow_global_batch
+        slow_down_steps(0.25)
     sharding.initialize_distributed(f"127.0.0.1:{port}", 2, process_id)
     assert jax.process_count() == 2 and jax.device_count() == 2, jax.devices()
     config = run_config()
