@@ -123,7 +123,7 @@ class DiTBlock(nn.Module):
 class DiT(nn.Module):
     """Denoiser eps/x0/v = f(x_t, t[, label]) as a transformer on p x p patches.
 
-    Fields mirror `config.model` (see `configs/default.py`); `out_channels` is the input's
+    Fields mirror `config.model` (see `ddpm/config/schema.py`); `out_channels` is the input's
     channel count (doubled when `learn_sigma`).
     """
 

@@ -35,7 +35,7 @@ Array = jax.Array
 class UNet(nn.Module):
     """Denoiser eps/x0/v = f(x_t, t[, label]).
 
-    Fields mirror `config.model` (see `configs/default.py`); `out_channels` is the image's
+    Fields mirror `config.model` (see `ddpm/config/schema.py`); `out_channels` is the image's
     channel count (doubled when `learn_sigma`).
     """
 
