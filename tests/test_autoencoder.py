@@ -145,7 +145,6 @@ def test_scale_factor_gives_unit_latent_std(stage1, tmp_path):
     assert 0.9 < float(jnp.std(z)) < 1.1, (config.latent.scale_factor, float(jnp.std(z)))
 
 
-@pytest.mark.slow  # ~60 s of compiles on an idle 2-core CPU
 def test_latent_diffusion_trains_resumes_and_samples(stage1, tmp_path, capsys):
     ae_workdir, _ = stage1
     workdir = str(tmp_path)
