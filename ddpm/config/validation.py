@@ -251,10 +251,10 @@ def _validate_latent(config: ml_collections.ConfigDict) -> None:
             f"{config.sample.dynamic_threshold!r}: clipping to [-1, 1] is for pixels, not "
             "latents; set clip_x0=False and dynamic_threshold=None for latent diffusion"
         )
-    runs.stage1_config(config)  # exists, is an autoencoder run, same image shape
+    stage1 = runs.stage1_config(config)  # exists, is an autoencoder run, same image shape
     if config.data.length is not None:
         raise UserError("config.objective='latent' takes images, not 1-D signals (data.length)")
-    f = runs.latent_factor(runs.stage1_config(config).model)
+    f = runs.latent_factor(stage1.model)
     if config.data.image_size % f:
         raise UserError(
             f"config.data.image_size={config.data.image_size} is not divisible by the stage-1 "

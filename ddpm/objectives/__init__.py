@@ -10,7 +10,6 @@ import jax
 import ml_collections
 
 from ddpm import build
-from ddpm.config import runs
 from ddpm.objectives import latent
 from ddpm.objectives.autoencoder import Autoencoder
 from ddpm.objectives.base import Objective
@@ -20,27 +19,9 @@ from ddpm.objectives.latent import LatentDiffusion
 __all__ = ["Autoencoder", "Diffusion", "LatentDiffusion", "Objective", "create"]
 
 
-def _diffusion(config, speed, **_) -> Diffusion:
-    shape = runs.input_shape(config)
-    return Diffusion(
-        config=config,
-        model=build.model(config, shape),
-        input_shape=shape,
-        speed=speed,
-        schedule=build.schedule(config),
-    )
-
-
-def _autoencoder(config, speed, **_) -> Autoencoder:
-    shape = runs.input_shape(config)
-    return Autoencoder(
-        config=config, model=build.model(config, shape), input_shape=shape, speed=speed
-    )
-
-
 _FACTORIES: dict[str, Callable[..., Objective]] = {
-    "diffusion": _diffusion,
-    "autoencoder": _autoencoder,
+    "diffusion": lambda config, speed, **_: Diffusion.from_config(config, speed),
+    "autoencoder": lambda config, speed, **_: Autoencoder.from_config(config, speed),
     "latent": latent.create,
 }
 

@@ -19,6 +19,7 @@ import jax
 import ml_collections
 
 from ddpm import models, runtime
+from ddpm.config import runs
 from ddpm.errors import UserError
 
 Array = jax.Array
@@ -37,6 +38,14 @@ class Objective(abc.ABC):
     input_shape: tuple[int, ...]
     speed: runtime.Runtime
     frozen: Any = None
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, speed: runtime.Runtime, **fields):
+        """The objective of a validated `config`: its network for the input shape the config
+        trains on (`ddpm.config.runs.input_shape`), plus the subclass's own `fields`."""
+        shape = runs.input_shape(config)
+        model = models.create_model(config, shape)
+        return cls(config=config, model=model, input_shape=shape, speed=speed, **fields)
 
     @functools.cached_property
     def apply(self) -> Callable[..., Any]:

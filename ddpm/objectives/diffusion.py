@@ -20,6 +20,10 @@ class Diffusion(Objective):
 
     schedule: Schedule
 
+    @classmethod
+    def from_config(cls, config, speed, **fields):
+        return super().from_config(config, speed, schedule=build.schedule(config), **fields)
+
     def denoising_loss(self, params: Any, x0: Array, batch: Batch, rng: Array) -> Array:
         """The diffusion loss of data x0 [B, ...] float32 conditioned on `batch`'s condition
         (each dropped to the null one with probability config.training.label_dropout)."""

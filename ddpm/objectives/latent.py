@@ -129,8 +129,7 @@ def create(
     """The stage-2 objective: the stage-1 autoencoder restored (EMA, replicated on `mesh`),
     and `config.latent.scale_factor` completed: its own value if set, else the one saved in
     `workdir/config.json` (what training used; None: no workdir), else (with `estimate_scale`)
-    estimated. A set
-    value that differs from the saved one is a UserError."""
+    estimated. A set value that differs from the saved one is a UserError."""
     stage1_workdir = config.latent.autoencoder_workdir
     stage1_config = runs.stage1_config(config)
     shape = runs.data_shape(stage1_config)
@@ -157,13 +156,4 @@ def create(
         print(f"Estimated config.latent.scale_factor={value:.6g} (latent std -> 1)", flush=True)
     config = config.copy_and_resolve_references()
     config.latent.scale_factor = float(value)
-    input_shape = runs.input_shape(config)
-    return LatentDiffusion(
-        config=config,
-        model=build.model(config, input_shape),
-        input_shape=input_shape,
-        speed=speed,
-        frozen=params,
-        schedule=build.schedule(config),
-        stage1=stage1,
-    )
+    return LatentDiffusion.from_config(config, speed, frozen=params, stage1=stage1)
