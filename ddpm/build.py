@@ -34,7 +34,8 @@ def mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 def schedule(config: ml_collections.ConfigDict) -> Schedule:
     """The noise schedule of `config.diffusion`."""
     d = config.diffusion
-    return get_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr)
+    betas = {k: d[k] for k in ("beta_start", "beta_end") if d[k] is not None}
+    return get_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr, **betas)
 
 
 def model(

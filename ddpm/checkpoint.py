@@ -59,16 +59,22 @@ class Checkpointer:
         `jax.ShapeDtypeStruct`s with shardings): an orbax partial restore of the state's
         `ema_params` subtree, so the optimizer state, whatever its layout, is not read."""
         restore_args = ocp.checkpoint_utils.construct_restore_args(target_ema)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item={"ema_params": target_ema},
-                    restore_args={"ema_params": restore_args},
-                    partial_restore=True,
-                )
-            ),
-        )
+        # A manager of its own: the partial restore registers `state` with a PyTree handler,
+        # which would refuse this manager's later StandardSave of the same item.
+        manager = ocp.CheckpointManager(self.directory)
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item={"ema_params": target_ema},
+                        restore_args={"ema_params": restore_args},
+                        partial_restore=True,
+                    )
+                ),
+            )
+        finally:
+            manager.close()
         return restored.state["ema_params"]
 
     def wait(self) -> None:

@@ -13,7 +13,7 @@ from ml_collections import config_flags
 
 from ddpm.errors import UserError
 
-MODES = ("train", "sample", "sweep", "inpaint", "img2img", "eval", "train_classifier")
+MODES = ("train", "sample", "sweep", "inpaint", "img2img", "eval", "train_classifier", "import")
 USER_ERROR_STATUS = 2
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -71,6 +71,10 @@ def _run_mode(mode: str, config, workdir: str) -> None:
         from ddpm import evaluate
 
         evaluate.evaluate(config, workdir)
+    elif mode == "import":
+        from ddpm import pretrained
+
+        pretrained.import_weights(config, workdir)
     elif mode == "train_classifier":
         from ddpm import classifier
 
@@ -114,9 +118,22 @@ def _parse_flags(argv: list[str]) -> list[str]:
             "(config.model holds only the fields of its family)"
         )
     except flags.Error as e:
-        _fail(str(e))
+        # A recipe that derives its config (configs/pretrained.py:DIR) may raise a UserError,
+        # which ml_collections wraps in a flag error with the traceback as its text.
+        _fail(str(_user_error_in(e) or e))
     except Exception as e:  # noqa: BLE001 - the config file is the user's code, run here
         _fail(f"{type(e).__name__} while reading the config: {e}")
+
+
+def _user_error_in(error: BaseException | None) -> UserError | None:
+    """The first UserError that `error` was raised from, if any (ml_collections re-raises a
+    config file's ValueError as a new one of the same type, traceback in its text)."""
+    found = None
+    while error is not None:
+        if isinstance(error, UserError):
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
 
 
 def run() -> None:

@@ -226,6 +226,14 @@ def _restore_or_init(ckpt, state, data_iter) -> TrainState:
     step = ckpt.latest_step()
     if step is None:
         return state
+    if step == 0:  # imported weights (--mode=import): fine-tune from them
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state.ema_params
+        )
+        ema = ckpt.restore_ema(0, target)
+        params = jax.tree.map(lambda e, p: jnp.array(e, p.dtype, copy=True), ema, state.params)
+        print(f"Starting from the imported weights in {ckpt.directory}/0", flush=True)
+        return state.replace(params=params, ema_params=ema)
     state, data_state = ckpt.restore(step, state)
     data_iter.set_state(data_state)
     print(f"Resumed from checkpoint at step {step} in {ckpt.directory}", flush=True)
@@ -233,9 +241,7 @@ def _restore_or_init(ckpt, state, data_iter) -> TrainState:
 
 
 def _write_run_files(config: ml_collections.ConfigDict, workdir: str, class_names) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    with open(runs.config_path(workdir), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    runs.write_config(config, workdir)
     if class_names is not None:
         with open(os.path.join(workdir, "class_names.json"), "w") as f:
             json.dump(class_names, f, indent=1)

@@ -4,6 +4,7 @@ compile, with one line naming the field or file and no traceback."""
 import concurrent.futures
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +28,10 @@ def _cases(tmp) -> dict[str, tuple[list[str], str]]:
     os.makedirs(tmp / "empty")
     os.makedirs(tmp / "images" / "digit")
     (tmp / "images" / "digit" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    truncated = tmp / "pretrained"
+    shutil.copytree(os.path.join(ROOT, "tests", "assets", "diffusers", "unet_ddpm"), truncated)
+    with open(truncated / "diffusion_pytorch_model.safetensors", "r+b") as f:
+        f.truncate(1000)
     base = ["--config=configs/mnist.py", f"--workdir={w}"]
     return {
         "schedule": (
@@ -106,6 +111,14 @@ def _cases(tmp) -> dict[str, tuple[list[str], str]]:
             ],
             f"config.latent.autoencoder_workdir='{tmp}/empty' holds no autoencoder run",
         ),
+        "pretrained_dir": (
+            ["--mode=import", f"--config=configs/pretrained.py:{tmp}/none", f"--workdir={w}"],
+            f"config.pretrained.path='{tmp}/none' is not a directory",
+        ),
+        "pretrained_weights": (
+            ["--mode=import", f"--config=configs/pretrained.py:{truncated}", f"--workdir={w}"],
+            "diffusion_pytorch_model.safetensors is not a readable safetensors file",
+        ),
     }
 
 
@@ -155,6 +168,8 @@ CASES = [
     "edit_mask",
     "inception_weights",
     "stage1",
+    "pretrained_dir",
+    "pretrained_weights",
 ]
 
 

@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _python(module: str, *args: str, devices: int = 1) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": ROOT}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
     return subprocess.Popen(
         [sys.executable, "-m", module, *args],
         cwd=ROOT,

@@ -110,7 +110,8 @@ def test_unet_cross_attention_context_mask_and_null(context_unet):
     assert float(jnp.abs(unmasked - out).max()) > 1e-3  # the same change, unmasked, matters
     null = jax.tree.map(lambda n: jnp.full((2, 6), n), null_label(text_config("npz:x.npz")))
     null["context"] = jnp.broadcast_to(null["context"][..., None], (2, 6, 16))
-    np.testing.assert_array_equal(apply(variables, x, t, null), apply(variables, x, t))
+    # Two programs (with and without a context argument): equal up to float rounding.
+    np.testing.assert_allclose(apply(variables, x, t, null), apply(variables, x, t), atol=1e-6)
 
 
 def test_dit_text_tokens_padding_and_empty_captions():
@@ -127,10 +128,12 @@ def test_dit_text_tokens_padding_and_empty_captions():
     tokens = text.tokenize(["a thin three", "a thick seven", "a one", ""], 6)
     out = apply(variables, x, t, {"tokens": tokens})
     assert float(jnp.abs(out[1] - out[0]).max()) > 1e-3
-    np.testing.assert_array_equal(out[3], apply(variables, x, t)[3])
-    np.testing.assert_array_equal(
+    # Separate programs (with and without tokens): equal up to float rounding.
+    np.testing.assert_allclose(out[3], apply(variables, x, t)[3], atol=1e-6)
+    np.testing.assert_allclose(
         apply(variables, x, t, jax.tree.map(lambda n: jnp.full((4, 6), n), null_label(config))),
         apply(variables, x, t),
+        atol=1e-6,
     )
 
 

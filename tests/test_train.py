@@ -134,7 +134,7 @@ def test_four_devices_match_one_device():
         env={
             **os.environ,
             "PYTHONPATH": ROOT,
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+            "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=4",
         },
         capture_output=True,
         text=True,

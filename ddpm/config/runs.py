@@ -65,6 +65,13 @@ def read_saved(workdir: str) -> dict | None:
         raise UserError(f"{path} is not a readable run config ({e}); is this a workdir?") from e
 
 
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes `config` as `workdir`'s config.json (creating the folder)."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(config_path(workdir), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a workdir was trained with (`from_json` of its config.json)."""
     saved = read_saved(workdir)

@@ -25,6 +25,10 @@ def _denoiser_fields(model: ml_collections.ConfigDict) -> None:
     model.learn_sigma = False  # also output the variance interpolation (iDDPM)
     model.time_embed_freqs = placeholder(int)  # None = the family's default
     model.time_embed_max_period = 10000.0
+    # Layout of the sinusoidal embedding: cos_sin | sin_cos (original DDPM); frequencies
+    # max_period^(-i / (freqs - freq_shift)) (diffusers' downscale_freq_shift; DDPM: 1).
+    model.time_embed_order = "cos_sin"
+    model.time_embed_freq_shift = 0.0
 
 
 def unet() -> ml_collections.ConfigDict:
@@ -41,6 +45,9 @@ def unet() -> ml_collections.ConfigDict:
     model.resblock_updown = False
     model.scale_shift_norm = False  # AdaGN-style time conditioning
     model.num_groups = 32
+    model.norm_eps = 1e-6  # GroupNorm epsilon (diffusers' default: 1e-5)
+    # Strided 3x3 downsampling conv: 0 = pad after the input ("SAME"; DDPM), 1 = both sides
+    model.downsample_padding = 0
     _denoiser_fields(model)  # time_embed_freqs None = ch // 2
     _common_model_fields(model)
     return model
@@ -55,6 +62,10 @@ def dit() -> ml_collections.ConfigDict:
     model.depth = 12
     model.num_heads = 6
     model.mlp_ratio = 4.0
+    model.mlp_norm_eps = 1e-6  # epsilon of the LayerNorm before each MLP (diffusers': 1e-5)
+    # 2-D sin-cos position embedding: row_col (rows in the first half of the channels) or
+    # col_row (columns first: the reference DiT, MAE and diffusers)
+    model.pos_embed_layout = "row_col"
     _denoiser_fields(model)  # time_embed_freqs None = 128
     _common_model_fields(model)
     model.dropout = 0.0
@@ -75,6 +86,7 @@ def autoencoder() -> ml_collections.ConfigDict:
     model.head_dim = placeholder(int)
     model.num_groups = 32
     model.z_channels = 4
+    model.quant_conv = False  # 1x1 convs on the moments and latents (Stable Diffusion's VAE)
     _common_model_fields(model)
     model.dropout = 0.0
     return model
@@ -134,6 +146,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.schedule = "linear"  # linear | cosine | scaled_linear | sigmoid
     config.diffusion.num_timesteps = 1000
+    # linear / scaled_linear endpoints; None = the schedule's own (linear: 1e-4 and 0.02;
+    # scaled_linear: 0.00085 and 0.012). linear scales both by 1000 / num_timesteps.
+    config.diffusion.beta_start = placeholder(float)
+    config.diffusion.beta_end = placeholder(float)
     config.diffusion.prediction = "eps"  # eps | x0 | v
     config.diffusion.loss_weighting = "none"  # none | min_snr
     config.diffusion.min_snr_gamma = 5.0
@@ -214,6 +230,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.classifier_steps = 500  # training steps of the feature/accuracy classifier
     config.eval.inception_weights = placeholder(str)  # fid: the converted FID Inception .npz
     config.eval.reference_split = "train"  # real images the generated ones are compared with
+
+    # Pretrained weights (ddpm.pretrained): the diffusers model directory a run imports
+    # (--mode=import); set by configs/pretrained.py:DIR, which also derives the model.
+    config.pretrained = ml_collections.ConfigDict()
+    config.pretrained.path = placeholder(str)
 
     # Speed only, never results (ddpm.runtime): chosen by platform unless set. The resume
     # check ignores this section.

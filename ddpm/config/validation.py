@@ -15,6 +15,8 @@ import ml_collections
 from ddpm import data, diffusion, samplers, schedules
 from ddpm.config import runs, schema
 from ddpm.errors import UserError
+from ddpm.models.dit import POS_EMBED_LAYOUTS
+from ddpm.models.layers import TIME_EMBED_ORDERS
 
 DTYPES = ("float32", "bfloat16", "float16")
 RECON_LOSSES = ("l1", "l2")
@@ -174,6 +176,16 @@ def _validate_diffusion(config: ml_collections.ConfigDict) -> None:
     choice(config, "diffusion.loss_weighting", diffusion.LOSS_WEIGHTINGS)
     number(config, "diffusion.num_timesteps", 1, integer=True)
     number(config, "diffusion.min_snr_gamma", 0, low_inclusive=False)
+    d = config.diffusion
+    if d.beta_start is not None or d.beta_end is not None:
+        choice(config, "diffusion.schedule", ("linear", "scaled_linear"))
+        for field in ("beta_start", "beta_end"):
+            if d[field] is not None:
+                number(config, f"diffusion.{field}", 0, 1, low_inclusive=False)
+        if d.beta_start is not None and d.beta_end is not None and d.beta_start > d.beta_end:
+            raise UserError(
+                f"config.diffusion.beta_start={d.beta_start} is above beta_end={d.beta_end}"
+            )
     if config.diffusion.zero_terminal_snr and config.diffusion.prediction != "v":
         raise UserError(
             "config.diffusion.zero_terminal_snr=True needs config.diffusion.prediction='v' "
@@ -275,6 +287,9 @@ def _validate_common_model(config: ml_collections.ConfigDict) -> None:
         number(config, "model.time_embed_freqs", 1, integer=True)
     if "time_embed_max_period" in m:
         number(config, "model.time_embed_max_period", 0, low_inclusive=False)
+    if "time_embed_order" in m:
+        choice(config, "model.time_embed_order", TIME_EMBED_ORDERS)
+        number(config, "model.time_embed_freq_shift", 0, 1, high_inclusive=True)
 
 
 def _validate_conv_levels(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> None:
@@ -329,6 +344,8 @@ def _validate_conv_levels(config: ml_collections.ConfigDict, shape: tuple[int, .
 def _validate_unet(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> None:
     m = config.model
     _validate_conv_levels(config, shape)
+    number(config, "model.norm_eps", 0, low_inclusive=False)
+    choice(config, "model.downsample_padding", (0, 1))
     if m.time_embed_freqs is None and m.ch // 2 < 1:
         raise UserError(
             f"config.model.ch={m.ch} gives no time-embedding frequencies (ch // 2 = 0); "
@@ -340,6 +357,8 @@ def _validate_dit(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> 
     m = config.model
     _validate_common_model(config)
     _positive_ints(config, "model", ("patch_size", "hidden_size", "depth", "num_heads"))
+    number(config, "model.mlp_norm_eps", 0, low_inclusive=False)
+    choice(config, "model.pos_embed_layout", POS_EMBED_LAYOUTS)
     if len(shape) != 3:
         raise UserError(
             f"config.model.name='dit' takes [H, W, C] inputs; this config gives {shape}"

@@ -6,6 +6,8 @@ a middle ResBlock / attention / ResBlock, then GroupNorm, SiLU and a 3x3 conv to
 log-variance of q(z | x), each [B, H/f, W/f, z_channels] with f = 2^(len(ch_mult)-1).
 Decoder: the mirror image (`num_res_blocks + 1` ResBlocks per level, nearest-neighbour
 upsampling). The blocks are the U-Net's (`ddpm.models.layers`) without a time embedding.
+With `quant_conv` (Stable Diffusion's VAE), 1x1 convolutions map the moments after the
+encoder and the latents before the decoder.
 """
 
 from collections.abc import Sequence
@@ -93,12 +95,13 @@ class _Coder(nn.Module):
 
 
 class Encoder(_Coder):
-    """x: [B, H, W, C] -> (mean, logvar) of q(z | x), each [B, H/f, W/f, z_channels] float32."""
+    """x: [B, H, W, C] -> the moments (mean, log-variance) of q(z | x) stacked on the channel
+    axis: [B, H/f, W/f, 2 * z_channels] float32."""
 
     z_channels: int = 4
 
     @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> tuple[Array, Array]:
+    def __call__(self, x: Array, train: bool = False) -> Array:
         levels = len(self.ch_mult)
         h = self.conv(self.ch, "conv_in")(x.astype(self.dtype))
         for level, mult in enumerate(self.ch_mult):
@@ -107,10 +110,10 @@ class Encoder(_Coder):
                 if h.shape[1] in self.attention_resolutions:
                     h = self.attention(f"down{level}_attn{i}")(h)
             if level != levels - 1:
-                h = Downsample(self.dtype, self.param_dtype, name=f"down{level}_resample")(h)
-        moments = self.output(self.middle(h, train), 2 * self.z_channels).astype(jnp.float32)
-        mean, logvar = jnp.split(moments, 2, axis=-1)
-        return mean, jnp.clip(logvar, *LOGVAR_RANGE)
+                h = Downsample(
+                    dtype=self.dtype, param_dtype=self.param_dtype, name=f"down{level}_resample"
+                )(h)
+        return self.output(self.middle(h, train), 2 * self.z_channels).astype(jnp.float32)
 
 
 class Decoder(_Coder):
@@ -151,6 +154,7 @@ class Autoencoder(nn.Module):
     head_dim: int | None = None
     num_groups: int = 32
     dropout: float = 0.0
+    quant_conv: bool = False
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
 
@@ -170,6 +174,12 @@ class Autoencoder(nn.Module):
         )
         self.encoder = Encoder(z_channels=self.z_channels, **common)
         self.decoder = Decoder(out_channels=self.out_channels, **common)
+        if self.quant_conv:  # LDM / Stable Diffusion: 1x1 maps of the moments and the latents
+            conv = lambda features: nn.Conv(
+                features, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype
+            )
+            self.quant = conv(2 * self.z_channels)
+            self.post_quant = conv(self.z_channels)
 
     def encode(self, x: ArrayLike, train: bool = False) -> tuple[Array, Array]:
         """x: [B, H, W, C] in [-1, 1] -> (mean, logvar): [B, H/f, W/f, z_channels] float32."""
@@ -180,11 +190,18 @@ class Autoencoder(nn.Module):
                 f"autoencoder input of shape {x.shape}: expected [B, H, W, C] with H and W "
                 f"divisible by 2^(len(ch_mult)-1)={factor}"
             )
-        return self.encoder(x, train)
+        moments = self.encoder(x, train)
+        if self.quant_conv:
+            moments = self.quant(moments).astype(jnp.float32)
+        mean, logvar = jnp.split(moments, 2, axis=-1)
+        return mean, jnp.clip(logvar, *LOGVAR_RANGE)
 
     def decode(self, z: ArrayLike, train: bool = False) -> Array:
         """z: [B, H/f, W/f, z_channels] -> reconstruction [B, H, W, C] float32."""
-        return self.decoder(jnp.asarray(z), train)
+        z = jnp.asarray(z)
+        if self.quant_conv:
+            z = self.post_quant(z.astype(self.dtype))
+        return self.decoder(z, train)
 
     def __call__(
         self, x: ArrayLike, noise: ArrayLike | None = None, train: bool = False
@@ -217,6 +234,7 @@ def autoencoder_from_config(
         head_dim=m.head_dim,
         num_groups=m.num_groups,
         dropout=m.dropout,
+        quant_conv=m.quant_conv,
         dtype=jnp.dtype(m.dtype),
         param_dtype=jnp.dtype(m.param_dtype),
     )

@@ -46,12 +46,18 @@ def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
     return np.concatenate([np.sin(args), np.cos(args)], axis=1)
 
 
-def sincos_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
-    """Fixed 2-D position embedding (MAE/DiT): half the channels encode the patch's row, half
-    its column, each with `sincos_1d`. dim % 4 == 0.  -> [grid_h * grid_w, dim] float32,
+POS_EMBED_LAYOUTS = ("row_col", "col_row")
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int, layout: str = "row_col") -> np.ndarray:
+    """Fixed 2-D position embedding: half the channels encode the patch's row, half its
+    column, each with `sincos_1d`; `layout="col_row"` puts the column first (the reference
+    DiT / MAE code and diffusers). dim % 4 == 0.  -> [grid_h * grid_w, dim] float32,
     row-major like `patchify`."""
     rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
     emb = [sincos_1d(dim // 2, rows.reshape(-1)), sincos_1d(dim // 2, cols.reshape(-1))]
+    if layout == "col_row":
+        emb = emb[::-1]
     return np.concatenate(emb, axis=1).astype(np.float32)
 
 
@@ -75,6 +81,7 @@ class DiTBlock(nn.Module):
     num_heads: int
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    mlp_norm_eps: float = 1e-6
     deterministic: bool = True
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
@@ -88,8 +95,8 @@ class DiTBlock(nn.Module):
             name=name,
         )
 
-    def _norm(self, name: str) -> nn.LayerNorm:
-        return nn.LayerNorm(1e-6, use_bias=False, use_scale=False, dtype=self.dtype, name=name)
+    def _norm(self, name: str, epsilon: float = 1e-6) -> nn.LayerNorm:
+        return nn.LayerNorm(epsilon, use_bias=False, use_scale=False, dtype=self.dtype, name=name)
 
     @nn.compact
     def __call__(
@@ -113,7 +120,7 @@ class DiTBlock(nn.Module):
                 name="cross_attn",
             )(self._norm("norm_cross")(x), context, mask)
 
-        h = _modulate(self._norm("norm2")(x), shift2, scale2)
+        h = _modulate(self._norm("norm2", self.mlp_norm_eps)(x), shift2, scale2)
         h = nn.gelu(self._dense(int(d * self.mlp_ratio), "mlp_in")(h), approximate=True)
         h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
         h = self._dense(d, "mlp_out")(h)
@@ -134,9 +141,13 @@ class DiT(nn.Module):
     num_heads: int = 6
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    mlp_norm_eps: float = 1e-6  # the LayerNorm before each MLP (all others: 1e-6)
+    pos_embed_layout: str = "row_col"
     num_classes: int | None = None
     time_embed_freqs: int | None = None
     time_embed_max_period: float = 10000.0
+    time_embed_order: str = "cos_sin"
+    time_embed_freq_shift: float = 0.0
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
     remat: bool = False
@@ -178,7 +189,8 @@ class DiT(nn.Module):
         h = nn.Dense(d, kernel_init=_xavier, name="patch_embed", **common)(
             patchify(x.astype(self.dtype), p)
         )
-        h = h + jnp.asarray(sincos_2d(d, height // p, width // p), self.dtype)[None]
+        pos = sincos_2d(d, height // p, width // p, self.pos_embed_layout)
+        h = h + jnp.asarray(pos, self.dtype)[None]
         c = self._embed(t, labels)
         ctx = ()
         if self.context_spec is not None:
@@ -192,6 +204,7 @@ class DiT(nn.Module):
                 self.num_heads,
                 self.mlp_ratio,
                 self.dropout,
+                self.mlp_norm_eps,
                 deterministic=not train,
                 name=f"block{i}",
                 **common,
@@ -214,7 +227,13 @@ class DiT(nn.Module):
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         d = self.hidden_size
         freqs = self.time_embed_freqs or 128  # DiT: a 256-dim frequency embedding
-        emb = timestep_embedding(t, 2 * freqs, self.time_embed_max_period).astype(self.dtype)
+        emb = timestep_embedding(
+            t,
+            2 * freqs,
+            self.time_embed_max_period,
+            order=self.time_embed_order,
+            freq_shift=self.time_embed_freq_shift,
+        ).astype(self.dtype)
         emb = nn.Dense(d, kernel_init=_normal, name="time_dense1", **common)(emb)
         emb = nn.Dense(d, kernel_init=_normal, name="time_dense2", **common)(nn.silu(emb))
         if self.num_classes is not None:
@@ -238,9 +257,13 @@ def dit_from_config(config: ml_collections.ConfigDict, input_shape: tuple[int, .
         num_heads=m.num_heads,
         mlp_ratio=float(m.mlp_ratio),
         dropout=m.dropout,
+        mlp_norm_eps=m.mlp_norm_eps,
+        pos_embed_layout=m.pos_embed_layout,
         num_classes=m.num_classes,
         time_embed_freqs=m.time_embed_freqs,
         time_embed_max_period=m.time_embed_max_period,
+        time_embed_order=m.time_embed_order,
+        time_embed_freq_shift=m.time_embed_freq_shift,
         dtype=jnp.dtype(m.dtype),
         param_dtype=jnp.dtype(m.param_dtype),
         remat=m.remat,

@@ -19,35 +19,54 @@ Array = jax.Array
 default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 
 
-def timestep_embedding(t: ArrayLike, dim: int, max_period: float = 10000.0) -> Array:
+TIME_EMBED_ORDERS = ("cos_sin", "sin_cos")
+
+
+def timestep_embedding(
+    t: ArrayLike,
+    dim: int,
+    max_period: float = 10000.0,
+    *,
+    order: str = "cos_sin",
+    freq_shift: float = 0.0,
+) -> Array:
     """Sinusoidal embedding of (possibly fractional) timesteps, transformer-style.
 
-    With h = dim // 2 frequencies f_i = max_period^(-i / h), i = 0..h-1:
+    With h = dim // 2 frequencies f_i = max_period^(-i / (h - freq_shift)), i = 0..h-1:
         emb(t) = [cos(t f_0), ..., cos(t f_{h-1}), sin(t f_0), ..., sin(t f_{h-1})]
-    and a trailing zero column when `dim` is odd.
+    (`order="sin_cos"`: the sines first, as the original DDPM code and diffusers'
+    `flip_sin_to_cos=False`; `freq_shift` is diffusers' `downscale_freq_shift`) and a
+    trailing zero column when `dim` is odd.
 
     t: [B] int or float. Returns [B, dim] float32.
     """
+    if order not in TIME_EMBED_ORDERS:
+        raise ValueError(f"order={order!r} is not one of {', '.join(TIME_EMBED_ORDERS)}")
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    steps = jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    freqs = jnp.exp(-math.log(max_period) * steps)
     args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
-    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    pair = [jnp.cos(args), jnp.sin(args)]
+    emb = jnp.concatenate(pair if order == "cos_sin" else pair[::-1], axis=-1)
     if dim % 2:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
 
 
-def group_norm(num_groups: int, dtype: DTypeLike, param_dtype: DTypeLike, **kw) -> nn.GroupNorm:
-    """flax's GroupNorm (epsilon 1e-6) computing in `dtype` with parameters in `param_dtype`."""
-    return nn.GroupNorm(num_groups, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, **kw)
+def group_norm(
+    num_groups: int, dtype: DTypeLike, param_dtype: DTypeLike, epsilon: float = 1e-6, **kw
+) -> nn.GroupNorm:
+    """flax's GroupNorm computing in `dtype` with parameters in `param_dtype`."""
+    return nn.GroupNorm(num_groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, **kw)
 
 
 def _conv(features: int, dtype: DTypeLike, param_dtype: DTypeLike, rank: int = 2, **kw) -> nn.Conv:
     """3x3 'SAME' convolution, 3 wide over each of `rank` spatial axes (unless
-    `kernel_size`/`strides` are overridden in `kw`)."""
+    `kernel_size`/`strides`/`padding` are overridden in `kw`)."""
     kw.setdefault("kernel_size", (3,) * rank)
     kw.setdefault("kernel_init", default_init)
-    return nn.Conv(features, padding="SAME", dtype=dtype, param_dtype=param_dtype, **kw)
+    kw.setdefault("padding", "SAME")
+    return nn.Conv(features, dtype=dtype, param_dtype=param_dtype, **kw)
 
 
 def _rank(x: Array) -> int:
@@ -69,15 +88,23 @@ def _downsample_avg(x: Array) -> Array:
 
 
 class Downsample(nn.Module):
-    """Halve H and W with a 3x3 stride-2 convolution. x: [B, H, W, C] -> [B, H/2, W/2, C]."""
+    """Halve H and W with a 3x3 stride-2 convolution. x: [B, H, W, C] -> [B, H/2, W/2, C].
+
+    `padding` 0 pads one row and column after the input ('SAME' on even sizes, as DDPM and
+    diffusers' `downsample_padding=0`), 1 pads one on every side (diffusers' default).
+    """
 
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
+    padding: int = 0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         rank = _rank(x)
-        return _conv(x.shape[-1], self.dtype, self.param_dtype, rank, strides=(2,) * rank)(x)
+        pad = "SAME" if self.padding == 0 else ((self.padding, self.padding),) * rank
+        return _conv(
+            x.shape[-1], self.dtype, self.param_dtype, rank, strides=(2,) * rank, padding=pad
+        )(x)
 
 
 class Upsample(nn.Module):
@@ -108,6 +135,7 @@ class ResBlock(nn.Module):
 
     out_ch: int
     num_groups: int = 32
+    norm_eps: float = 1e-6
     dropout: float = 0.0
     scale_shift_norm: bool = False
     resample: str | None = None  # None | "down" | "up"
@@ -116,7 +144,7 @@ class ResBlock(nn.Module):
     param_dtype: DTypeLike = jnp.float32
 
     def _norm(self, name: str) -> nn.GroupNorm:
-        return group_norm(self.num_groups, self.dtype, self.param_dtype, name=name)
+        return group_norm(self.num_groups, self.dtype, self.param_dtype, self.norm_eps, name=name)
 
     @nn.compact
     def __call__(self, x: Array, emb: Array | None) -> Array:
@@ -167,6 +195,7 @@ class AttentionBlock(nn.Module):
     num_heads: int = 1
     head_dim: int | None = None
     num_groups: int = 32
+    norm_eps: float = 1e-6
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
 
@@ -181,7 +210,7 @@ class AttentionBlock(nn.Module):
             param_dtype=self.param_dtype,
             name=name,
         )
-        y = group_norm(self.num_groups, self.dtype, self.param_dtype)(x)
+        y = group_norm(self.num_groups, self.dtype, self.param_dtype, self.norm_eps)(x)
         qkv = dense(3 * c, "qkv")(y.reshape(b, -1, c))
         q, k, v = jnp.split(qkv.reshape(b, -1, 3, heads, c // heads), 3, axis=2)
         y = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])  # [B, T, N, D]
@@ -234,6 +263,7 @@ class CrossAttentionBlock(nn.Module):
     num_heads: int = 1
     head_dim: int | None = None
     num_groups: int = 32
+    norm_eps: float = 1e-6
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
 
@@ -241,7 +271,7 @@ class CrossAttentionBlock(nn.Module):
     def __call__(self, x: Array, context: Array, mask: Array) -> Array:
         b, c = x.shape[0], x.shape[-1]
         heads = c // self.head_dim if self.head_dim else self.num_heads
-        y = group_norm(self.num_groups, self.dtype, self.param_dtype)(x)
+        y = group_norm(self.num_groups, self.dtype, self.param_dtype, self.norm_eps)(x)
         y = CrossAttention(heads, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
             y.reshape(b, -1, c), context, mask
         )

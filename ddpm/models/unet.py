@@ -52,8 +52,12 @@ class UNet(nn.Module):
     resblock_updown: bool = False
     scale_shift_norm: bool = False
     num_groups: int = 32
+    norm_eps: float = 1e-6
+    downsample_padding: int = 0
     time_embed_freqs: int | None = None
     time_embed_max_period: float = 10000.0
+    time_embed_order: str = "cos_sin"
+    time_embed_freq_shift: float = 0.0
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
     remat: bool = False
@@ -100,6 +104,7 @@ class UNet(nn.Module):
         block = lambda out_ch, name, resample=None: res_block(
             out_ch,
             num_groups=self.num_groups,
+            norm_eps=self.norm_eps,
             dropout=self.dropout,
             scale_shift_norm=self.scale_shift_norm,
             resample=resample,
@@ -107,7 +112,7 @@ class UNet(nn.Module):
             name=name,
             **common,
         )
-        heads = (self.num_heads, self.head_dim, self.num_groups)
+        heads = (self.num_heads, self.head_dim, self.num_groups, self.norm_eps)
 
         emb = self._embed(t, labels)
         ctx = None
@@ -135,7 +140,9 @@ class UNet(nn.Module):
                 if self.resblock_updown:
                     h = block(h.shape[-1], f"down{level}_resample", "down")(h, emb)
                 else:
-                    h = Downsample(name=f"down{level}_resample", **common)(h)
+                    h = Downsample(
+                        padding=self.downsample_padding, name=f"down{level}_resample", **common
+                    )(h)
                 hs.append(h)
 
         h = block(h.shape[-1], "mid_res0")(h, emb)
@@ -155,7 +162,7 @@ class UNet(nn.Module):
                 else:
                     h = Upsample(name=f"up{level}_resample", **common)(h)
 
-        h = group_norm(self.num_groups, name="norm_out", **common)(h)
+        h = group_norm(self.num_groups, epsilon=self.norm_eps, name="norm_out", **common)(h)
         zeros = nn.initializers.zeros
         h = _conv(self.out_channels, rank=rank, kernel_init=zeros, name="conv_out", **common)(
             nn.silu(h)
@@ -166,7 +173,13 @@ class UNet(nn.Module):
         """Time MLP (+ label embedding). t: [B], labels: [B] or None. Returns [B, 4*ch]."""
         dim = 4 * self.ch
         freqs = self.time_embed_freqs or self.ch // 2
-        emb = timestep_embedding(t, 2 * freqs, self.time_embed_max_period)
+        emb = timestep_embedding(
+            t,
+            2 * freqs,
+            self.time_embed_max_period,
+            order=self.time_embed_order,
+            freq_shift=self.time_embed_freq_shift,
+        )
         dense = lambda name: nn.Dense(
             dim,
             kernel_init=default_init,
@@ -207,8 +220,12 @@ def unet_from_config(config: ml_collections.ConfigDict, input_shape: tuple[int, 
         resblock_updown=m.resblock_updown,
         scale_shift_norm=m.scale_shift_norm,
         num_groups=m.num_groups,
+        norm_eps=m.norm_eps,
+        downsample_padding=m.downsample_padding,
         time_embed_freqs=m.time_embed_freqs,
         time_embed_max_period=m.time_embed_max_period,
+        time_embed_order=m.time_embed_order,
+        time_embed_freq_shift=m.time_embed_freq_shift,
         dtype=jnp.dtype(m.dtype),
         param_dtype=jnp.dtype(m.param_dtype),
         remat=m.remat,
