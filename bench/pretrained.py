@@ -11,8 +11,10 @@ checkpoint), as `python main.py --mode=import` does after interpreter start-up.
 """
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -20,8 +22,7 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from ddpm import build, pretrained
-from ddpm.config import runs
+from ddpm import pretrained
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests", "assets", "diffusers")
 
@@ -33,13 +34,9 @@ def emit(**record) -> None:
 def golden_errors(name: str) -> dict[str, float]:
     """max |ours - diffusers| per recorded output of the golden model `name`."""
     folder = os.path.join(ASSETS, name)
-    config, _, found = pretrained.describe(folder)
-    family = pretrained.FAMILIES[found.class_name]
-    tensors = family.prepare(found.tensors(), found.weights_path)
-    net = build.model(config)
-    target = build.abstract_params(config, net, runs.input_shape(config))
-    table = family.rules(config.model, config.data.image_size, tensors)
-    variables = {"params": pretrained.layout.convert(tensors, table, target, folder)}
+    converted = pretrained.load(folder)
+    config, net = converted.config, converted.net
+    variables = {"params": converted.params}
     golden = np.load(os.path.join(folder, "golden.npz"))
     if config.objective == "autoencoder":
         mean, logvar = net.apply(variables, golden["x"], method="encode")
@@ -49,7 +46,7 @@ def golden_errors(name: str) -> dict[str, float]:
         ours = {"out": net.apply(variables, golden["x"], golden["t"], golden.get("labels"))}
     count = sum(p.size for p in jax.tree.leaves(variables))
     errors = {k: float(np.abs(np.asarray(v) - golden[k]).max()) for k, v in ours.items()}
-    return {"family": found.class_name, "parameters": count, **errors}
+    return {"family": converted.files.class_name, "parameters": count, **errors}
 
 
 def import_full_size(repo: str, release: dict, root: str) -> dict:
@@ -62,7 +59,8 @@ def import_full_size(repo: str, release: dict, root: str) -> dict:
     save_file(weights, path)
     del weights
     start = time.perf_counter()
-    pretrained.import_weights(pretrained.config_for(folder), folder + "_run")
+    with contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON lines alone
+        pretrained.import_weights(pretrained.config_for(folder), folder + "_run")
     return {
         "family": release["config"]["_class_name"],
         "parameters": release["unique_parameters"],

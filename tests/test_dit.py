@@ -195,7 +195,6 @@ def test_model_configs_are_valid(make):
     create_model(config)
 
 
-@pytest.mark.slow  # ~1 min of compiles on a busy 2-core CPU
 def test_tiny_dit_trains_resumes_and_samples(tmp_path, capsys):
     """The standard run layer with config.model.name="dit": train 10 steps, resume to 20, then
     `main.py --mode=sample`'s function draws a grid from the EMA parameters."""

@@ -168,13 +168,13 @@ def _fd_low_rank(stats1, stats2) -> float:
 def test_fid_eval_matches_inception_features_and_rekeys_the_reference_cache(
     trained_workdir, tmp_path, monkeypatch, real_sqrtm
 ):
-    """--mode=eval with metrics=("fid",) and random Inception weights on 8 samples against 24
+    """--mode=eval with metrics=("fid",) and random Inception weights on 8 samples against 8
     reference images (an npz: source of 16x16x1 uint8): the row's fid is the Fréchet distance
     of Inception features computed here on the very samples (captured from generate_samples)
     and on the reference images; the cached reference statistics are those features' and are
     keyed by the weights' digest, so other weights recompute them.
 
-    Speed: Inception runs on 8-row batches (apply_in_batches would pad 8 or 24 rows to 250),
+    Speed: Inception runs on 8-row batches (apply_in_batches would pad 8 rows to 250),
     and by default the Fréchet distance of the 2048-d statistics is computed by a low-rank
     exact route instead of scipy's sqrtm (a minute per call on a busy 2-core CPU; sqrtm's
     own tests are in test_metrics.py); the slow variant keeps sqrtm.
@@ -185,9 +185,9 @@ def test_fid_eval_matches_inception_features_and_rekeys_the_reference_cache(
     from ddpm.data.transforms import to_float
 
     rng = np.random.default_rng(0)
-    reference = rng.integers(0, 256, (24, 16, 16, 1), dtype=np.uint8)
+    reference = rng.integers(0, 256, (8, 16, 16, 1), dtype=np.uint8)
     data_path = str(tmp_path / "reference.npz")
-    np.savez(data_path, images=reference, labels=(np.arange(24) % 10).astype(np.int32))
+    np.savez(data_path, images=reference, labels=(np.arange(8) % 10).astype(np.int32))
     weights = [
         _write_random_inception_weights(str(tmp_path / f"inception{s}.npz"), s) for s in (0, 1)
     ]

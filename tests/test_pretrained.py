@@ -27,13 +27,8 @@ GOLDEN_MODELS = ("unet_ddpm", "unet_class_cond", "vae_kl", "dit")
 
 def _imported(folder: str):
     """(config, network, converted params) of a diffusers directory."""
-    config, _, found = pretrained.describe(folder)
-    family = pretrained.FAMILIES[found.class_name]
-    tensors = family.prepare(found.tensors(), found.weights_path)
-    net = build.model(config)
-    target = build.abstract_params(config, net, runs.input_shape(config))
-    table = family.rules(config.model, config.data.image_size, tensors)
-    return config, net, layout.convert(tensors, table, target, found.weights_path)
+    converted = pretrained.load(folder)
+    return converted.config, converted.net, converted.params
 
 
 def _relative_error(ours, theirs) -> float:

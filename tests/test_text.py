@@ -206,7 +206,7 @@ def test_text_with_class_labels_or_without_attention_is_an_error():
         create_model(text_config(attention_resolutions=(), mid_attention=False))
 
 
-@pytest.mark.slow  # ~4 min of compiles on a busy 2-core CPU
+@pytest.mark.slow  # ~40 s on a 2-core CPU; the text models' forward passes run by default
 def test_tiny_text_unet_trains_resumes_and_samples_a_prompt(tmp_path, capsys):
     """Captions measured from each digit condition the U-Net through the standard train step;
     resume; then sample mode draws `config.sample.prompt` with guidance."""

@@ -11,9 +11,11 @@ weights: sampling, editing and evaluation read them as any run's, and `--mode=tr
 from them (fine-tuning with a fresh optimizer and data stream).
 """
 
+import dataclasses
 import json
 import time
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -54,6 +56,30 @@ def describe(path: str) -> tuple[ml_collections.ConfigDict, list[str], files.Mod
     return config, notes, found
 
 
+@dataclasses.dataclass(frozen=True)
+class Converted:
+    """A diffusers model as ours: config (what its directory describes, `describe`), notes,
+    files, net (our flax module) and params (its parameter pytree of float32 NumPy arrays)."""
+
+    config: ml_collections.ConfigDict
+    notes: list[str]
+    files: files.ModelFiles
+    net: nn.Module
+    params: dict
+
+
+def load(path: str) -> Converted:
+    """Reads and converts the diffusers model in `path` (UserError for what does not fit)."""
+    config, notes, found = describe(path)
+    family = FAMILIES[found.class_name]
+    tensors = family.prepare(found.tensors(), found.weights_path)
+    net = build.model(config)
+    target = build.abstract_params(config, net, runs.input_shape(config))
+    table = family.rules(config.model, config.data.image_size, tensors)
+    params = layout.convert(tensors, table, target, found.weights_path)
+    return Converted(config, notes, found, net, params)
+
+
 def config_for(path: str) -> ml_collections.ConfigDict:
     """The run config of the diffusers directory `path` (see `describe`)."""
     return describe(path)[0]
@@ -69,7 +95,7 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str) -> str:
             "diffusers model directory DIR"
         )
     validation.validate(config)
-    described, notes, found = describe(path)
+    described, notes, found = describe(path)  # checked before the weights are read
     # The network must be the checkpoint's; the objective may differ (a DiT of latents
     # imported into a latent-diffusion run on an imported VAE).
     mismatch = [d for d in runs.incompatibilities(described, config) if d[0].startswith("model.")]
@@ -87,16 +113,10 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str) -> str:
     if runs.read_saved(workdir) is not None:
         raise UserError(f"{workdir} already holds a run; import into a new workdir")
     start = time.perf_counter()
-    family = FAMILIES[found.class_name]
-    tensors = family.prepare(found.tensors(), found.weights_path)
-    net = build.model(config)
-    shape = runs.input_shape(config)
-    target = build.abstract_params(config, net, shape)
-    table = family.rules(config.model, config.data.image_size, tensors)
-    params = layout.convert(tensors, table, target, found.weights_path)
-    count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    params = load(path).params
+    count = sum(p.size for p in jax.tree.leaves(params))
     mesh = build.mesh(config)
-    where = sharding.state_shardings(target, mesh, config.training.fsdp_min_size)
+    where = sharding.state_shardings(params, mesh, config.training.fsdp_min_size)
     state = {"step": np.zeros((), np.int32), "ema_params": jax.device_put(params, where)}
     runs.write_config(config, workdir)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.training.keep_checkpoints)

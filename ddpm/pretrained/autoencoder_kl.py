@@ -10,8 +10,8 @@ ours cannot express is refused, naming the config.json field.
 import ml_collections
 
 from ddpm.config import schema
-from ddpm.errors import UserError
 from ddpm.pretrained import blocks
+from ddpm.pretrained.files import refuse, require_fixed
 from ddpm.pretrained.layout import Rule, rename_deprecated_attention, rule
 
 # The tensors as the table expects them (old checkpoints' attention names).
@@ -25,38 +25,31 @@ _FIXED = {
 }
 
 
-def _refuse(source: str, field: str, value, why: str) -> UserError:
-    return UserError(f"{source}: {field}={value!r} {why}")
-
-
 def model_section(cfg: dict, source: str) -> tuple[ml_collections.ConfigDict, dict]:
     """(our `config.model`, data fields) of an AutoencoderKL config.json."""
-    for field, allowed in _FIXED.items():
-        value = cfg.get(field, allowed[0])
-        if value not in allowed:
-            raise _refuse(source, field, value, f"is not supported (accepted: {allowed})")
+    require_fixed(cfg, _FIXED, source)
     for field, block in (
         ("down_block_types", "DownEncoderBlock2D"),
         ("up_block_types", "UpDecoderBlock2D"),
     ):
         kinds = set(cfg.get(field, (block,)))
         if kinds != {block}:
-            raise _refuse(source, field, sorted(kinds), f"has blocks other than {block}")
+            raise refuse(source, field, sorted(kinds), f"has blocks other than {block}")
     if cfg.get("use_quant_conv", True) != cfg.get("use_post_quant_conv", True):
-        raise _refuse(
+        raise refuse(
             source, "use_post_quant_conv", cfg["use_post_quant_conv"], "must equal use_quant_conv"
         )
     channels = list(cfg.get("block_out_channels", (64,)))
     if any(c % channels[0] for c in channels):
-        raise _refuse(source, "block_out_channels", channels, "must be multiples of the first")
+        raise refuse(source, "block_out_channels", channels, "must be multiples of the first")
     in_ch, out_ch = cfg.get("in_channels", 3), cfg.get("out_channels", 3)
     if in_ch != out_ch:
-        raise _refuse(source, "out_channels", out_ch, f"must equal in_channels={in_ch}")
+        raise refuse(source, "out_channels", out_ch, f"must equal in_channels={in_ch}")
     size = cfg.get("sample_size", 32)
     if isinstance(size, list | tuple):
         size = size[0] if len(size) == 2 and size[0] == size[1] else None
     if not isinstance(size, int):
-        raise _refuse(source, "sample_size", cfg.get("sample_size"), "must be square")
+        raise refuse(source, "sample_size", cfg.get("sample_size"), "must be square")
     m = schema.autoencoder()
     m.ch = channels[0]
     m.ch_mult = tuple(c // channels[0] for c in channels)

@@ -12,6 +12,7 @@ import numpy as np
 
 from ddpm.config import schema
 from ddpm.errors import UserError
+from ddpm.pretrained.files import refuse, require_fixed
 from ddpm.pretrained.layout import Rule, Tensors, rule
 
 CLASS_NAME = "DiTTransformer2DModel"
@@ -24,28 +25,21 @@ _FIXED = {
 _EMBED = "norm1.emb."
 
 
-def _refuse(source: str, field: str, value, why: str) -> UserError:
-    return UserError(f"{source}: {field}={value!r} {why}")
-
-
 def model_section(cfg: dict, source: str) -> tuple[ml_collections.ConfigDict, dict]:
     """(our `config.model`, data fields) of a DiTTransformer2DModel config.json."""
-    for field, allowed in _FIXED.items():
-        value = cfg.get(field, allowed[0])
-        if value not in allowed:
-            raise _refuse(source, field, value, f"is not supported (only {allowed[0]!r})")
+    require_fixed(cfg, _FIXED, source)
     classes = cfg.get("num_embeds_ada_norm", 1000)
     if not isinstance(classes, int) or classes < 1:
-        raise _refuse(source, "num_embeds_ada_norm", classes, "must be the number of classes")
+        raise refuse(source, "num_embeds_ada_norm", classes, "must be the number of classes")
     in_ch = cfg.get("in_channels", 4)
     out_ch = cfg.get("out_channels") or in_ch
     if out_ch not in (in_ch, 2 * in_ch):
-        raise _refuse(
+        raise refuse(
             source, "out_channels", out_ch, f"must be in_channels={in_ch} (or twice: learned sigma)"
         )
     size = cfg.get("sample_size", 32)
     if not isinstance(size, int):
-        raise _refuse(source, "sample_size", size, "must be an int")
+        raise refuse(source, "sample_size", size, "must be an int")
     m = schema.dit()
     m.patch_size = cfg.get("patch_size", 2)
     m.num_heads = cfg.get("num_attention_heads", 16)

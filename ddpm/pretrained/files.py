@@ -40,6 +40,20 @@ class ModelFiles:
         return read_safetensors(self.weights_path)
 
 
+def refuse(source: str, field: str, value, why: str) -> UserError:
+    """The error for a config.json field our networks cannot express."""
+    return UserError(f"{source}: {field}={value!r} {why}")
+
+
+def require_fixed(cfg: dict, fixed: dict[str, tuple], source: str) -> None:
+    """Each field of `fixed` (missing: its first accepted value, diffusers' default) must take
+    one of the accepted values."""
+    for field, accepted in fixed.items():
+        value = cfg.get(field, accepted[0])
+        if value not in accepted:
+            raise refuse(source, field, value, f"is not supported (accepted: {accepted})")
+
+
 def _read_json(path: str) -> dict:
     try:
         with open(path) as f:

@@ -10,8 +10,8 @@ U-Net cannot express is refused, naming the config.json field.
 import ml_collections
 
 from ddpm.config import schema
-from ddpm.errors import UserError
 from ddpm.pretrained import blocks
+from ddpm.pretrained.files import refuse, require_fixed
 from ddpm.pretrained.layout import Rule, rename_deprecated_attention, rule
 
 # The tensors as the table expects them (old checkpoints' attention names).
@@ -33,30 +33,23 @@ _FIXED = {
 }
 
 
-def _refuse(source: str, field: str, value, why: str) -> UserError:
-    return UserError(f"{source}: {field}={value!r} {why}")
-
-
 def model_section(cfg: dict, source: str) -> tuple[ml_collections.ConfigDict, dict]:
     """(our `config.model`, data fields {image_size, channels}) of a UNet2DModel config.json
     (`cfg`; `source` names it in errors)."""
-    for field, allowed in _FIXED.items():
-        value = cfg.get(field, allowed[0])
-        if value not in allowed:
-            raise _refuse(source, field, value, f"is not supported (only {allowed[0]!r})")
+    require_fixed(cfg, _FIXED, source)
     down, up = list(cfg.get("down_block_types", ())), list(cfg.get("up_block_types", ()))
     for field, types, known in (("down_block_types", down, _DOWN), ("up_block_types", up, _UP)):
         unknown = [b for b in types if b not in known]
         if unknown or not types:
-            raise _refuse(source, field, types, f"has blocks other than {', '.join(known)}")
+            raise refuse(source, field, types, f"has blocks other than {', '.join(known)}")
     attn_down = [_DOWN[b] for b in down]
     if [_UP[b] for b in reversed(up)] != attn_down:
-        raise _refuse(
+        raise refuse(
             source, "up_block_types", up, f"must mirror down_block_types={down} (attention)"
         )
     channels = list(cfg.get("block_out_channels", ()))
     if len(channels) != len(down) or any(c % channels[0] for c in channels):
-        raise _refuse(
+        raise refuse(
             source,
             "block_out_channels",
             channels,
@@ -64,10 +57,10 @@ def model_section(cfg: dict, source: str) -> tuple[ml_collections.ConfigDict, di
         )
     ch = channels[0]
     if cfg.get("time_embedding_dim") not in (None, 4 * ch):
-        raise _refuse(source, "time_embedding_dim", cfg["time_embedding_dim"], f"must be {4 * ch}")
+        raise refuse(source, "time_embedding_dim", cfg["time_embedding_dim"], f"must be {4 * ch}")
     groups = cfg.get("norm_num_groups", 32)
     if cfg.get("attn_norm_num_groups") not in (None, groups):
-        raise _refuse(
+        raise refuse(
             source, "attn_norm_num_groups", cfg["attn_norm_num_groups"], f"must be {groups}"
         )
     shift = cfg.get("resnet_time_scale_shift", "default")
@@ -76,7 +69,7 @@ def model_section(cfg: dict, source: str) -> tuple[ml_collections.ConfigDict, di
         and cfg.get("add_attention", True)
         and cfg.get("attn_norm_num_groups") is None
     ):
-        raise _refuse(
+        raise refuse(
             source,
             "attn_norm_num_groups",
             None,
@@ -86,13 +79,13 @@ def model_section(cfg: dict, source: str) -> tuple[ml_collections.ConfigDict, di
     size = cfg.get("sample_size")
     if isinstance(size, list | tuple):
         if len(size) != 2 or size[0] != size[1]:
-            raise _refuse(source, "sample_size", size, "must be square")
+            raise refuse(source, "sample_size", size, "must be square")
         size = size[0]
     if not isinstance(size, int):
-        raise _refuse(source, "sample_size", size, "must be the image size (an int)")
+        raise refuse(source, "sample_size", size, "must be the image size (an int)")
     in_ch, out_ch = cfg.get("in_channels", 3), cfg.get("out_channels", 3)
     if out_ch not in (in_ch, 2 * in_ch):
-        raise _refuse(
+        raise refuse(
             source, "out_channels", out_ch, f"must be in_channels={in_ch} (or twice: learned sigma)"
         )
     levels = len(channels)
@@ -115,7 +108,7 @@ def model_section(cfg: dict, source: str) -> tuple[ml_collections.ConfigDict, di
     m.time_embed_order = "cos_sin" if cfg.get("flip_sin_to_cos", True) else "sin_cos"
     m.time_embed_freq_shift = float(cfg.get("freq_shift", 0))
     if ch % 2:
-        raise _refuse(source, "block_out_channels", channels, "must start with an even width")
+        raise refuse(source, "block_out_channels", channels, "must start with an even width")
     return m, {"image_size": size, "channels": in_ch}
 
 
