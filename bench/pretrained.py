@@ -46,7 +46,7 @@ def golden_errors(name: str) -> dict[str, float]:
         ours = {"out": net.apply(variables, golden["x"], golden["t"], golden.get("labels"))}
     count = sum(p.size for p in jax.tree.leaves(variables))
     errors = {k: float(np.abs(np.asarray(v) - golden[k]).max()) for k, v in ours.items()}
-    return {"family": converted.files.class_name, "parameters": count, **errors}
+    return {"family": converted.model_files.class_name, "parameters": count, **errors}
 
 
 def import_full_size(repo: str, release: dict, root: str) -> dict:

@@ -59,11 +59,12 @@ def describe(path: str) -> tuple[ml_collections.ConfigDict, list[str], files.Mod
 @dataclasses.dataclass(frozen=True)
 class Converted:
     """A diffusers model as ours: config (what its directory describes, `describe`), notes,
-    files, net (our flax module) and params (its parameter pytree of float32 NumPy arrays)."""
+    model_files, net (our flax module) and params (its parameter pytree of float32 NumPy
+    arrays)."""
 
     config: ml_collections.ConfigDict
     notes: list[str]
-    files: files.ModelFiles
+    model_files: files.ModelFiles
     net: nn.Module
     params: dict
 
