@@ -8,14 +8,21 @@ The tests' networks are tiny, so LLVM's optimisation passes cost far more than t
 inherit XLA_FLAGS; those that simulate devices append to it.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import jax
 
-os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddpm-jax-cache-")
+# Processes that inherit the variable share the cache; the one that made it removes it.
+if "DDPM_TEST_JAX_CACHE" not in os.environ:
+    os.environ["DDPM_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="ddpm-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["DDPM_TEST_JAX_CACHE"], ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["DDPM_TEST_JAX_CACHE"]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 flags = os.environ.get("XLA_FLAGS", "")
-os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+if "--xla_backend_optimization_level" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
