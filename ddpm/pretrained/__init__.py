@@ -71,7 +71,13 @@ class Converted:
 
 def load(path: str) -> Converted:
     """Reads and converts the diffusers model in `path` (UserError for what does not fit)."""
-    config, notes, found = describe(path)
+    return _convert(*describe(path))
+
+
+def _convert(
+    config: ml_collections.ConfigDict, notes: list[str], found: files.ModelFiles
+) -> Converted:
+    """The weights of `found` converted for the network `config` (from `describe`)."""
     family = FAMILIES[found.class_name]
     tensors = family.prepare(found.tensors(), found.weights_path)
     net = build.model(config)
@@ -114,7 +120,7 @@ def import_weights(config: ml_collections.ConfigDict, workdir: str) -> str:
     if runs.read_saved(workdir) is not None:
         raise UserError(f"{workdir} already holds a run; import into a new workdir")
     start = time.perf_counter()
-    params = load(path).params
+    params = _convert(described, notes, found).params
     count = sum(p.size for p in jax.tree.leaves(params))
     mesh = build.mesh(config)
     where = sharding.state_shardings(params, mesh, config.training.fsdp_min_size)

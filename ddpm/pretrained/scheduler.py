@@ -9,6 +9,7 @@ reproduce is refused, naming the field.
 import ml_collections
 
 from ddpm.errors import UserError
+from ddpm.pretrained.files import refuse
 
 _SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 _PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
@@ -24,8 +25,16 @@ _BETA_SCHEDULES = ("linear", "scaled_linear")  # the ones with endpoints
 _DEFAULT_BETAS = (1e-4, 0.02)  # diffusers' scheduler defaults, whatever the beta_schedule
 
 
-def _refuse(source: str, field: str, value, accepted) -> UserError:
-    return UserError(f"{source}: {field}={value!r} is not supported (accepted: {accepted})")
+def _not_supported(source: str, field: str, value, accepted) -> UserError:
+    return refuse(source, field, value, f"is not supported (accepted: {accepted})")
+
+
+def _lookup(sched: dict, field: str, default: str, table, source: str) -> str:
+    """sched[field] (default: diffusers'), which must be one of `table`'s keys."""
+    value = sched.get(field, default)
+    if value not in table:
+        raise _not_supported(source, field, value, ", ".join(table))
+    return value
 
 
 def apply(config: ml_collections.ConfigDict, sched: dict, source: str) -> list[str]:
@@ -34,24 +43,16 @@ def apply(config: ml_collections.ConfigDict, sched: dict, source: str) -> list[s
     notes on fields that do not apply here (printed by the import)."""
     notes = []
     if sched.get("trained_betas") is not None:
-        raise _refuse(source, "trained_betas", "[...]", "null (a named beta_schedule)")
-    name = sched.get("beta_schedule", "linear")
-    if name not in _SCHEDULES:
-        raise _refuse(source, "beta_schedule", name, ", ".join(_SCHEDULES))
-    prediction = sched.get("prediction_type", "epsilon")
-    if prediction not in _PREDICTIONS:
-        raise _refuse(source, "prediction_type", prediction, ", ".join(_PREDICTIONS))
-    variance = sched.get("variance_type", "fixed_small")
-    if variance not in _VARIANCES:
-        raise _refuse(source, "variance_type", variance, ", ".join(_VARIANCES))
-    spacing = sched.get("timestep_spacing", "leading")
-    if spacing not in _SPACINGS:
-        raise _refuse(source, "timestep_spacing", spacing, ", ".join(_SPACINGS))
+        raise _not_supported(source, "trained_betas", "[...]", "null (a named beta_schedule)")
+    name = _lookup(sched, "beta_schedule", "linear", _SCHEDULES, source)
+    prediction = _lookup(sched, "prediction_type", "epsilon", _PREDICTIONS, source)
+    variance = _lookup(sched, "variance_type", "fixed_small", _VARIANCES, source)
+    spacing = _lookup(sched, "timestep_spacing", "leading", _SPACINGS, source)
     if sched.get("clip_sample_range", 1.0) != 1.0:
-        raise _refuse(source, "clip_sample_range", sched["clip_sample_range"], "1.0")
+        raise _not_supported(source, "clip_sample_range", sched["clip_sample_range"], "1.0")
     thresholding = sched.get("thresholding", False)
     if thresholding and sched.get("sample_max_value", 1.0) != 1.0:
-        raise _refuse(source, "sample_max_value", sched["sample_max_value"], "1.0")
+        raise _not_supported(source, "sample_max_value", sched["sample_max_value"], "1.0")
     if sched.get("steps_offset", 0):
         notes.append(
             f"{source}: steps_offset={sched['steps_offset']} is not applied (our leading grid "
