@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ddpm import checkpoint, models, runtime, samplers, sharding
+from ddpm import checkpoint, conditioning, models, runtime, samplers, sharding
 from ddpm.config import runs
 from ddpm.errors import UserError
 from ddpm.schedules import Schedule, get_schedule
@@ -102,7 +102,9 @@ def sampler(
     """
     s = config.sample
     null = models.null_label(config)
-    guidance = null is not None and s.guidance_scale != 1.0
+    # A guidance-distilled network takes the scale as an input: one call per step.
+    embedded = config.model.get("guidance_embed", False)
+    guidance = null is not None and s.guidance_scale != 1.0 and not embedded
 
     def model_fn(params, x_t, t, cond):
         return apply_fn({"params": params}, x_t, t, cond, train=False)
@@ -124,6 +126,11 @@ def sampler(
         churn=s.churn,
         **edit,
     )
+    if embedded:
+        scale = jnp.float32(s.guidance_scale)
+        return lambda params, rng, cond, **arrays: sample(
+            params, rng, conditioning.with_guidance(cond, scale), None, **arrays
+        )
     scale = jnp.float32(s.guidance_scale) if guidance else None
     return lambda params, rng, cond, **arrays: sample(params, rng, cond, scale, **arrays)
 

@@ -6,6 +6,7 @@ Orbax writes to a temporary folder and renames it when complete, so a run killed
 leaves the previous checkpoint as the latest.
 """
 
+import dataclasses
 import os
 from typing import Any
 
@@ -46,13 +47,26 @@ class Checkpointer:
         devices restores onto the current mesh.
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-        restored = self._manager.restore(
+        try:
+            restored = self._restore(step, abstract)
+        except ValueError as e:
+            # Checkpoints written before the train state had `carry` (empty then, as it is
+            # for most objectives now) restore into the state without it.
+            if "carry" not in str(e) or getattr(target_state, "carry", 0) is not None:
+                raise
+            fields = {f.name: getattr(abstract, f.name) for f in dataclasses.fields(abstract)}
+            del fields["carry"]
+            restored = self._restore(step, fields)
+            return dataclasses.replace(abstract, **restored.state), restored.data
+        return restored.state, restored.data
+
+    def _restore(self, step: int, abstract: Any):
+        return self._manager.restore(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
             ),
         )
-        return restored.state, restored.data
 
     def restore_ema(self, step: int, target_ema: Any) -> Any:
         """The EMA parameters alone of `step`, placed like `target_ema` (a pytree of

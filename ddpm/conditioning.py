@@ -68,6 +68,16 @@ def drop(config: ml_collections.ConfigDict, cond: Cond, rng: jax.Array, rate: fl
     return jax.tree.map(where, cond, models.null_label(config))
 
 
+def with_guidance(cond: Cond, scale: jax.Array) -> dict[str, jax.Array]:
+    """The condition of a guidance-embedding network (`model.guidance_embed`): `cond` with the
+    guidance scale of each example, scale: [B] float32 (or a scalar, for every example)."""
+    if cond is None:
+        raise ValueError("a guidance-embedding network needs a condition to guide")
+    cond = dict(cond) if isinstance(cond, dict) else {"labels": cond}
+    batch = jax.tree.leaves(cond)[0].shape[0]
+    return {**cond, "guidance": jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (batch,))}
+
+
 def grid_cond(config: ml_collections.ConfigDict) -> tuple[Cond, int, list[str] | None]:
     """(condition [num_samples] of a sample grid, its column count, the prompts or None).
 

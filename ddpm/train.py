@@ -37,7 +37,8 @@ class TrainState:
     """Everything that changes during training; a pytree, so jit/orbax/shardings treat it as data.
 
     step: [] int32, number of updates done. rng: [2] uint32, base key data; step s draws with
-    fold_in(rng, s). ema_params: float32 exponential moving average of params.
+    fold_in(rng, s). ema_params: float32 exponential moving average of params. carry: what the
+    objective carries between steps (`Objective.init_carry`; None for most).
     """
 
     step: jax.Array
@@ -45,6 +46,7 @@ class TrainState:
     ema_params: Any
     opt_state: Any
     rng: jax.Array
+    carry: Any = None
 
 
 def create_train_state(
@@ -64,6 +66,7 @@ def create_train_state(
         ema_params=jax.tree.map(lambda p: p.astype(jnp.float32), params),
         opt_state=tx.init(params),
         rng=jax.random.key_data(train_rng),
+        carry=objective.init_carry(params),
     )
 
 
@@ -118,13 +121,15 @@ def train_step(
     """One update: the objective's loss, grads, optax update and EMA, in one compiled function.
 
     batch: {"image": [B, ...] float32 in [-1, 1], "label": [B] int32}; frozen: what the
-    objective keeps fixed (`objective.frozen`). A non-finite loss or gradient leaves the
+    objective keeps fixed (`objective.frozen`). The objective may first reset the state (a
+    new distillation round: `Objective.begin_step`). A non-finite loss or gradient leaves the
     state unchanged and reports metrics["finite"] = False; the host reads it at log steps.
     """
     training = objective.config.training
+    state = objective.begin_step(state, frozen, tx)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     (loss, aux), grads = jax.value_and_grad(objective.loss, has_aux=True)(
-        state.params, frozen, batch, rng
+        state.params, frozen, batch, rng, state.carry
     )
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -143,6 +148,7 @@ def train_step(
         ema_params=ema_params,
         opt_state=opt_state,
         rng=state.rng,
+        carry=state.carry,
     )
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     metrics = {
@@ -263,7 +269,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _StopRequest) 
     mesh = build.mesh(config)
     global_batch = config.training.batch_size
     per_device = sharding.per_device_batch_size(global_batch, mesh, "config.training.batch_size")
-    objective = objectives.create(config, workdir=workdir, mesh=mesh, estimate_scale=True)
+    objective = objectives.create(config, workdir=workdir, mesh=mesh, training=True)
     config = objective.config  # completed by the objective (latent: the scale factor)
     training = config.training
     grid_images, grid_cols = objective.training_grid(
@@ -331,14 +337,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _StopRequest) 
                 jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1][1])
             stopping = stop.requested(step)
             done = step == training.num_steps
-            save = step % training.checkpoint_every == 0 or done or stopping
-            grid = step % training.sample_every == 0 or done
+            stage_end = objective.ends_stage(step)
+            save = step % training.checkpoint_every == 0 or done or stopping or stage_end
+            grid = step % training.sample_every == 0 or done or stage_end
             if save or grid or step % training.log_every == 0:
                 last_metrics = read_metrics() or last_metrics
             if save:
                 ckpt.save(step, state, data_iter.get_state(), config_json)
             if grid:
-                images = sharding.to_host(grid_images(state.ema_params), mesh)
+                images = sharding.to_host(grid_images(state.ema_params, step), mesh)
                 logger.write_grid(step, images, grid_cols)
             if stopping:
                 print(f"{stop.reason}: saved checkpoint at step {step}; exiting.", flush=True)

@@ -129,7 +129,7 @@ def test_scale_factor_gives_unit_latent_std(stage1, tmp_path):
         tiny_ldm_config(workdir),
         workdir=str(tmp_path),
         mesh=sharding.create_mesh(),
-        estimate_scale=True,
+        training=True,
     )
     config = objective.config
     # Estimated on training digits; checked on held-out ones.

@@ -195,3 +195,15 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     f = latent_factor(stage1.model)
     size = config.data.image_size
     return (size // f, size // f, stage1.model.z_channels)
+
+
+def distill_rounds(config: ml_collections.ConfigDict) -> int:
+    """Halvings of a distillation run, log2(teacher_steps / final_steps) (validated)."""
+    d = config.distill
+    return (d.teacher_steps // d.final_steps).bit_length() - 1
+
+
+def distill_length(config: ml_collections.ConfigDict) -> int:
+    """Train steps of a whole distillation run: guided stage 1 (if any), then the rounds."""
+    d = config.distill
+    return (d.guided_steps if d.guided else 0) + distill_rounds(config) * d.steps_per_round

@@ -10,7 +10,7 @@ speed but never results live in `config.runtime`, applied by platform (`ddpm.run
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-OBJECTIVES = ("diffusion", "autoencoder", "latent")
+OBJECTIVES = ("diffusion", "autoencoder", "latent", "distill")
 
 
 def _common_model_fields(model: ml_collections.ConfigDict) -> None:
@@ -29,6 +29,8 @@ def _denoiser_fields(model: ml_collections.ConfigDict) -> None:
     # max_period^(-i / (freqs - freq_shift)) (diffusers' downscale_freq_shift; DDPM: 1).
     model.time_embed_order = "cos_sin"
     model.time_embed_freq_shift = 0.0
+    # Takes the guidance scale as an input: one call per guided step (guided distillation).
+    model.guidance_embed = False
 
 
 def unet() -> ml_collections.ConfigDict:
@@ -109,7 +111,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
     # What is trained: "diffusion" (a denoiser on data), "autoencoder" (latent diffusion's
     # stage 1, model.name="autoencoder"), "latent" (a denoiser on the latents of the frozen
-    # autoencoder in latent.autoencoder_workdir). See ddpm.objectives.
+    # autoencoder in latent.autoencoder_workdir), "distill" (a few-step student of the diffusion
+    # run in distill.teacher_workdir). See ddpm.objectives.
     config.objective = "diffusion"
 
     # Input pipeline (ddpm.data).
@@ -207,6 +210,26 @@ def get_config() -> ml_collections.ConfigDict:
     config.latent.autoencoder_workdir = placeholder(str)  # stage 2: the stage-1 run
     config.latent.scale_factor = placeholder(float)  # stage 2: None = 1 / std of the latents
     config.latent.sample_posterior = True  # stage 2: train on z ~ q(z|x) (False: its mean)
+
+    # Progressive distillation (ddpm.objectives.distill; Salimans & Ho 2022), optionally after
+    # guided distillation (Meng et al. 2023). The teacher is a diffusion run (trained or
+    # imported) with the same model, diffusion and data sections. Round r (of
+    # log2(teacher_steps / final_steps)) trains the student so that one DDIM step equals two of
+    # its teacher's on the trailing grid of teacher_steps / 2^r steps; then the student (EMA)
+    # becomes the teacher, with a fresh optimizer. guided: first, for guided_steps steps, a
+    # student taking the guidance scale s (model.guidance_embed=True) learns the teacher's
+    # guided prediction for s ~ U[guidance_min, guidance_max]; the rounds then distil that.
+    # The run is guided_steps (if guided) + rounds x steps_per_round steps long
+    # (training.num_steps may stop it earlier); sample with DDIM, final_steps, trailing.
+    config.distill = ml_collections.ConfigDict()
+    config.distill.teacher_workdir = placeholder(str)
+    config.distill.teacher_steps = 16  # DDIM steps of the first teacher
+    config.distill.final_steps = 1  # DDIM steps of the last student
+    config.distill.steps_per_round = 1000
+    config.distill.guided = False
+    config.distill.guided_steps = 1000
+    config.distill.guidance_min = 1.0
+    config.distill.guidance_max = 5.0
 
     # Editing with a trained run (ddpm.editing): --mode=inpaint / --mode=img2img.
     config.edit = ml_collections.ConfigDict()

@@ -112,6 +112,7 @@ def validate(config: ml_collections.ConfigDict) -> data.DatasetInfo:
         _validate_sample(config)
     _validate_training(config)
     _validate_latent(config)
+    _validate_distill(config)
     shape = runs.input_shape(config)
     {"unet": _validate_unet, "dit": _validate_dit, "autoencoder": _validate_autoencoder}[
         config.model.name
@@ -247,6 +248,49 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
     number(config, "training.ema_decay", 0, 1)
     number(config, "training.label_dropout", 0, 1)
     number(config, "training.adam_b2", 0, 1)
+
+
+def _validate_distill(config: ml_collections.ConfigDict) -> None:
+    """config.distill (objective "distill"), and model.guidance_embed, which only guided
+    distillation trains."""
+    d, distilling = config.distill, config.objective == "distill"
+    guided = distilling and d.guided
+    if config.model.get("guidance_embed", False) != guided:
+        raise UserError(
+            f"config.model.guidance_embed={config.model.get('guidance_embed')!r}: it must be "
+            f"{guided} here (True exactly for guided distillation, config.objective='distill' "
+            "with config.distill.guided=True)"
+        )
+    if not distilling:
+        return
+    if d.teacher_workdir is None:
+        raise UserError("config.objective='distill' needs config.distill.teacher_workdir")
+    _positive_ints(config, "distill", ("teacher_steps", "final_steps", "steps_per_round"))
+    ratio, rest = divmod(d.teacher_steps, d.final_steps)
+    if rest or ratio < 2 or ratio & (ratio - 1):
+        raise UserError(
+            f"config.distill.teacher_steps={d.teacher_steps} must be final_steps="
+            f"{d.final_steps} times a power of two >= 2 (each round halves the steps)"
+        )
+    number(
+        config,
+        "distill.teacher_steps",
+        2,
+        config.diffusion.num_timesteps,
+        integer=True,
+        high_inclusive=True,
+    )
+    if d.guided:
+        number(config, "distill.guided_steps", 1, integer=True)
+        number(config, "distill.guidance_min", 0)
+        number(config, "distill.guidance_max", d.guidance_min, low_inclusive=False)
+        if config.model.get("num_classes") is None and config.text.source is None:
+            raise UserError(
+                "config.distill.guided=True distils classifier-free guidance: the teacher must "
+                "be conditional (config.model.num_classes or config.text.source)"
+            )
+    length = runs.distill_length(config)
+    number(config, "training.num_steps", 1, length, high_inclusive=True, integer=True)
 
 
 def _validate_latent(config: ml_collections.ConfigDict) -> None:

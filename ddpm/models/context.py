@@ -62,15 +62,19 @@ def init_context(spec: ContextSpec, batch: int = 1) -> dict[str, Array]:
     }
 
 
-def cond_arguments(labels, tokens, context, context_mask) -> tuple:
-    """(labels, tokens, context, context_mask) of a denoiser call, whose `labels` argument may
-    also be a conditioning dict with any of these keys (as the run layer passes it)."""
+CONDITIONING_KEYS = ("labels", "tokens", "context", "context_mask", "guidance")
+
+
+def cond_arguments(labels, tokens, context, context_mask, guidance) -> tuple:
+    """(labels, tokens, context, context_mask, guidance) of a denoiser call, whose `labels`
+    argument may also be a conditioning dict with any of these keys (as the run layer passes
+    it)."""
     if isinstance(labels, dict):
-        unknown = set(labels) - {"labels", "tokens", "context", "context_mask"}
+        unknown = set(labels) - set(CONDITIONING_KEYS)
         if unknown:
             raise ValueError(f"unknown conditioning key(s) {sorted(unknown)}")
-        return tuple(labels.get(k) for k in ("labels", "tokens", "context", "context_mask"))
-    return labels, tokens, context, context_mask
+        return tuple(labels.get(k) for k in CONDITIONING_KEYS)
+    return labels, tokens, context, context_mask, guidance
 
 
 class TextEncoder(nn.Module):

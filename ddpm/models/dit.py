@@ -15,7 +15,7 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from ddpm.models.context import ContextEncoder, ContextSpec, cond_arguments, context_spec
-from ddpm.models.layers import CrossAttention, timestep_embedding
+from ddpm.models.layers import CrossAttention, GuidanceEmbed, timestep_embedding
 
 Array = jax.Array
 
@@ -152,6 +152,7 @@ class DiT(nn.Module):
     param_dtype: DTypeLike = jnp.float32
     remat: bool = False
     context_spec: ContextSpec | None = None  # cross-attention on a token sequence (text)
+    guidance_embed: bool = False  # takes the guidance scale as an input (guided distillation)
 
     @nn.compact
     def __call__(
@@ -164,17 +165,19 @@ class DiT(nn.Module):
         tokens: ArrayLike | None = None,
         context: ArrayLike | None = None,
         context_mask: ArrayLike | None = None,
+        guidance: ArrayLike | None = None,
     ) -> Array:
         """x: [B, H, W, C] float, t: [B] int or float, labels: [B] int in [0, num_classes]
         (num_classes = the null label) or None (= all null; ignored when unconditional).
         tokens / context / context_mask: as the U-Net's (`ddpm.models.context`); every block
         then cross-attends to the context.
+        guidance: [B] float, the guidance scale of a `guidance_embed` network (None = 1).
         `train=True` enables dropout and then needs `rngs={"dropout": key}`.
         Returns [B, H, W, out_channels] float32.
         """
         x = jnp.asarray(x)
-        labels, tokens, context, context_mask = cond_arguments(
-            labels, tokens, context, context_mask
+        labels, tokens, context, context_mask, guidance = cond_arguments(
+            labels, tokens, context, context_mask, guidance
         )
         p = self.patch_size
         if x.ndim != 4 or x.shape[1] % p or x.shape[2] % p:
@@ -191,7 +194,7 @@ class DiT(nn.Module):
         )
         pos = sincos_2d(d, height // p, width // p, self.pos_embed_layout)
         h = h + jnp.asarray(pos, self.dtype)[None]
-        c = self._embed(t, labels)
+        c = self._embed(t, labels, guidance)
         ctx = ()
         if self.context_spec is not None:
             ctx = ContextEncoder(self.context_spec, name="context", **common)(
@@ -222,8 +225,9 @@ class DiT(nn.Module):
         )(h)
         return unpatchify(h, p, height, width).astype(jnp.float32)
 
-    def _embed(self, t: ArrayLike, labels: ArrayLike | None) -> Array:
-        """c = MLP(sin-cos(t)) (+ label embedding). t: [B], labels: [B] or None. -> [B, D]."""
+    def _embed(self, t: ArrayLike, labels: ArrayLike | None, guidance: ArrayLike | None) -> Array:
+        """c = MLP(sin-cos(t)) (+ label embedding, + guidance embedding). t: [B], labels: [B]
+        or None, guidance: [B] or None. -> [B, D]."""
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         d = self.hidden_size
         freqs = self.time_embed_freqs or 128  # DiT: a 256-dim frequency embedding
@@ -242,6 +246,10 @@ class DiT(nn.Module):
             emb = emb + nn.Embed(
                 self.num_classes + 1, d, embedding_init=_normal, name="label_embed", **common
             )(jnp.asarray(labels, jnp.int32))
+        if self.guidance_embed:
+            emb = emb + GuidanceEmbed(d, freqs, name="guidance_embed", **common)(
+                guidance, emb.shape[0]
+            )
         return emb
 
 
@@ -268,4 +276,5 @@ def dit_from_config(config: ml_collections.ConfigDict, input_shape: tuple[int, .
         param_dtype=jnp.dtype(m.param_dtype),
         remat=m.remat,
         context_spec=context_spec(config),
+        guidance_embed=m.guidance_embed,
     )

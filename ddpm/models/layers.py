@@ -53,6 +53,31 @@ def timestep_embedding(
     return emb
 
 
+class GuidanceEmbed(nn.Module):
+    """The guidance scale s of a guidance-distilled denoiser (Meng et al., 2023) as a vector
+    added to its time embedding: Dense(silu(Dense(sin-cos(s)))), the last layer zero-initialised
+    so that a network grafted from an undistilled one starts out computing its conditional
+    output whatever s is.
+
+    s: [B] float, or None: s = 1 (the conditional prediction) for all `batch` rows.
+    Returns [batch, dim] in `dtype`.
+    """
+
+    dim: int
+    freqs: int
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, s: ArrayLike | None, batch: int) -> Array:
+        s = jnp.ones((batch,), jnp.float32) if s is None else s
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        emb = timestep_embedding(s, 2 * self.freqs).astype(self.dtype)
+        emb = nn.Dense(self.dim, kernel_init=default_init, name="dense1", **common)(emb)
+        zeros = nn.initializers.zeros
+        return nn.Dense(self.dim, kernel_init=zeros, name="dense2", **common)(nn.silu(emb))
+
+
 def group_norm(
     num_groups: int, dtype: DTypeLike, param_dtype: DTypeLike, epsilon: float = 1e-6, **kw
 ) -> nn.GroupNorm:

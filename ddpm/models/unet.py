@@ -21,6 +21,7 @@ from ddpm.models.layers import (
     AttentionBlock,
     CrossAttentionBlock,
     Downsample,
+    GuidanceEmbed,
     ResBlock,
     Upsample,
     _conv,
@@ -62,6 +63,7 @@ class UNet(nn.Module):
     param_dtype: DTypeLike = jnp.float32
     remat: bool = False
     context_spec: ContextSpec | None = None  # cross-attention on a token sequence (text)
+    guidance_embed: bool = False  # takes the guidance scale as an input (guided distillation)
 
     @nn.compact
     def __call__(
@@ -74,22 +76,24 @@ class UNet(nn.Module):
         tokens: ArrayLike | None = None,
         context: ArrayLike | None = None,
         context_mask: ArrayLike | None = None,
+        guidance: ArrayLike | None = None,
     ) -> Array:
         """x: [B, H, W, C] float (or a 1-D signal [B, L, C]: 1-D convolutions and attention),
         t: [B] int or float (fractional t is fine),
         labels: [B] int in [0, num_classes] (num_classes = the null label of classifier-free
         guidance) or None (= all null; ignored by an unconditional model); or a dict of the
-        conditioning keywords (labels, tokens, context, context_mask) in its place.
+        conditioning keywords (labels, tokens, context, context_mask, guidance) in its place.
         With `context_spec`: tokens [B, L] int (PAD = 0), or context [B, L, D] with
         context_mask [B, L] bool; rows without any (and neither given) mean "no text" (the
         learned null context, see `ddpm.models.context`). Cross-attention follows every
         self-attention block.
+        guidance: [B] float, the guidance scale of a `guidance_embed` network (None = 1).
         `train=True` enables dropout and then needs `rngs={"dropout": key}`.
         Returns [B, H, W, out_channels] (or [B, L, out_channels]) float32.
         """
         x = jnp.asarray(x)
-        labels, tokens, context, context_mask = cond_arguments(
-            labels, tokens, context, context_mask
+        labels, tokens, context, context_mask, guidance = cond_arguments(
+            labels, tokens, context, context_mask, guidance
         )
         levels = len(self.ch_mult)
         factor = 2 ** (levels - 1)
@@ -114,7 +118,7 @@ class UNet(nn.Module):
         )
         heads = (self.num_heads, self.head_dim, self.num_groups, self.norm_eps)
 
-        emb = self._embed(t, labels)
+        emb = self._embed(t, labels, guidance)
         ctx = None
         if self.context_spec is not None:
             ctx = ContextEncoder(self.context_spec, name="context", **common)(
@@ -169,8 +173,9 @@ class UNet(nn.Module):
         )
         return h.astype(jnp.float32)
 
-    def _embed(self, t: ArrayLike, labels: ArrayLike | None) -> Array:
-        """Time MLP (+ label embedding). t: [B], labels: [B] or None. Returns [B, 4*ch]."""
+    def _embed(self, t: ArrayLike, labels: ArrayLike | None, guidance: ArrayLike | None) -> Array:
+        """Time MLP (+ label embedding, + guidance embedding). t: [B], labels: [B] or None,
+        guidance: [B] or None. Returns [B, 4*ch]."""
         dim = 4 * self.ch
         freqs = self.time_embed_freqs or self.ch // 2
         emb = timestep_embedding(
@@ -199,6 +204,10 @@ class UNet(nn.Module):
                 param_dtype=self.param_dtype,
                 name="label_embed",
             )(jnp.asarray(labels, jnp.int32))
+        if self.guidance_embed:
+            emb = emb + GuidanceEmbed(
+                dim, freqs, name="guidance_embed", dtype=self.dtype, param_dtype=self.param_dtype
+            )(guidance, emb.shape[0])
         return emb
 
 
@@ -230,4 +239,5 @@ def unet_from_config(config: ml_collections.ConfigDict, input_shape: tuple[int, 
         param_dtype=jnp.dtype(m.param_dtype),
         remat=m.remat,
         context_spec=context_spec(config),
+        guidance_embed=m.guidance_embed,
     )

@@ -10,19 +10,21 @@ import jax
 import ml_collections
 
 from ddpm import build
-from ddpm.objectives import latent
+from ddpm.objectives import distill, latent
 from ddpm.objectives.autoencoder import Autoencoder
 from ddpm.objectives.base import Objective
 from ddpm.objectives.diffusion import Diffusion
+from ddpm.objectives.distill import Distillation
 from ddpm.objectives.latent import LatentDiffusion
 
-__all__ = ["Autoencoder", "Diffusion", "LatentDiffusion", "Objective", "create"]
+__all__ = ["Autoencoder", "Diffusion", "Distillation", "LatentDiffusion", "Objective", "create"]
 
 
 _FACTORIES: dict[str, Callable[..., Objective]] = {
     "diffusion": lambda config, speed, **_: Diffusion.from_config(config, speed),
     "autoencoder": lambda config, speed, **_: Autoencoder.from_config(config, speed),
     "latent": latent.create,
+    "distill": distill.create,
 }
 
 
@@ -31,12 +33,13 @@ def create(
     *,
     workdir: str | None,
     mesh: jax.sharding.Mesh,
-    estimate_scale: bool = False,
+    training: bool = False,
 ) -> Objective:
     """The objective `config.objective` names, for a validated `config` trained (or read) in
-    `workdir` (None: none yet) on `mesh`. `estimate_scale`: latent diffusion may estimate its
-    scale factor (training's first start); elsewhere it must be saved."""
+    `workdir` (None: none yet) on `mesh`. `training`: the trainer's call, where latent
+    diffusion may estimate its scale factor (elsewhere it must be saved) and distillation
+    loads its teacher (sampling does not need it)."""
     speed = build.run_runtime(config)
     return _FACTORIES[config.objective](
-        config, speed, workdir=workdir, mesh=mesh, estimate_scale=estimate_scale
+        config, speed, workdir=workdir, mesh=mesh, training=training
     )

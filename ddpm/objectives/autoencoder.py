@@ -53,8 +53,10 @@ class Autoencoder(Objective):
     """Trains `config.model` (the autoencoder family) with `config.latent`'s recon_loss and
     kl_weight."""
 
-    def loss(self, params: Any, frozen: Any, batch: Batch, rng: Array) -> tuple[Array, dict]:
-        del frozen
+    def loss(
+        self, params: Any, frozen: Any, batch: Batch, rng: Array, carry: Any = None
+    ) -> tuple[Array, dict]:
+        del frozen, carry
         _, loss_rng = jax.random.split(rng)
         lat = self.config.latent
         return autoencoder_loss(
@@ -67,7 +69,7 @@ class Autoencoder(Objective):
             kl_weight=lat.kl_weight,
         )
 
-    def training_grid(self, rng: Array) -> tuple[Callable[[Any], Array], int]:
+    def training_grid(self, rng: Array) -> tuple[Callable[[Any, int], Array], int]:
         """Rows of held-out inputs each followed by the row of their reconstructions
         (posterior means): N images of the eval split (a fixed shuffle), the whole rows of
         ceil(sqrt(config.sample.num_samples)) columns that fit in num_samples."""
@@ -89,4 +91,4 @@ class Autoencoder(Objective):
             pairs = jnp.stack([x, recon]).reshape(2, rows, cols, *x.shape[1:])
             return pairs.transpose(1, 0, 2, 3, 4, 5).reshape(2 * rows * cols, *x.shape[1:])
 
-        return (lambda params: grid(params, inputs)), cols
+        return (lambda params, step: grid(params, inputs)), cols

@@ -2,10 +2,16 @@
 sampler core to serve every model family.
 
 An objective holds the network, its input shape and whatever it keeps frozen (a stage-1
-autoencoder's parameters, later a teacher's), and supplies three things, as in vdm's
+autoencoder's parameters, a distillation teacher's), and supplies three things, as in vdm's
 experiment classes: the loss of a batch, the grid the trainer draws, and (for generative
 objectives) a sampler. The frozen parameters are an explicit argument of the compiled train
-step (`loss(params, frozen, batch, rng)`) and of the samplers, never a compile-time constant.
+step (`loss(params, frozen, batch, rng, carry)`) and of the samplers, never a compile-time
+constant.
+
+An objective whose training moves through stages (distillation's rounds) keeps what it
+carries between steps in the train state's `carry` (`init_carry`; checkpointed with the run,
+so a resumed run continues mid-stage exactly) and may reset the state at a stage's first step
+(`begin_step`). Both default to nothing.
 """
 
 import abc
@@ -57,15 +63,36 @@ class Objective(abc.ABC):
         inputs = models.init_inputs(self.config, self.input_shape)
         return self.model.init(runtime.init_key(rng, self.speed), *inputs)["params"]
 
-    @abc.abstractmethod
-    def loss(self, params: Any, frozen: Any, batch: Batch, rng: Array) -> tuple[Array, dict]:
-        """(scalar float32 loss, {name: scalar} extra metrics) of a training batch
-        {"image": [B, ...] float32 in [-1, 1], "label": [B] int32}. Traceable."""
+    def init_carry(self, params: Any) -> Any:
+        """What the objective carries from step to step in the train state, for freshly
+        initialised `params` (traceable); None: nothing."""
+        del params
+
+    def begin_step(self, state: Any, frozen: Any, tx: Any) -> Any:
+        """The train state (`ddpm.train.TrainState`: step, params, ema_params, opt_state, carry)
+        a step starts from, given the state the previous step left and `tx`, the optimizer;
+        traced inside the train step. Default: unchanged."""
+        del frozen, tx
+        return state
+
+    def ends_stage(self, step: int) -> bool:
+        """Whether `step` (train steps done, host side) ends a stage of training, which the
+        trainer closes with a checkpoint and a sample grid. Default: no stages."""
+        del step
+        return False
 
     @abc.abstractmethod
-    def training_grid(self, rng: Array) -> tuple[Callable[[Any], Array], int]:
-        """(fn(params) -> images [N, ...] float32, columns) drawn every sample_every steps
-        from the EMA parameters."""
+    def loss(
+        self, params: Any, frozen: Any, batch: Batch, rng: Array, carry: Any = None
+    ) -> tuple[Array, dict]:
+        """(scalar float32 loss, {name: scalar} extra metrics) of a training batch
+        {"image": [B, ...] float32 in [-1, 1], "label": [B] int32}; carry: the state's
+        (`init_carry`). Traceable."""
+
+    @abc.abstractmethod
+    def training_grid(self, rng: Array) -> tuple[Callable[[Any, int], Array], int]:
+        """(fn(params, step) -> images [N, ...] float32, columns) drawn every sample_every
+        steps from the EMA parameters after `step` steps."""
 
     def sampler(self, num: int, **edit: Any) -> Callable[..., Array]:
         """Jitted fn(params, rng, cond, **arrays) -> [num, ...] samples in data space with

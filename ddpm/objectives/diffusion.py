@@ -51,8 +51,10 @@ class Diffusion(Objective):
         )
         return loss
 
-    def loss(self, params: Any, frozen: Any, batch: Batch, rng: Array) -> tuple[Array, dict]:
-        del frozen
+    def loss(
+        self, params: Any, frozen: Any, batch: Batch, rng: Array, carry: Any = None
+    ) -> tuple[Array, dict]:
+        del frozen, carry
         return self.denoising_loss(params, batch["image"], batch, rng), {}
 
     def sampler(self, num: int, **edit: Any) -> Callable[..., Array]:
@@ -60,10 +62,10 @@ class Diffusion(Objective):
             self.config, self.apply, self.schedule, (num, *self.input_shape), **edit
         )
 
-    def training_grid(self, rng: Array) -> tuple[Callable[[Any], Array], int]:
+    def training_grid(self, rng: Array) -> tuple[Callable[[Any, int], Array], int]:
         """One row per class (or the configured labels / prompts), config.sample.num_samples
         samples drawn with the same key each time."""
         cond, cols, _ = conditioning.grid_cond(self.config)
         cond = jax.tree.map(jnp.asarray, cond)
         sample = self.sampler(self.config.sample.num_samples)
-        return (lambda params: sample(params, rng, cond)), cols
+        return (lambda params, step: sample(params, rng, cond)), cols

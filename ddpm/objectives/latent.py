@@ -62,7 +62,10 @@ class LatentDiffusion(Diffusion):
     def stage1_apply(self) -> Callable[..., Any]:
         return runtime.wrap(self.stage1.apply, self.speed)
 
-    def loss(self, params: Any, frozen: Any, batch: Batch, rng: Array) -> tuple[Array, dict]:
+    def loss(
+        self, params: Any, frozen: Any, batch: Batch, rng: Array, carry: Any = None
+    ) -> tuple[Array, dict]:
+        del carry
         lat = self.config.latent
         x0 = encode_latents(
             self.stage1_apply,
@@ -124,11 +127,11 @@ def create(
     *,
     workdir: str | None,
     mesh: jax.sharding.Mesh,
-    estimate_scale: bool,
+    training: bool,
 ) -> LatentDiffusion:
     """The stage-2 objective: the stage-1 autoencoder restored (EMA, replicated on `mesh`),
     and `config.latent.scale_factor` completed: its own value if set, else the one saved in
-    `workdir/config.json` (what training used; None: no workdir), else (with `estimate_scale`)
+    `workdir/config.json` (what training used; None: no workdir), else (when `training`)
     estimated. A set value that differs from the saved one is a UserError."""
     stage1_workdir = config.latent.autoencoder_workdir
     stage1_config = runs.stage1_config(config)
@@ -147,7 +150,7 @@ def create(
         )
     value = saved if value is None else value
     if value is None:
-        if not estimate_scale:
+        if not training:
             raise UserError(
                 f"config.latent.scale_factor is unset and {runs.config_path(workdir)} does not "
                 "give it; train first"
