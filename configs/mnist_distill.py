@@ -46,4 +46,6 @@ def get_config(teacher_workdir: str | None = None) -> ml_collections.ConfigDict:
     config.sample.method = "ddim"
     config.sample.spacing = "trailing"
     config.sample.num_steps = d.final_steps
+    config.eval.metrics = ("fd", "accuracy")  # no bound: a student is no denoiser at every t
+    config.eval.guidance_scales = (3.0,)
     return config

@@ -488,7 +488,9 @@ def validate_eval(config: ml_collections.ConfigDict) -> None:
     ):
         raise UserError(
             "config.eval.metrics includes bpd, which is defined here for 8-bit pixel data and "
-            "label- or unconditional models: not for latent diffusion, 1-D signals or text"
+            "label- or unconditional models: not for latent diffusion, 1-D signals or text, "
+            "nor for a distilled student (trained for a few DDIM steps, not as a denoiser at "
+            "every t, so its bound means nothing)"
         )
     if "fid" in chosen:
         path = e.inception_weights
