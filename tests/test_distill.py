@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ddpm import build, distillation, generate, runtime, samplers, sharding, train
+from ddpm import build, distillation, editing, generate, runtime, samplers, sharding, train
 from ddpm.config import runs, schema, validation
 from ddpm.diffusion import predict_x0_eps
 from ddpm.errors import UserError
@@ -387,7 +387,7 @@ def test_run_resumes_mid_round_exactly_and_samples_with_one_call(teacher_workdir
     """Guided stage 1 (2 steps), then rounds 4 -> 2 and 2 -> 1 steps (2 steps each): a run
     stopped after step 3 (mid-round) and resumed ends bit-identical to an uninterrupted one,
     carry (teacher, round) included; every stage ends in a checkpoint and a grid; sampling
-    the 1-step student needs no warning, other step counts get one."""
+    the 1-step student needs no warning, other step counts get one (inpainting too)."""
     full, part = tmp_path / "full", tmp_path / "part"
     train.train_and_evaluate(_student_config(teacher_workdir, num_steps=6), str(full))
     train.train_and_evaluate(_student_config(teacher_workdir, num_steps=3), str(part))
@@ -405,9 +405,13 @@ def test_run_resumes_mid_round_exactly_and_samples_with_one_call(teacher_workdir
     config = _student_config(teacher_workdir, num_steps=6)
     path = generate.sample_from_workdir(config, str(full))
     assert os.path.isfile(path) and "Warning" not in capsys.readouterr().out
-    config.sample.num_steps = 2
-    generate.sample_from_workdir(config, str(full))
+    config.sample.num_steps = 2  # inpainting, with the step count of another round
+    assert os.path.isfile(editing.edit_from_workdir(config, str(full), "inpaint"))
     assert "distilled for DDIM with 1 trailing steps" in capsys.readouterr().out
+    # The rounds a checkpoint belongs to are part of the run: another schedule is refused.
+    config.distill.steps_per_round = 3
+    with pytest.raises(UserError, match=r"config.distill.steps_per_round: workdir has 2"):
+        generate.sample_from_workdir(config, str(full))
 
 
 @pytest.mark.parametrize(

@@ -99,12 +99,15 @@ def incompatibilities(
     changes the parameters' shapes or the function the network computes; runtime fields and
     model fields in `schema.FREE_MODEL_FIELDS` do not count."""
     differences = []
-    for path in _COMPARED:
+    compared = _COMPARED
+    if old.objective == new.objective == "distill":  # the stages a checkpoint belongs to
+        compared += ("distill",)
+    for path in compared:
         a, b = _get(old, path), _get(new, path)
-        if path == "text":  # a text section matters only when text conditioning is on
-            if a.source is None and b.source is None:
-                continue
-            pairs = [(f"text.{key}", a[key], b[key]) for key in b]
+        if path == "text" and a.source is None and b.source is None:
+            continue  # a text section matters only when text conditioning is on
+        if path in ("text", "distill"):
+            pairs = [(f"{path}.{key}", a[key], b[key]) for key in b]
         else:
             pairs = [(path, a, b)]
         differences += [(p, _plain(x), _plain(y)) for p, x, y in pairs if _plain(x) != _plain(y)]

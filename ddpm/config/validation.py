@@ -535,7 +535,7 @@ def validate_edit(config: ml_collections.ConfigDict, mode: str) -> None:
         number(config, "edit.resample", 1, integer=True)
     else:
         number(config, "edit.strength", 0, 1, low_inclusive=False, high_inclusive=True)
-    if config.objective != "diffusion":
+    if config.objective not in ("diffusion", "distill"):
         raise UserError(
             f"--mode={mode} edits with a diffusion model in data space; config.objective="
             f"{config.objective!r} is not supported"

@@ -12,6 +12,7 @@ guided student takes the guidance scale as an input).
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ddpm import build, conditioning, diffusion, distillation, models, runtime, sharding
+from ddpm import build, checkpoint, conditioning, diffusion, distillation, models, runtime, sharding
 from ddpm.config import runs
 from ddpm.errors import UserError
 from ddpm.objectives.base import Array, Batch
@@ -70,6 +71,7 @@ class Distillation(Diffusion):
 
     teacher: nn.Module
     grids: distillation.Grids
+    trained_steps: int | None = None  # train steps of the workdir's latest checkpoint
 
     @functools.cached_property
     def teacher_apply(self) -> Callable[..., Any]:
@@ -213,9 +215,11 @@ class Distillation(Diffusion):
 
     def sampler(self, num: int, **edit: Any) -> Callable[..., Array]:
         """The student's sampler; warns unless it is DDIM on the trailing grid with the step
-        count the run distils for (`distilled_steps` at config.training.num_steps)."""
+        count the workdir's latest checkpoint is distilled for (`distilled_steps`; without a
+        checkpoint, at config.training.num_steps)."""
         s = self.config.sample
-        expected = distilled_steps(self.config, self.config.training.num_steps)
+        step = self.config.training.num_steps if self.trained_steps is None else self.trained_steps
+        expected = distilled_steps(self.config, step)
         if (s.method, s.spacing or "trailing", s.num_steps) != ("ddim", "trailing", expected):
             print(
                 f"Warning: this student is distilled for DDIM with {expected} trailing steps "
@@ -277,8 +281,8 @@ def create(
     training: bool,
 ) -> Distillation:
     """The distillation objective; when `training`, with the teacher's EMA parameters
-    (replicated on `mesh`) as its frozen parameters, checked to match this config."""
-    del workdir
+    (replicated on `mesh`) as its frozen parameters, checked to match this config; with the
+    step of `workdir`'s latest checkpoint, whose step count its sampler expects."""
     d = config.distill
     teacher_config = config.copy_and_resolve_references()
     teacher_config.model.guidance_embed = False
@@ -291,7 +295,14 @@ def create(
         frozen, step = build.restore_ema(saved, d.teacher_workdir, teacher_net, shape, mesh)
         frozen = jax.device_put(frozen, sharding.replicated(mesh))
         print(f"Teacher: EMA parameters of step {step} of {d.teacher_workdir}", flush=True)
+    trained = None
+    if workdir is not None and os.path.isdir(os.path.join(workdir, "checkpoints")):
+        ckpt = checkpoint.Checkpointer(workdir, keep=config.training.keep_checkpoints, create=False)
+        trained = ckpt.latest_step()
+        ckpt.close()
     grids = distillation.round_grids(
         build.schedule(config), d.teacher_steps, runs.distill_rounds(config)
     )
-    return Distillation.from_config(config, speed, frozen=frozen, teacher=teacher_net, grids=grids)
+    return Distillation.from_config(
+        config, speed, frozen=frozen, teacher=teacher_net, grids=grids, trained_steps=trained
+    )
