@@ -71,7 +71,7 @@ def main() -> None:
         train.train_and_evaluate(mnist.get_config(), teacher)
         emit(figure="teacher_train_wall_s", value=time.perf_counter() - start)
 
-    for method, steps in (("dpm++2m", 20), ("ddim", 8), ("ddim", 4)):
+    for method, steps in (("dpm++2m", 20), ("ddim", 8), ("ddim", 4), ("ddim", 2), ("ddim", 1)):
         config = mnist.get_config()
         config.sample.method, config.sample.num_steps = method, steps
         config.sample.spacing = "trailing"

@@ -9,7 +9,7 @@ samples with that round's step count (--config.sample.num_steps=4).
 
 `configs/mnist_distill.py:TEACHER_WORKDIR` names another teacher (default runs/mnist). Stage 1
 (guided_steps) teaches the student the teacher's guided prediction for guidance scales in
-[1, 4], one network call instead of two; then each round halves the DDIM steps, 16 -> 8 -> 4
+[2, 4], one network call instead of two; then each round halves the DDIM steps, 16 -> 8 -> 4
 -> 2 -> 1, ending in a checkpoint and a sample grid drawn with that round's step count.
 The model, data and diffusion sections are the teacher's (`ddpm.config.presets.mnist`).
 """
@@ -30,7 +30,9 @@ def get_config(teacher_workdir: str | None = None) -> ml_collections.ConfigDict:
     d.guided = True
     d.guided_steps = 150
     d.steps_per_round = 150
-    d.guidance_min, d.guidance_max = 1.0, 4.0
+    # Around the default run's scale 3: at this budget a range of [1, 4] left the one-call
+    # student less guided (class accuracy 0.867 against 0.886 for [2, 4] after stage 1).
+    d.guidance_min, d.guidance_max = 2.0, 4.0
 
     t = config.training
     t.num_steps = d.guided_steps + 4 * d.steps_per_round  # every round
