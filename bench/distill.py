@@ -4,9 +4,9 @@ samplers against the distilled student at 8, 4, 2 and 1 steps, by the project's 
 python -m bench.distill [--root=/tmp/bench_distill] [--teacher=WORKDIR]
 
 Trains the teacher (configs/mnist.py; or takes --teacher) and times it, then runs
-configs/mnist_distill.py stage by stage (training.num_steps at each stage's end; a resumed
-run is exact, so this is the one run), timing the training. After each round the student is
-evaluated like the teacher's samplers: FD and class accuracy of 1,000 samples at guidance 3,
+configs/mnist_distill.py in one go, timed, keeping every checkpoint. The student as it was at
+the end of each round (a copy of the workdir without the later checkpoints) is evaluated
+like the teacher's samplers: FD and class accuracy of 1,000 samples at guidance 3,
 with the teacher workdir's classifier (copied, so every row uses the same features), and
 sampling throughput (images/s, batches of 100 after compilation). One JSON line per figure.
 """
@@ -24,6 +24,7 @@ from ddpm import evaluate, generate, train
 from ddpm.objectives.distill import distilled_steps
 
 GUIDANCE = 3.0
+TEACHER_SAMPLERS = (("dpm++2m", 20), ("ddim", 8), ("ddim", 4), ("ddim", 2), ("ddim", 1))
 
 
 def emit(**record) -> None:
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/bench_distill")
     parser.add_argument("--teacher", default=None, help="a trained default-run workdir")
     parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--student-only", action="store_true", help="skip the teacher's rows")
     args = parser.parse_args()
     os.makedirs(args.root, exist_ok=True)
 
@@ -71,7 +73,8 @@ def main() -> None:
         train.train_and_evaluate(mnist.get_config(), teacher)
         emit(figure="teacher_train_wall_s", value=time.perf_counter() - start)
 
-    for method, steps in (("dpm++2m", 20), ("ddim", 8), ("ddim", 4), ("ddim", 2), ("ddim", 1)):
+    teacher_rows = () if args.student_only else TEACHER_SAMPLERS
+    for method, steps in teacher_rows:
         config = mnist.get_config()
         config.sample.method, config.sample.num_steps = method, steps
         config.sample.spacing = "trailing"
@@ -86,23 +89,28 @@ def main() -> None:
 
     student = os.path.join(args.root, "student")
     shutil.rmtree(student, ignore_errors=True)
-    base = mnist_distill.get_config(teacher)
-    d = base.distill
-    ends = [d.guided_steps + r * d.steps_per_round for r in range(1, 5)]
-    wall = 0.0
-    for end in ends:
-        config = mnist_distill.get_config(teacher)
-        config.training.num_steps = end
-        start = time.perf_counter()
-        train.train_and_evaluate(config, student)
-        wall += time.perf_counter() - start
-        steps = distilled_steps(config, end)
-        config.sample.num_steps = steps
+    config = mnist_distill.get_config(teacher)
+    config.training.keep_checkpoints = 100  # every stage's end stays to be evaluated
+    start = time.perf_counter()
+    train.train_and_evaluate(config, student)
+    emit(figure="distill_train_wall_s", value=time.perf_counter() - start)
+    d = config.distill
+    for end in [d.guided_steps + r * d.steps_per_round for r in range(1, 5)]:
+        stage = os.path.join(args.root, f"student_{end}")  # the run as it was at step `end`
+        shutil.rmtree(stage, ignore_errors=True)
+        shutil.copytree(
+            student,
+            stage,
+            ignore=lambda _, names, end=end: [n for n in names if n.isdigit() and int(n) > end],
+        )
         shutil.copytree(
             os.path.join(teacher, "classifier"),
-            os.path.join(student, "classifier"),
+            os.path.join(stage, "classifier"),
             dirs_exist_ok=True,
         )
+        steps = distilled_steps(config, end)
+        stage_config = mnist_distill.get_config(teacher)
+        stage_config.sample.num_steps = steps
         emit(
             figure="student",
             method="ddim",
@@ -110,8 +118,7 @@ def main() -> None:
             network_calls=steps,
             guidance=GUIDANCE,
             train_steps=end,
-            distill_wall_s=wall,
-            **score(config, student, args.samples),
+            **score(stage_config, stage, args.samples),
         )
 
 

@@ -216,7 +216,7 @@ class Distillation(Diffusion):
     def sampler(self, num: int, **edit: Any) -> Callable[..., Array]:
         """The student's sampler; warns unless it is DDIM on the trailing grid with the step
         count the workdir's latest checkpoint is distilled for (`distilled_steps`; without a
-        checkpoint, at config.training.num_steps)."""
+        checkpoint, at config.training.num_steps), and at a guidance scale it was trained for."""
         s = self.config.sample
         step = self.config.training.num_steps if self.trained_steps is None else self.trained_steps
         expected = distilled_steps(self.config, step)
@@ -225,6 +225,13 @@ class Distillation(Diffusion):
                 f"Warning: this student is distilled for DDIM with {expected} trailing steps "
                 f"(--config.sample.method=ddim --config.sample.num_steps={expected}); sampling "
                 f"with {s.method}, {s.num_steps} steps, spacing {s.spacing} is off its grid",
+                flush=True,
+            )
+        d = self.config.distill
+        if d.guided and not d.guidance_min <= s.guidance_scale <= d.guidance_max:
+            print(
+                f"Warning: guidance_scale={s.guidance_scale} is outside the scales this student "
+                f"was distilled for, [{d.guidance_min}, {d.guidance_max}]",
                 flush=True,
             )
         return super().sampler(num, **edit)
