@@ -17,10 +17,16 @@ PREDICTIONS = ("eps", "x0", "v")
 LOSS_WEIGHTINGS = ("none", "min_snr")
 
 
+def expand(values: Array, ndim: int) -> Array:
+    """Per-example values [B] (or a scalar) reshaped to rank `ndim`, [B, 1, ..., 1], so they
+    broadcast over data [B, ...]."""
+    values = jnp.asarray(values)
+    return values.reshape(values.shape + (1,) * (ndim - values.ndim))
+
+
 def gather(table: Array, t: Array, ndim: int) -> Array:
     """table[t] reshaped to [B, 1, ..., 1] (rank `ndim`) so it broadcasts over data [B, ...]."""
-    values = jnp.take(table, jnp.asarray(t, jnp.int32))
-    return values.reshape(values.shape + (1,) * (ndim - values.ndim))
+    return expand(jnp.take(table, jnp.asarray(t, jnp.int32)), ndim)
 
 
 def alpha_sigma(schedule: Schedule, t: Array, ndim: int) -> tuple[Array, Array]:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm.diffusion import expand
 from ddpm.samplers import timesteps
 from ddpm.schedules import Schedule
 
@@ -94,14 +95,9 @@ def draw_level(grids: Grids, rng: Array, batch: int) -> Levels:
     return _rows(grids, jnp.int32(0), i)
 
 
-def broadcast(v: Array, ndim: int) -> Array:
-    """Per-example values [B] reshaped to [B, 1, ..., 1] of rank `ndim`."""
-    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
-
-
 def ddim_step(x0: Array, eps: Array, to: Levels) -> Array:
     """Deterministic DDIM: alpha' x_0 + sigma' eps at level `to`."""
-    return broadcast(to.alpha, x0.ndim) * x0 + broadcast(to.sigma, x0.ndim) * eps
+    return expand(to.alpha, x0.ndim) * x0 + expand(to.sigma, x0.ndim) * eps
 
 
 def two_step_target(teacher: Predict, x_t: Array, start: Levels, mid: Levels, end: Levels):
@@ -114,8 +110,8 @@ def two_step_target(teacher: Predict, x_t: Array, start: Levels, mid: Levels, en
     """
     x_mid = ddim_step(*teacher(x_t, start.t, start.alpha, start.sigma), mid)
     x_end = ddim_step(*teacher(x_mid, mid.t, mid.alpha, mid.sigma), end)
-    ratio = broadcast(end.sigma / start.sigma, x_t.ndim)
-    denominator = broadcast(end.alpha, x_t.ndim) - ratio * broadcast(start.alpha, x_t.ndim)
+    ratio = expand(end.sigma / start.sigma, x_t.ndim)
+    denominator = expand(end.alpha, x_t.ndim) - ratio * expand(start.alpha, x_t.ndim)
     return (x_end - ratio * x_t) / denominator
 
 

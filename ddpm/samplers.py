@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm.diffusion import PREDICTIONS, predict_x0_eps, x0_to_eps
+from ddpm.diffusion import PREDICTIONS, expand, predict_x0_eps, x0_to_eps
 from ddpm.schedules import Schedule
 
 Array = jax.Array
@@ -437,18 +437,18 @@ _METHOD_TABLE = {
 
 
 class _Options(NamedTuple):
-    eta: float
-    variance: str
-    prediction: str
-    clip_x0: bool
-    dynamic_threshold: float | None
-    guidance_interval: tuple[float, float] | None
-    null_label: Any  # int, or a pytree of fill values like the conditioning
-    rho: float
-    churn: float
-    churn_tmin: float
-    churn_tmax: float
-    churn_noise: float
+    eta: float = 0.0
+    variance: str = "fixed_small"
+    prediction: str = "eps"
+    clip_x0: bool = False
+    dynamic_threshold: float | None = None
+    guidance_interval: tuple[float, float] | None = None
+    null_label: Any = None  # int, or a pytree of fill values like the conditioning
+    rho: float = 7.0
+    churn: float = 0.0
+    churn_tmin: float = 0.0
+    churn_tmax: float = float("inf")
+    churn_noise: float = 1.0
 
 
 def _threshold_x0(x0: Array, opts: _Options) -> Array:
@@ -466,19 +466,21 @@ def _make_predict(
     denoise_fn: DenoiseFn, labels: Array | None, scale: Array | None, opts: _Options
 ) -> Predict:
     """predict(x, t, alpha, sigma) -> (x_0, eps, variance channels | None); t, alpha, sigma
-    are scalars. With guidance (scale not None) cond and uncond go through one batched call:
-    out = uncond + s (cond - uncond) on the model output (the variance channels: cond's)."""
+    (and the guidance scale) are scalars, or per-example [B]. With guidance (scale not None)
+    cond and uncond go through one batched call: out = uncond + s (cond - uncond) on the
+    model output (the variance channels: cond's)."""
     learned = opts.variance == "learned"
 
     def call(x: Array, t: Array, sigma_ve: Array) -> Array:
         batch = x.shape[0]
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
         if scale is None:
-            return denoise_fn(x, jnp.full((batch,), t, jnp.float32), labels).astype(jnp.float32)
+            return denoise_fn(x, t, labels).astype(jnp.float32)
         # labels may be a pytree (text conditioning): null_label holds one fill value per leaf.
         null = jax.tree.map(jnp.full_like, labels, opts.null_label)
         both = denoise_fn(
             jnp.concatenate([x, x]),
-            jnp.full((2 * batch,), t, jnp.float32),
+            jnp.concatenate([t, t]),
             jax.tree.map(lambda c, n: jnp.concatenate([c, n]), labels, null),
         ).astype(jnp.float32)
         cond, uncond = both[:batch], both[batch:]
@@ -486,6 +488,7 @@ def _make_predict(
         if opts.guidance_interval is not None:
             lo, hi = opts.guidance_interval
             s = jnp.where((sigma_ve >= lo) & (sigma_ve <= hi), scale, 1.0)
+        s = expand(s, x.ndim)
         if learned:  # guide the mean channels only
             mean_c, var_c = jnp.split(cond, 2, axis=-1)
             mean_u, _ = jnp.split(uncond, 2, axis=-1)
@@ -497,6 +500,7 @@ def _make_predict(
         v = None
         if learned:
             out, v = jnp.split(out, 2, axis=-1)
+        alpha, sigma = expand(alpha, x.ndim), expand(sigma, x.ndim)
         x0, eps = predict_x0_eps(out, x, alpha, sigma, opts.prediction)
         if opts.clip_x0 or opts.dynamic_threshold is not None:
             x0 = _threshold_x0(x0, opts)
@@ -504,6 +508,31 @@ def _make_predict(
         return x0, eps, v
 
     return predict
+
+
+def make_predict(
+    denoise_fn: DenoiseFn,
+    labels: Any = None,
+    guidance_scale: Array | None = None,
+    *,
+    prediction: str = "eps",
+    clip_x0: bool = False,
+    dynamic_threshold: float | None = None,
+    null_label: Any = None,
+    variance: str = "fixed_small",
+) -> Predict:
+    """The model wrapper every sampler step calls, for use outside `sample` (a distillation
+    teacher): predict(x [B, ...], t, alpha, sigma) -> (x_0, eps, variance channels | None),
+    levels scalars or per-example [B]; `guidance_scale` None (off), a scalar or [B]. The
+    options mean what they mean in `sample`."""
+    opts = _Options(
+        prediction=prediction,
+        clip_x0=clip_x0,
+        dynamic_threshold=dynamic_threshold,
+        null_label=null_label,
+        variance=variance,
+    )
+    return _make_predict(denoise_fn, labels, guidance_scale, opts)
 
 
 # --------------------------------------------------------------------------------------------

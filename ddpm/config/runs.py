@@ -206,7 +206,13 @@ def distill_rounds(config: ml_collections.ConfigDict) -> int:
     return (d.teacher_steps // d.final_steps).bit_length() - 1
 
 
+def distill_stage1_steps(config: ml_collections.ConfigDict) -> int:
+    """Train steps of a distillation run's guided stage 1 (0 when it is not guided)."""
+    d = config.distill
+    return d.guided_steps if d.guided else 0
+
+
 def distill_length(config: ml_collections.ConfigDict) -> int:
     """Train steps of a whole distillation run: guided stage 1 (if any), then the rounds."""
     d = config.distill
-    return (d.guided_steps if d.guided else 0) + distill_rounds(config) * d.steps_per_round
+    return distill_stage1_steps(config) + distill_rounds(config) * d.steps_per_round

@@ -22,7 +22,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ddpm import build, checkpoint, conditioning, diffusion, distillation, models, runtime, sharding
+from ddpm import (
+    build,
+    checkpoint,
+    conditioning,
+    diffusion,
+    distillation,
+    models,
+    runtime,
+    samplers,
+    sharding,
+)
 from ddpm.config import runs
 from ddpm.errors import UserError
 from ddpm.objectives.base import Array, Batch
@@ -56,7 +66,7 @@ def distilled_steps(config: ml_collections.ConfigDict, step: int) -> int:
     """DDIM steps the student is trained for after `step` train steps (host side): the first
     teacher's during guided stage 1, else the current round's student steps."""
     d = config.distill
-    guided_steps = d.guided_steps if d.guided else 0
+    guided_steps = runs.distill_stage1_steps(config)
     if step <= guided_steps and d.guided:
         return d.teacher_steps
     last = runs.distill_rounds(config) - 1
@@ -79,8 +89,7 @@ class Distillation(Diffusion):
 
     @property
     def _guided_steps(self) -> int:
-        d = self.config.distill
-        return d.guided_steps if d.guided else 0
+        return runs.distill_stage1_steps(self.config)
 
     def ends_stage(self, step: int) -> bool:
         """Guided stage 1 and every round end in a checkpoint and a sample grid."""
@@ -126,34 +135,20 @@ class Distillation(Diffusion):
     ) -> distillation.Predict:
         """predict(x_t, t, alpha, sigma) -> (x_0, eps) of a network (per-example levels [B]),
         with classifier-free guidance at per-example scales `scale` [B] (two calls in one
-        batch) and the x_0 clipping of config.sample, as the teacher's sampler has them."""
+        batch): the samplers' own model wrapper (`samplers.make_predict`) with the teacher's
+        parameterization and config.sample's x_0 clipping or thresholding."""
         c = self.config
-        null = models.null_label(c)
-
-        def predict(x: Array, t: Array, alpha: Array, sigma: Array) -> tuple[Array, Array]:
-            def call(x, t, cond):
-                out = apply_fn({"params": params}, x, t, cond, train=False)
-                return out[..., : x.shape[-1]]  # the mean channels (learn_sigma)
-
-            if scale is None:
-                out = call(x, t, cond)
-            else:
-                both_cond = jax.tree.map(
-                    lambda leaf, fill: jnp.concatenate([leaf, jnp.full_like(leaf, fill)]),
-                    cond,
-                    null,
-                )
-                both = call(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both_cond)
-                on, off = jnp.split(both, 2)
-                out = off + distillation.broadcast(scale, x.ndim) * (on - off)
-            a, s = (distillation.broadcast(v, x.ndim) for v in (alpha, sigma))
-            x0, eps = diffusion.predict_x0_eps(out, x, a, s, c.diffusion.prediction)
-            if c.sample.clip_x0:
-                x0 = jnp.clip(x0, -1.0, 1.0)
-                eps = diffusion.x0_to_eps(x, x0, a, s)
-            return x0, eps
-
-        return predict
+        predict = samplers.make_predict(
+            lambda x, t, y: apply_fn({"params": params}, x, t, y, train=False),
+            cond,
+            scale,
+            prediction=c.diffusion.prediction,
+            clip_x0=c.sample.clip_x0,
+            dynamic_threshold=c.sample.dynamic_threshold,
+            null_label=models.null_label(c),
+            variance="learned" if c.model.learn_sigma else "fixed_small",
+        )
+        return lambda x, t, alpha, sigma: predict(x, t, alpha, sigma)[:2]
 
     def loss(
         self, params: Any, frozen: Any, batch: Batch, rng: Array, carry: Any = None
@@ -203,7 +198,7 @@ class Distillation(Diffusion):
             train=True,
             rngs={"dropout": dropout_rng},
         )[..., : x0.shape[-1]]
-        a, s = (distillation.broadcast(v, x0.ndim) for v in (level.alpha, level.sigma))
+        a, s = (diffusion.expand(v, x0.ndim) for v in (level.alpha, level.sigma))
         student_x0, _ = diffusion.predict_x0_eps(out, x_t, a, s, c.diffusion.prediction)
         loss = distillation.x0_loss(student_x0, jax.lax.stop_gradient(target), level)
         return loss, {"round": carry["round"].astype(jnp.float32)}
@@ -253,17 +248,19 @@ class Distillation(Diffusion):
         return grid, cols
 
 
-def _check_teacher(config: ml_collections.ConfigDict, teacher: ml_collections.ConfigDict) -> None:
-    """The student must share the teacher's network, data shape and diffusion fields."""
+def _check_teacher(
+    config: ml_collections.ConfigDict,
+    as_teacher: ml_collections.ConfigDict,
+    teacher: ml_collections.ConfigDict,
+) -> None:
+    """The student (`config`; `as_teacher`: it without the guidance input, as a diffusion
+    run) must share the teacher's network, data shape and diffusion fields."""
     path = config.distill.teacher_workdir
     if teacher.objective != "diffusion":
         raise UserError(
             f"config.distill.teacher_workdir={path!r} holds a {teacher.objective!r} run; the "
             "teacher must be a diffusion run (objective 'diffusion', trained or imported)"
         )
-    as_teacher = config.copy_and_resolve_references()
-    as_teacher.objective = "diffusion"
-    as_teacher.model.guidance_embed = False
     differences = runs.incompatibilities(teacher, as_teacher)
     differences += [
         (f"diffusion.{k}", teacher.diffusion[k], config.diffusion[k])
@@ -291,13 +288,14 @@ def create(
     (replicated on `mesh`) as its frozen parameters, checked to match this config; with the
     step of `workdir`'s latest checkpoint, whose step count its sampler expects."""
     d = config.distill
-    teacher_config = config.copy_and_resolve_references()
+    teacher_config = config.copy_and_resolve_references()  # the student as its teacher
+    teacher_config.objective = "diffusion"
     teacher_config.model.guidance_embed = False
     teacher_net = build.model(teacher_config)
     frozen = None
     if training:
         saved = runs.load_config(d.teacher_workdir)
-        _check_teacher(config, saved)
+        _check_teacher(config, teacher_config, saved)
         shape = runs.input_shape(config)
         frozen, step = build.restore_ema(saved, d.teacher_workdir, teacher_net, shape, mesh)
         frozen = jax.device_put(frozen, sharding.replicated(mesh))
