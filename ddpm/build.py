@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ddpm import checkpoint, conditioning, models, runtime, samplers, sharding
+from ddpm import checkpoint, conditioning, models, processes, runtime, samplers, sharding
 from ddpm.config import runs
 from ddpm.errors import UserError
 from ddpm.schedules import Schedule, get_schedule
@@ -31,9 +31,12 @@ def mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     return sharding.create_mesh(fsdp=config.training.fsdp)
 
 
-def schedule(config: ml_collections.ConfigDict) -> Schedule:
-    """The noise schedule of `config.diffusion`."""
+def schedule(config: ml_collections.ConfigDict) -> Schedule | processes.Continuous:
+    """The noise process of `config.diffusion`: a discrete schedule (process "ddpm"), or the
+    continuous EDM or flow process."""
     d = config.diffusion
+    if d.process != "ddpm":
+        return processes.BY_NAME[d.process](**d[d.process].to_dict())
     betas = {k: d[k] for k in ("beta_start", "beta_end") if d[k] is not None}
     return get_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr, **betas)
 
@@ -89,7 +92,7 @@ def optimizer(
 def sampler(
     config: ml_collections.ConfigDict,
     apply_fn: Callable[..., jax.Array],
-    noise_schedule: Schedule,
+    noise_schedule: Schedule | processes.Continuous,
     shape: tuple[int, ...],
     **edit: Any,
 ) -> Callable[..., jax.Array]:
@@ -109,6 +112,9 @@ def sampler(
     def model_fn(params, x_t, t, cond):
         return apply_fn({"params": params}, x_t, t, cond, train=False)
 
+    prediction = config.diffusion.prediction
+    if not isinstance(noise_schedule, Schedule):  # EDM, flow: the preconditioned x_0
+        model_fn, prediction = processes.precondition(noise_schedule, model_fn), "x0"
     sample = samplers.make_sampler(
         model_fn,
         noise_schedule,
@@ -119,7 +125,7 @@ def sampler(
         spacing=s.spacing,
         guidance=guidance,
         null_label=null,
-        prediction=config.diffusion.prediction,
+        prediction=prediction,
         clip_x0=s.clip_x0,
         dynamic_threshold=s.dynamic_threshold,
         variance="learned" if config.model.learn_sigma else s.variance,

@@ -18,6 +18,12 @@ The model is called as `denoise_fn(x_t, t, labels)` with t: [B] float32. Timeste
 integer-valued t; Karras sigmas, the DPM++2S midpoints and levels raised by EDM churn pass a
 fractional t found by interpolating log s on the schedule's table, like k-diffusion's
 `DiscreteSchedule`. Every grid ends at s = 0: the last step returns x_0.
+
+Continuous processes (`ddpm.processes`: EDM, flow matching) run on the same core: their
+levels tau give the VP (alpha, sigma) of each row and are the model time t; a flow's first
+level t = 1 is s = inf (alpha = 0), which every method handles. Euler / Heun integrate each
+process's own ODE: EDM's in the VE variable as above, a flow's in x and t with the velocity.
+DPM-Solver++ sees a flow through its (alpha, sigma) = (1 - t, t), rescaled to VP.
 """
 
 from collections.abc import Callable
@@ -27,10 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm import processes
 from ddpm.diffusion import PREDICTIONS, expand, predict_x0_eps, x0_to_eps
 from ddpm.schedules import Schedule
 
 Array = jax.Array
+Levels = Schedule | processes.Continuous  # discrete DDPM tables, or EDM / flow
 Grid = dict[str, Array]  # every value has shape [num_steps]
 DenoiseFn = Callable[[Array, Array, Array | None], Array]
 Predict = Callable[[Array, Array, Array, Array], tuple[Array, Array, Array | None]]
@@ -111,9 +119,24 @@ def _schedule_karras_sigmas(schedule: Schedule, num_steps: int, rho: float) -> A
 
 
 def _vp(s: Array) -> tuple[Array, Array]:
-    """(alpha, sigma) of the VP process at VE level s: alpha = 1/sqrt(1 + s^2), sigma = s alpha."""
+    """(alpha, sigma) of the VP process at VE level s: alpha = 1/sqrt(1 + s^2), sigma = s alpha
+    (0 and 1 at s = inf, a flow's t = 1)."""
     alpha = jax.lax.rsqrt(1.0 + jnp.square(s))
-    return alpha, s * alpha
+    return alpha, jnp.where(jnp.isinf(s), 1.0, s * alpha)
+
+
+def _time_of_ve(schedule: Levels, s: Array) -> Array:
+    """The model time of VE level s: a fractional timestep on a discrete schedule
+    (`sigma_to_t`), a continuous process's own tau."""
+    if isinstance(schedule, Schedule):
+        return sigma_to_t(schedule, s)
+    return schedule.tau_of_ve(s)
+
+
+def _default_spacing(schedule: Levels, method: str) -> str:
+    if isinstance(schedule, Schedule):
+        return DEFAULT_SPACING[method]
+    return schedule.default_spacing
 
 
 def _log_snr(alpha: Array, sigma: Array) -> Array:
@@ -135,22 +158,25 @@ def _grid(num_steps: int, **rows: Array) -> Grid:
     )
 
 
-def _discrete_grid(
-    schedule: Schedule, num_steps: int, spacing: str | None, opts: "_Options"
-) -> Grid:
+def _discrete_grid(schedule: Levels, num_steps: int, spacing: str | None, opts: "_Options") -> Grid:
     """The levels of `timesteps(T, n, spacing)` (or n Karras sigmas for spacing="karras", at
-    fractional t), then x_0 (alpha = 1, sigma = 0). spacing None: trailing.
+    fractional t), then x_0 (alpha = 1, sigma = 0). spacing None: trailing. A continuous
+    process: its own `levels` (spacing None: its default), at t = tau.
 
     `beta` is the beta of the respaced process (improved DDPM), 1 - ab_t / ab_next. On integer
     timesteps it is -expm1(sum of log(1 - b_s) over next < s <= t), so it equals
     `schedule.betas` for n = T; on Karras levels, -expm1(2 log(alpha / alpha_next)).
     """
     n = num_steps
-    spacing = "trailing" if spacing is None else spacing
-    if spacing == "karras":
-        s = _schedule_karras_sigmas(schedule, n, opts.rho)
-        alpha, sigma = _vp(s)
-        t = sigma_to_t(schedule, s)
+    spacing = _default_spacing(schedule, "ddim") if spacing is None else spacing
+    if not isinstance(schedule, Schedule) or spacing == "karras":
+        if isinstance(schedule, Schedule):
+            s = _schedule_karras_sigmas(schedule, n, opts.rho)
+            t = sigma_to_t(schedule, s)
+            alpha, sigma = _vp(s)
+        else:
+            t = schedule.levels(n, spacing, opts.rho)
+            alpha, sigma = processes.vp_coefficients(schedule, t)
         alpha_next = jnp.append(alpha[1:], 1.0)
         sigma_next = jnp.append(sigma[1:], 0.0)
         beta = -jnp.expm1(2.0 * (jnp.log(alpha) - jnp.log(alpha_next)))
@@ -179,7 +205,7 @@ def _discrete_grid(
     )
 
 
-def _ddpm_grid(schedule: Schedule, num_steps: int, spacing: str | None, opts: "_Options") -> Grid:
+def _ddpm_grid(schedule: Levels, num_steps: int, spacing: str | None, opts: "_Options") -> Grid:
     """Adds the posterior q(x_next | x_t, x_0) of the (respaced) process:
 
     mean = coef_x0 x_0 + coef_xt x_t, coef_x0 = beta alpha_next / sigma^2,
@@ -197,7 +223,7 @@ def _ddpm_grid(schedule: Schedule, num_steps: int, spacing: str | None, opts: "_
     return g
 
 
-def _dpm_grid(schedule: Schedule, num_steps: int, spacing: str | None, opts: "_Options") -> Grid:
+def _dpm_grid(schedule: Levels, num_steps: int, spacing: str | None, opts: "_Options") -> Grid:
     """Adds DPM-Solver++ coefficients, in lambda = log(alpha / sigma), h = lambda_next - lambda:
 
     first order (DDIM): x_next = ratio x + coef D with ratio = sigma_next / sigma and
@@ -215,43 +241,82 @@ def _dpm_grid(schedule: Schedule, num_steps: int, spacing: str | None, opts: "_O
     s = g["sigma"] / g["alpha"]
     s_mid = jnp.append(jnp.sqrt(s[1:] * s[:-1]), s[-1])  # the last row is unused
     g["alpha_mid"], g["sigma_mid"] = _vp(s_mid)
-    g["t_mid"] = sigma_to_t(schedule, s_mid)
+    g["t_mid"] = _time_of_ve(schedule, s_mid)
     g["coef_mid"] = jnp.append(-g["alpha_mid"][:-1] * jnp.expm1(-0.5 * h), 0.0)
     return g
 
 
-def _karras_grid(schedule: Schedule, num_steps: int, spacing: str | None, opts: "_Options") -> Grid:
-    """VE levels s, then 0, with EDM churn. spacing karras (or None): Karras sigmas between the
-    schedule's s_0 and s_{T-1}, at fractional t; leading / trailing / linspace: s_t =
-    sqrt((1 - ab_t) / ab_t) at `timesteps(T, n, spacing)`, at those integer t.
+def _karras_grid(schedule: Levels, num_steps: int, spacing: str | None, opts: "_Options") -> Grid:
+    """Levels for Euler / Heun on the probability-flow ODE in an ODE variable y = x / y_scale
+    at ODE time u, with dy/du = eps + ode_x0_coef x_0, then u = 0. Churn (VE ODEs only).
+
+    Discrete schedules and EDM: the VE variable (y = x / alpha, u = s = sigma / alpha,
+    dy/ds = eps; Karras et al., 2022, alg. 2). spacing karras (the discrete default): Karras
+    sigmas between the schedule's s_0 and s_{T-1}, at fractional t; leading / trailing /
+    linspace: s_t = sqrt((1 - ab_t) / ab_t) at `timesteps(T, n, spacing)`, at those integer t;
+    EDM: its own levels. Flow: x itself (y = x_vp sqrt(a^2 + b^2), u = t, dy/dt = eps - x_0 =
+    v), on its levels.
 
     Churn: s_hat = min(s (1 + gamma), s_max), gamma = min(churn / n, sqrt(2) - 1) where
     tmin <= s <= tmax, s_max = s_{T-1} (the model was never trained above it; on Karras
     sigmas, their first level); a raised level s_hat > s is called at its fractional t.
     """
-    spacing = "karras" if spacing is None else spacing
-    if spacing == "karras":
-        s = _schedule_karras_sigmas(schedule, num_steps, opts.rho)
-        s_max = s[0]
+    if not isinstance(schedule, Schedule):
+        spacing = schedule.default_spacing if spacing is None else spacing
+        u = schedule.levels(num_steps, spacing, opts.rho)
+        t = u
+        if schedule.ode_x0_coef == 0.0:  # EDM: u = sigma is the VE level
+            s, s_max = u, u[0]
+        else:  # flow: churn is refused; its rows keep the levels as they are
+            s = s_max = None
     else:
-        ts = timesteps(schedule.num_timesteps, num_steps, spacing)
-        table = schedule.sqrt_one_minus_alpha_bars / schedule.sqrt_alpha_bars
-        s, s_max = table[ts], table[-1]
-    s_next = jnp.append(s[1:], 0.0)
+        spacing = "karras" if spacing is None else spacing
+        if spacing == "karras":
+            s = _schedule_karras_sigmas(schedule, num_steps, opts.rho)
+            s_max = s[0]
+        else:
+            ts = timesteps(schedule.num_timesteps, num_steps, spacing)
+            table = schedule.sqrt_one_minus_alpha_bars / schedule.sqrt_alpha_bars
+            s, s_max = table[ts], table[-1]
+            t = jnp.asarray(ts, jnp.float32)
+        u = s
+    u_next = jnp.append(u[1:], 0.0)
+    if s is None:
+        alpha, sigma = processes.vp_coefficients(schedule, u)
+        alpha_next, sigma_next = processes.vp_coefficients(schedule, u_next)
+        scale = 1.0 / processes.native_scale(schedule, u)
+        scale_next = 1.0 / processes.native_scale(schedule, u_next)
+        return _grid(
+            num_steps,
+            t=t,
+            alpha=alpha,
+            sigma=sigma,
+            alpha_next=alpha_next,
+            sigma_next=sigma_next,
+            u=u,
+            u_hat=u,
+            u_next=u_next,
+            y_scale=scale,
+            y_scale_hat=scale,
+            y_scale_next=scale_next,
+            alpha_hat=alpha,
+            sigma_hat=sigma,
+            t_next=jnp.append(t[1:], t[-1]),  # the last row is unused (no 2nd call)
+        )
     in_range = (s >= opts.churn_tmin) & (s <= opts.churn_tmax)
     gamma = jnp.where(in_range, min(opts.churn / num_steps, np.sqrt(2.0) - 1.0), 0.0)
     s_hat = jnp.minimum(s * (1.0 + gamma), s_max)  # stay within the model's levels
     alpha, sigma = _vp(s)
-    alpha_hat, _ = _vp(s_hat)
-    alpha_next, sigma_next = _vp(s_next)
-    if spacing == "karras":
-        t = sigma_to_t(schedule, s_hat)
-        s_next_model = jnp.where(s_next > 0, s_next, s[-1])  # the last row is unused
-        t_next = sigma_to_t(schedule, s_next_model)
-    else:
-        t_grid = jnp.asarray(ts, jnp.float32)
+    alpha_hat, sigma_hat = _vp(s_hat)
+    alpha_next, sigma_next = _vp(u_next)
+    if isinstance(schedule, Schedule) and spacing != "karras":
+        t_grid = t
         t = jnp.where(s_hat > s, sigma_to_t(schedule, s_hat), t_grid)
         t_next = jnp.append(t_grid[1:], t_grid[-1])  # the last row is unused (no 2nd call)
+    else:
+        t = _time_of_ve(schedule, s_hat)
+        s_next_model = jnp.where(u_next > 0, u_next, s[-1])  # the last row is unused
+        t_next = _time_of_ve(schedule, s_next_model)
     return _grid(
         num_steps,
         t=t,
@@ -259,10 +324,14 @@ def _karras_grid(schedule: Schedule, num_steps: int, spacing: str | None, opts: 
         sigma=sigma,
         alpha_next=alpha_next,
         sigma_next=sigma_next,
-        s=s,
-        s_hat=s_hat,
+        u=s,
+        u_hat=s_hat,
+        u_next=u_next,
+        y_scale=alpha,
+        y_scale_hat=alpha_hat,
+        y_scale_next=alpha_next,
         alpha_hat=alpha_hat,
-        s_next=s_next,
+        sigma_hat=sigma_hat,
         t_next=t_next,
     )
 
@@ -323,25 +392,32 @@ def _dpmpp_2s_step(predict: Predict, x: Array, aux: Any, g: Grid, key: Array, op
 
 
 def _karras_step(heun: bool) -> Callable[..., tuple[Array, Any]]:
-    """Euler / Heun on dx/ds = eps in the VE variable x / alpha (Karras et al., 2022, alg. 2)."""
+    """Euler / Heun on dy/du = eps + ode_x0_coef x_0 in the ODE variable of `_karras_grid`
+    (Karras et al., 2022, alg. 2; for a flow, Euler / Heun on t with the velocity)."""
 
     def step(predict: Predict, x: Array, aux: Any, g: Grid, key: Array, opts: "_Options"):
-        x_ve = x / g["alpha"]
+        y = x / g["y_scale"]
         if opts.churn > 0:
-            extra = jnp.sqrt(jnp.maximum(jnp.square(g["s_hat"]) - jnp.square(g["s"]), 0.0))
-            x_ve = x_ve + extra * opts.churn_noise * jax.random.normal(key, x.shape, x.dtype)
-        a_hat, ds = g["alpha_hat"], g["s_next"] - g["s_hat"]
-        _, eps, _ = predict(x_ve * a_hat, g["t"], a_hat, a_hat * g["s_hat"])
-        euler = x_ve + ds * eps
+            extra = jnp.sqrt(jnp.maximum(jnp.square(g["u_hat"]) - jnp.square(g["u"]), 0.0))
+            y = y + extra * opts.churn_noise * jax.random.normal(key, x.shape, x.dtype)
+        du = g["u_next"] - g["u_hat"]
+
+        def slope(x0: Array, eps: Array) -> Array:
+            return eps if opts.ode_x0_coef == 0.0 else eps + opts.ode_x0_coef * x0
+
+        x0, eps, _ = predict(y * g["y_scale_hat"], g["t"], g["alpha_hat"], g["sigma_hat"])
+        d = slope(x0, eps)
+        euler = y + du * d
         if heun:
 
             def correct() -> Array:
-                a, s = g["alpha_next"], g["s_next"]
-                _, eps_next, _ = predict(euler * a, g["t_next"], a, a * s)
-                return x_ve + ds * 0.5 * (eps + eps_next)
+                x0_next, eps_next, _ = predict(
+                    euler * g["y_scale_next"], g["t_next"], g["alpha_next"], g["sigma_next"]
+                )
+                return y + du * 0.5 * (d + slope(x0_next, eps_next))
 
             euler = jax.lax.cond(g["last"], lambda: euler, correct)
-        return euler * g["alpha_next"], aux
+        return euler * g["y_scale_next"], aux
 
     return step
 
@@ -449,6 +525,7 @@ class _Options(NamedTuple):
     churn_tmin: float = 0.0
     churn_tmax: float = float("inf")
     churn_noise: float = 1.0
+    ode_x0_coef: float = 0.0  # euler / heun: the ODE's slope is eps + ode_x0_coef x_0
 
 
 def _threshold_x0(x0: Array, opts: _Options) -> Array:
@@ -557,19 +634,32 @@ def _check_num_steps(num_steps: int, num_timesteps: int, *, discrete: bool) -> N
 def validate(
     method: str,
     num_steps: int,
-    num_timesteps: int,
+    schedule: Levels,
     *,
     spacing: str | None = None,
     eta: float = 0.0,
     prediction: str = "eps",
     variance: str = "fixed_small",
+    churn: float = 0.0,
 ) -> None:
     """Raises ValueError naming the argument of an unusable sampler configuration."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {', '.join(METHODS)}")
     _check_spacing(spacing)
-    discrete = (DEFAULT_SPACING[method] if spacing is None else spacing) != "karras"
-    _check_num_steps(num_steps, num_timesteps, discrete=discrete)
+    if isinstance(schedule, Schedule):
+        discrete = (DEFAULT_SPACING[method] if spacing is None else spacing) != "karras"
+        _check_num_steps(num_steps, schedule.num_timesteps, discrete=discrete)
+    else:
+        if spacing is not None and spacing not in schedule.spacings:
+            raise ValueError(
+                f"spacing={spacing!r}: a {schedule.name} process's levels are "
+                f"{' or '.join(schedule.spacings)}"
+            )
+        _check_num_steps(num_steps, 0, discrete=False)
+        if churn > 0 and schedule.ode_x0_coef != 0.0:
+            raise ValueError(f"churn={churn}: churn needs a VE ODE, not a {schedule.name} process")
+    if churn > 0 and method not in KARRAS_METHODS:
+        raise ValueError(f"churn={churn} applies to {', '.join(KARRAS_METHODS)}, not {method!r}")
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta={eta!r} must lie in [0, 1]")
     if prediction not in PREDICTIONS:
@@ -607,7 +697,7 @@ def _guidance_on(guidance_scale: Any) -> bool:
 
 def sample(
     denoise_fn: DenoiseFn,
-    schedule: Schedule,
+    schedule: Levels,
     shape: tuple[int, ...],
     rng: Array,
     *,
@@ -641,12 +731,15 @@ def sample(
       denoise_fn: `denoise_fn(x_t, t, labels) -> output`, x_t: [B, ...] float32, t: [B] float32,
         labels: [B] int32 or None; output: x_t's shape in the `prediction` parameterization
         (last axis doubled for variance="learned": [mean channels, variance interpolation v]).
-      schedule: the forward process the model was trained on.
+      schedule: the forward process the model was trained on: a discrete `Schedule`, or a
+        continuous process of `ddpm.processes` (EDM, flow), whose model time t is its own tau
+        (denoise_fn is then usually `processes.precondition`'s x_0 predictor, prediction x0).
       shape: [B, ...] of the samples (static).
       rng: PRNG key: split into the x_T noise and per-step keys (`fold_in(key, step)`).
       method: one of `METHODS` (static). ddpm: ancestral, respaced to `num_steps` as in improved
         DDPM; ddim: eta in [0, 1]; dpm++2m / dpm++2s: DPM-Solver++ second order; euler / heun:
-        probability-flow ODE in the VE variable (EDM), with optional churn.
+        probability-flow ODE in the VE variable (EDM), with optional churn (a flow: in x
+        and t with the velocity, no churn).
       num_steps: number of steps (static); in [1, T] unless the spacing is karras. Model calls:
         num_steps, except dpm++2s and heun: 2 num_steps - 1 (doubled batch with guidance).
       eta: DDIM noise (0 = deterministic; 1 with all T steps = DDPM ancestral).
@@ -654,7 +747,9 @@ def sample(
         linspace (integer timesteps, see `timesteps`; euler / heun step between their VE
         levels sqrt((1 - ab_t) / ab_t), as diffusers' EulerDiscreteScheduler) or karras
         (Karras sigmas, rho). None: the method's default, `DEFAULT_SPACING` (karras for
-        euler / heun, trailing for the others).
+        euler / heun, trailing for the others). A continuous process: one of its `spacings`
+        (EDM: karras, the default, or trailing = uniform in sigma; flow: trailing = uniform in
+        t, shifted); None: its default, for every method.
       guidance_scale: classifier-free guidance scale s; None or the Python number 1.0 = off
         (one model call per evaluation); anything else (a jnp scalar may be traced) = on.
       labels: [B] int32 class ids, or None for an unconditional model; or any conditioning
@@ -689,14 +784,13 @@ def sample(
     validate(
         method,
         num_steps,
-        schedule.num_timesteps,
+        schedule,
         spacing=spacing,
         eta=eta,
         prediction=prediction,
         variance=variance,
+        churn=churn,
     )
-    if churn > 0 and method not in KARRAS_METHODS:
-        raise ValueError(f"churn={churn} applies to {', '.join(KARRAS_METHODS)}, not {method!r}")
     if dynamic_threshold is not None and not 0.0 < dynamic_threshold <= 1.0:
         raise ValueError(f"dynamic_threshold={dynamic_threshold!r} must lie in (0, 1]")
     validate_edit(jump_length, resample, strength, inpaint=mask is not None, init=init is not None)
@@ -721,6 +815,7 @@ def sample(
         churn_tmin=float(churn_tmin),
         churn_tmax=float(churn_tmax),
         churn_noise=float(churn_noise),
+        ode_x0_coef=0.0 if isinstance(schedule, Schedule) else schedule.ode_x0_coef,
     )
     if labels is not None and not isinstance(labels, dict):  # a dict: text conditioning
         labels = jnp.asarray(labels, jnp.int32)
@@ -771,7 +866,7 @@ def sample(
 
 def make_sampler(
     model_fn: Callable[[Any, Array, Array, Array | None], Array],
-    schedule: Schedule,
+    schedule: Levels,
     shape: tuple[int, ...],
     *,
     guidance: bool = False,
@@ -792,11 +887,12 @@ def make_sampler(
     validate(
         options.get("method", "ddim"),
         options.get("num_steps", 50),
-        schedule.num_timesteps,
+        schedule,
         spacing=options.get("spacing"),
         eta=options.get("eta", 0.0),
         prediction=options.get("prediction", "eps"),
         variance=options.get("variance", "fixed_small"),
+        churn=options.get("churn", 0.0),
     )
     strength = options.get("strength", 1.0)
     validate_edit(

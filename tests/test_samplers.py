@@ -203,8 +203,8 @@ def test_euler_heun_levels_on_timesteps_are_diffusers_euler_sigmas(spacing):
     unused)."""
     ts, sigmas = diffusers_euler_sigmas(28, spacing)
     g = samplers._karras_grid(SCHEDULE, 28, spacing, OPTS)
-    np.testing.assert_allclose(g["s"], sigmas[:-1], rtol=2e-6)
-    np.testing.assert_allclose(g["s_next"], sigmas[1:], rtol=2e-6)
+    np.testing.assert_allclose(g["u"], sigmas[:-1], rtol=2e-6)
+    np.testing.assert_allclose(g["u_next"], sigmas[1:], rtol=2e-6)
     np.testing.assert_array_equal(g["t"], ts)
     np.testing.assert_array_equal(g["t_next"][:-1], ts[1:])
 
@@ -217,9 +217,9 @@ def test_churn_raises_levels_on_any_grid_and_calls_the_model_there(spacing):
     ab = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
     s_max = np.sqrt((1 - ab[-1]) / ab[-1])
     g = samplers._karras_grid(SCHEDULE, 28, spacing, OPTS._replace(churn=5.6, churn_tmin=0.5))
-    s = np.asarray(g["s"], np.float64)
+    s = np.asarray(g["u"], np.float64)
     s_hat = np.where(s >= 0.5, np.minimum(1.2 * s, s_max), s)
-    np.testing.assert_allclose(g["s_hat"], s_hat, rtol=1e-6)
+    np.testing.assert_allclose(g["u_hat"], s_hat, rtol=1e-6)
     np.testing.assert_allclose(samplers.t_to_sigma(SCHEDULE, g["t"]), s_hat, rtol=1e-4)
     raised = s_hat > s * (1 + 1e-6)
     assert raised.any() and not raised.all()

@@ -12,7 +12,14 @@ from ddpm.errors import UserError
 
 CONFIG_FILE = "config.json"
 # Sections compared whole by the resume check (besides the model's shape fields).
-_COMPARED = ("objective", "data.image_size", "data.channels", "data.length", "text")
+_COMPARED = (
+    "objective",
+    "diffusion.process",
+    "data.image_size",
+    "data.channels",
+    "data.length",
+    "text",
+)
 
 
 def _update(node: ml_collections.ConfigDict, values: dict) -> None:

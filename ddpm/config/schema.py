@@ -145,8 +145,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.text.depth = 2  # text encoder layers ("captions")
     config.text.num_heads = 4
 
-    # Forward process and objective (ddpm.schedules, ddpm.diffusion).
+    # Forward process and objective. process: "ddpm" (the discrete schedule below with its
+    # prediction and loss weighting: ddpm.schedules, ddpm.diffusion), "edm" (Karras et al.
+    # 2022: x = x_0 + sigma eps with the paper's preconditioning, diffusion.edm) or "flow"
+    # (flow matching / rectified flow: x_t = (1 - t) x_0 + t eps, velocity target eps - x_0,
+    # diffusion.flow); see ddpm.processes. edm and flow ignore the ddpm fields.
     config.diffusion = ml_collections.ConfigDict()
+    config.diffusion.process = "ddpm"
     config.diffusion.schedule = "linear"  # linear | cosine | scaled_linear | sigmoid
     config.diffusion.num_timesteps = 1000
     # linear / scaled_linear endpoints; None = the schedule's own (linear: 1e-4 and 0.02;
@@ -157,6 +162,21 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.loss_weighting = "none"  # none | min_snr
     config.diffusion.min_snr_gamma = 5.0
     config.diffusion.zero_terminal_snr = False
+    # EDM: sigma_data (the data's std), training ln sigma ~ N(p_mean, p_std^2), sampler levels
+    # in [sigma_min, sigma_max] (the paper's values).
+    config.diffusion.edm = ml_collections.ConfigDict()
+    config.diffusion.edm.sigma_data = 0.5
+    config.diffusion.edm.sigma_min = 0.002
+    config.diffusion.edm.sigma_max = 80.0
+    config.diffusion.edm.p_mean = -1.2
+    config.diffusion.edm.p_std = 1.2
+    # flow: training t ~ logit_normal (sigmoid of N(logit_mean, logit_std^2)) | uniform, then
+    # t -> shift t / (1 + (shift - 1) t) in training and in the sampler's levels (SD3).
+    config.diffusion.flow = ml_collections.ConfigDict()
+    config.diffusion.flow.t_sampling = "logit_normal"
+    config.diffusion.flow.logit_mean = 0.0
+    config.diffusion.flow.logit_std = 1.0
+    config.diffusion.flow.shift = 1.0
 
     # Optimisation and bookkeeping (ddpm.train).
     config.training = ml_collections.ConfigDict()
@@ -188,7 +208,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.num_steps = 50
     config.sample.eta = 0.0
     # leading | trailing | linspace | karras; None = the method's own (karras for euler and
-    # heun, trailing for the others)
+    # heun, trailing for the others). edm: karras (default) | trailing; flow: trailing.
     config.sample.spacing = placeholder(str)
     config.sample.variance = "fixed_small"  # ddpm: fixed_small | fixed_large (or learned)
     config.sample.dynamic_threshold = placeholder(float)  # Imagen quantile, e.g. 0.995 (pixels)

@@ -6,13 +6,14 @@ The math and model modules check their own arguments (their errors name those); 
 here run first, so a user sees config paths.
 """
 
+import math
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import ml_collections
 
-from ddpm import data, diffusion, samplers, schedules
+from ddpm import data, diffusion, processes, samplers, schedules
 from ddpm.config import runs, schema
 from ddpm.errors import UserError
 from ddpm.models.dit import POS_EMBED_LAYOUTS
@@ -171,7 +172,38 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def _validate_process(config: ml_collections.ConfigDict) -> None:
+    """config.diffusion.process and the section of a continuous one (edm, flow)."""
+    process = config.diffusion.process
+    choice(config, "diffusion.process", processes.PROCESSES)
+    if process == "ddpm":
+        return
+    if config.model.get("learn_sigma", False):
+        raise UserError(
+            f"config.model.learn_sigma=True: a learned variance belongs to the ddpm process, "
+            f"not to config.diffusion.process={process!r}"
+        )
+    if config.objective == "distill":
+        raise UserError(
+            f"config.diffusion.process={process!r}: distillation (config.objective='distill') "
+            "runs on a ddpm teacher and DDIM student; use process 'ddpm'"
+        )
+    if process == "edm":
+        for field in ("sigma_data", "sigma_min", "p_std"):
+            number(config, f"diffusion.edm.{field}", 0, low_inclusive=False)
+        number(
+            config, "diffusion.edm.sigma_max", config.diffusion.edm.sigma_min, low_inclusive=False
+        )
+        number(config, "diffusion.edm.p_mean", -math.inf)
+    else:
+        choice(config, "diffusion.flow.t_sampling", processes.FLOW_T_SAMPLINGS)
+        number(config, "diffusion.flow.logit_mean", -math.inf)
+        number(config, "diffusion.flow.logit_std", 0, low_inclusive=False)
+        number(config, "diffusion.flow.shift", 0, low_inclusive=False)
+
+
 def _validate_diffusion(config: ml_collections.ConfigDict) -> None:
+    _validate_process(config)
     choice(config, "diffusion.schedule", schedules.SCHEDULE_NAMES)
     choice(config, "diffusion.prediction", diffusion.PREDICTIONS)
     choice(config, "diffusion.loss_weighting", diffusion.LOSS_WEIGHTINGS)
@@ -197,14 +229,22 @@ def _validate_diffusion(config: ml_collections.ConfigDict) -> None:
 def _validate_sample(config: ml_collections.ConfigDict) -> None:
     s = config.sample
     choice(config, "sample.method", samplers.METHODS)
+    process = config.diffusion.process
+    continuous = process != "ddpm"
+    spacings = processes.BY_NAME[process].spacings if continuous else samplers.SPACINGS
     if s.spacing is not None:
-        choice(config, "sample.spacing", samplers.SPACINGS)
+        choice(config, "sample.spacing", spacings)
     choice(config, "sample.variance", samplers.VARIANCES[:2])
     karras = (s.spacing or samplers.DEFAULT_SPACING[s.method]) == "karras"  # fractional t
-    high = None if karras else config.diffusion.num_timesteps
+    high = None if karras or continuous else config.diffusion.num_timesteps
     number(config, "sample.num_steps", 1, high, high_inclusive=True, integer=True)
     number(config, "sample.eta", 0, 1, high_inclusive=True)
     number(config, "sample.churn", 0)
+    if s.churn > 0 and process == "flow":
+        raise UserError(
+            f"config.sample.churn={s.churn}: churn (EDM's S_churn) adds noise along a VE ODE; "
+            "a flow's ODE runs in t (config.diffusion.process='flow'): set it to 0"
+        )
     number(config, "sample.guidance_scale", 0)
     _positive_ints(config, "sample", ("num_samples", "batch_size"))
     if s.dynamic_threshold is not None:
@@ -480,6 +520,13 @@ def validate_eval(config: ml_collections.ConfigDict) -> None:
         raise UserError(
             "config.eval.guidance_scales and the accuracy metric need a class-conditional model "
             f"(config.model.num_classes is None); got scales {scales!r}, metrics {chosen!r}"
+        )
+    if "bpd" in chosen and config.diffusion.process != "ddpm":
+        raise UserError(
+            f"config.eval.metrics includes bpd, the discrete-time bound of a ddpm process: it "
+            f"is not defined for config.diffusion.process={config.diffusion.process!r} (a "
+            "continuous-time model's likelihood needs the probability-flow ODE's, which eval "
+            "does not compute); use fd, accuracy, pr or fid"
         )
     if "bpd" in chosen and (
         config.objective != "diffusion"

@@ -1,6 +1,7 @@
-"""Diffusion on the data itself: the denoising loss of `ddpm.diffusion` (eps / x0 / v
-targets, min-SNR weighting, learned variance) with classifier-free label dropout, and samples
-from `config.sample`'s sampler."""
+"""Diffusion on the data itself: the denoising loss of `config.diffusion.process` (ddpm:
+`ddpm.diffusion`'s eps / x0 / v targets, min-SNR weighting, learned variance; edm, flow:
+`ddpm.processes`) with classifier-free label dropout, and samples from `config.sample`'s
+sampler."""
 
 import dataclasses
 from collections.abc import Callable
@@ -9,16 +10,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ddpm import build, conditioning, diffusion
+from ddpm import build, conditioning, diffusion, processes
 from ddpm.objectives.base import Array, Batch, Objective
 from ddpm.schedules import Schedule
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Diffusion(Objective):
-    """schedule: the forward process of `config.diffusion`."""
+    """schedule: the forward process of `config.diffusion` (`build.schedule`): a discrete
+    `Schedule`, or a continuous EDM / flow process."""
 
-    schedule: Schedule
+    schedule: Schedule | processes.Continuous
 
     @classmethod
     def from_config(cls, config, speed, **fields):
@@ -38,6 +40,8 @@ class Diffusion(Objective):
                 {"params": params}, x_t, t, cond, train=True, rngs={"dropout": dropout_rng}
             )
 
+        if not isinstance(self.schedule, Schedule):  # EDM, flow
+            return processes.loss(params, apply_fn, self.schedule, x0, loss_rng)[0]
         loss, _ = diffusion.loss(
             params,
             apply_fn,

@@ -41,6 +41,7 @@ from ddpm.objectives.diffusion import Diffusion
 # The diffusion fields a student shares with its teacher (the sampler's grid and the meaning
 # of the network's output).
 _SHARED_DIFFUSION = (
+    "process",
     "schedule",
     "num_timesteps",
     "beta_start",

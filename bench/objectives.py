@@ -1,0 +1,94 @@
+"""Today's default objective against EDM and flow matching on MNIST (issue 23's table): the
+same data, network, optimizer and number of steps (configs/mnist.py, mnist_edm.py,
+mnist_flow.py), each sampled by its candidate samplers within 10 and 20 network calls per
+sample (one-call methods at 10 / 20 steps, heun at 5 / 10 steps: 9 / 19 calls).
+
+python -m bench.objectives [--root=/tmp/bench_objectives] [--baseline=WORKDIR] [--samples=1000]
+
+Trains each run (or takes --baseline for the default one) and times it; evaluates FD and class
+accuracy of `--samples` samples at guidance 1 and 3 with the baseline workdir's classifier
+(copied, so every row uses the same features), and the default run's bits/dim (the bound is
+not defined for EDM and flow: eval refuses it there). One JSON line per figure.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+from configs import mnist, mnist_edm, mnist_flow
+from ddpm import evaluate, train
+
+RECIPES = {"ddpm": mnist, "edm": mnist_edm, "flow": mnist_flow}
+# process -> (method, steps at a 10-call budget, steps at a 20-call budget)
+CANDIDATES = {
+    "ddpm": (("ddim", 10, 20), ("dpm++2m", 10, 20)),
+    "edm": (("heun", 5, 10), ("dpm++2m", 10, 20), ("euler", 10, 20)),
+    "flow": (("euler", 10, 20), ("heun", 5, 10), ("dpm++2m", 10, 20)),
+}
+GUIDANCE = (1.0, 3.0)
+
+
+def emit(**record) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def calls(method: str, steps: int) -> int:
+    return 2 * steps - 1 if method in ("heun", "dpm++2s") else steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", default="/tmp/bench_objectives")
+    parser.add_argument("--baseline", default=None, help="a trained default-run workdir")
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--only", default=None, help="one process: ddpm, edm or flow")
+    args = parser.parse_args()
+    os.makedirs(args.root, exist_ok=True)
+
+    workdirs = {name: os.path.join(args.root, name) for name in RECIPES}
+    if args.baseline is not None:
+        workdirs["ddpm"] = args.baseline
+    names = [args.only] if args.only else list(RECIPES)
+    for name in names:
+        if name == "ddpm" and args.baseline is not None:
+            continue
+        shutil.rmtree(workdirs[name], ignore_errors=True)
+        start = time.perf_counter()
+        train.train_and_evaluate(RECIPES[name].get_config(), workdirs[name])
+        emit(figure="train_wall_s", process=name, value=time.perf_counter() - start)
+
+    classifier = os.path.join(workdirs["ddpm"], "classifier")
+    for name in names:
+        if name != "ddpm" and os.path.isdir(classifier):
+            shutil.copytree(
+                classifier, os.path.join(workdirs[name], "classifier"), dirs_exist_ok=True
+            )
+        for method, *budgets in CANDIDATES[name]:
+            for steps in budgets:
+                config = RECIPES[name].get_config()
+                config.sample.method, config.sample.num_steps = method, steps
+                config.eval.metrics = ("fd", "accuracy")
+                config.eval.guidance_scales = GUIDANCE
+                config.eval.num_samples = args.samples
+                for row in evaluate.evaluate(config, workdirs[name])["guidance"]:
+                    emit(
+                        figure="samples",
+                        process=name,
+                        method=method,
+                        steps=steps,
+                        network_calls=calls(method, steps),
+                        guidance=row["guidance_scale"],
+                        fd=row["fd"],
+                        accuracy=row["accuracy"],
+                    )
+        if name == "ddpm":
+            config = RECIPES[name].get_config()
+            config.eval.metrics = ("bpd",)
+            results = evaluate.evaluate(config, workdirs[name])
+            emit(figure="bpd", process=name, **{k: results[k] for k in results if "bpd" in k})
+
+
+if __name__ == "__main__":
+    main()
