@@ -38,6 +38,14 @@ def _cases(tmp) -> dict[str, tuple[list[str], str]]:
             [*base, "--config.diffusion.schedule=cosinus"],
             "config.diffusion.schedule='cosinus' is not one of linear",
         ),
+        "process": (
+            [*base, "--config.diffusion.process=rectified"],
+            "config.diffusion.process='rectified' is not one of ddpm, edm, flow",
+        ),
+        "bpd_flow": (
+            ["--config=configs/mnist_flow.py", f"--workdir={w}", "--mode=eval"],
+            "bpd, the discrete-time bound of a ddpm process: it is not defined for",
+        ),
         "method": (
             [*base, "--mode=sample", "--config.sample.method=ddmi"],
             "config.sample.method='ddmi' is not one of ddpm, ddim",

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm import editing, evaluate, generate, processes, samplers, train
+from configs import cifar10_edm, cifar10_flow, mnist_edm, mnist_flow
+from ddpm import build, editing, evaluate, generate, processes, samplers, train
 from ddpm.config import validation
 from ddpm.errors import UserError
 from tests.tiny import tiny_config
@@ -303,3 +304,25 @@ def test_tiny_run_trains_samples_edits_and_refuses_bpd(tmp_path, process):
     ddpm_config = tiny_config(num_steps=8)
     with pytest.raises(UserError, match="diffusion.process"):
         train.train_and_evaluate(ddpm_config, workdir)
+
+
+def test_recipes():
+    """configs/mnist_edm.py and mnist_flow.py validate as they are; the CIFAR-10 recipes hold
+    EDM's table 7 arithmetic: the DDPM++-size U-Net (56.5M parameters; the paper's 55.7M), 200M images of batch
+    512, a 10M-image warmup and an EMA whose half-life is 0.5M images."""
+    for recipe, process in ((mnist_edm, "edm"), (mnist_flow, "flow")):
+        config = recipe.get_config()
+        validation.validate(config)
+        assert config.diffusion.process == process
+    for recipe, process in ((cifar10_edm, "edm"), (cifar10_flow, "flow")):
+        config = recipe.get_config()
+        validation.check_known_fields(config)
+        assert config.diffusion.process == process
+        t = config.training
+        assert abs(t.num_steps * t.batch_size - 200e6) < t.batch_size
+        assert abs(t.warmup_steps * t.batch_size - 10e6) < t.batch_size
+        assert abs(t.ema_decay ** (0.5e6 / t.batch_size) - 0.5) < 0.005
+        net = build.model(config, (32, 32, 3))
+        params = build.abstract_params(config, net, (32, 32, 3))
+        count = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+        assert 56.5e6 < count < 56.6e6, count
