@@ -178,6 +178,8 @@ CASES = [
     "stage1",
     "pretrained_dir",
     "pretrained_weights",
+    "process",
+    "bpd_flow",
 ]
 
 
