@@ -1,7 +1,8 @@
 """Training throughput of the denoising backbones: the small DiT (configs/mnist_dit.py) against
-the small U-Net (configs/mnist.py), measured side by side in one process. One JSON line each.
+the small U-Net (configs/mnist_ddpm.py, its recipe), measured side by side in one process. One
+JSON line each; any recipes can be compared (--configs).
 
-python -m bench.backbones [--configs=configs.mnist,configs.mnist_dit] [--steps=20] [--rounds=3]
+python -m bench.backbones [--configs=configs.mnist_ddpm,configs.mnist_dit] [--steps=20] [--rounds=3]
 
 Each round times `--steps` jitted train steps of every model in turn (interleaved, so a change
 in machine load hits all of them alike); the figure is the best round. The batch is random
@@ -59,7 +60,7 @@ def setup(config_module: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="configs.mnist,configs.mnist_dit")
+    parser.add_argument("--configs", default="configs.mnist_ddpm,configs.mnist_dit")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()

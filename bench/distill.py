@@ -1,9 +1,9 @@
-"""Few-step students of the default MNIST run (issue 22's table): the teacher's guided
+"""Few-step students of the MNIST DDPM run (issue 22's table): the teacher's guided
 samplers against the distilled student at 8, 4, 2 and 1 steps, by the project's own eval.
 
 python -m bench.distill [--root=/tmp/bench_distill] [--teacher=WORKDIR]
 
-Trains the teacher (configs/mnist.py; or takes --teacher) and times it, then runs
+Trains the teacher (configs/mnist_ddpm.py; or takes --teacher) and times it, then runs
 configs/mnist_distill.py in one go, timed, keeping every checkpoint. The student as it was at
 the end of each round (a copy of the workdir without the later checkpoints) is evaluated
 like the teacher's samplers: FD and class accuracy of 1,000 samples at guidance 3,
@@ -19,7 +19,7 @@ import time
 
 import jax
 
-from configs import mnist, mnist_distill
+from configs import mnist_ddpm, mnist_distill
 from ddpm import evaluate, generate, train
 from ddpm.objectives.distill import distilled_steps
 
@@ -70,12 +70,12 @@ def main() -> None:
     teacher = args.teacher or os.path.join(args.root, "teacher")
     if args.teacher is None:
         start = time.perf_counter()
-        train.train_and_evaluate(mnist.get_config(), teacher)
+        train.train_and_evaluate(mnist_ddpm.get_config(), teacher)
         emit(figure="teacher_train_wall_s", value=time.perf_counter() - start)
 
     teacher_rows = () if args.student_only else TEACHER_SAMPLERS
     for method, steps in teacher_rows:
-        config = mnist.get_config()
+        config = mnist_ddpm.get_config()
         config.sample.method, config.sample.num_steps = method, steps
         config.sample.spacing = "trailing"
         emit(

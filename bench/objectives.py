@@ -1,13 +1,14 @@
-"""Today's default objective against EDM and flow matching on MNIST (issue 23's table): the
-same data, network, optimizer and number of steps (configs/mnist.py, mnist_edm.py,
-mnist_flow.py), each sampled by its candidate samplers within 10 and 20 network calls per
-sample (one-call methods at 10 / 20 steps, heun at 5 / 10 steps: 9 / 19 calls).
+"""The DDPM objective (v + min-SNR, the default until flow matching replaced it) against EDM
+and flow matching on MNIST (issue 23's table): the same data, network, optimizer and number
+of steps (configs/mnist_ddpm.py, mnist_edm.py, mnist_flow.py), each sampled by its candidate
+samplers within 10 and 20 network calls per sample (one-call methods at 10 / 20 steps, heun at
+5 / 10 steps: 9 / 19 calls).
 
 python -m bench.objectives [--root=/tmp/bench_objectives] [--baseline=WORKDIR] [--samples=1000]
 
-Trains each run (or takes --baseline for the default one) and times it; evaluates FD and class
-accuracy of `--samples` samples at guidance 1 and 3 with the baseline workdir's classifier
-(copied, so every row uses the same features), and the default run's bits/dim (the bound is
+Trains each run (or takes --baseline for the DDPM one) and times it; evaluates FD and class
+accuracy of `--samples` samples at guidance 1 and 3 with the DDPM workdir's classifier
+(copied, so every row uses the same features), and the DDPM run's bits/dim (the bound is
 not defined for EDM and flow: eval refuses it there). One JSON line per figure.
 """
 
@@ -17,10 +18,10 @@ import os
 import shutil
 import time
 
-from configs import mnist, mnist_edm, mnist_flow
+from configs import mnist_ddpm, mnist_edm, mnist_flow
 from ddpm import evaluate, train
 
-RECIPES = {"ddpm": mnist, "edm": mnist_edm, "flow": mnist_flow}
+RECIPES = {"ddpm": mnist_ddpm, "edm": mnist_edm, "flow": mnist_flow}
 # process -> (method, steps at a 10-call budget, steps at a 20-call budget)
 CANDIDATES = {
     "ddpm": (("ddim", 10, 20), ("dpm++2m", 10, 20)),
@@ -41,7 +42,7 @@ def calls(method: str, steps: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", default="/tmp/bench_objectives")
-    parser.add_argument("--baseline", default=None, help="a trained default-run workdir")
+    parser.add_argument("--baseline", default=None, help="a trained mnist_ddpm workdir")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--only", default=None, help="one process: ddpm, edm or flow")
     args = parser.parse_args()

@@ -1,7 +1,7 @@
 """Sampling throughput: images/s and compile time per method and step count on a U-Net, and
 DDIM as one `lax.scan` against a Python loop over a jitted single step. One JSON line each.
 
-python -m bench.sampling [--config=configs.mnist] [--batch=16] [--methods=ddim,dpm++2m,...]
+python -m bench.sampling [--config=configs.mnist_ddpm] [--batch=16] [--methods=ddim,dpm++2m,...]
     [--steps=20,50] [--repeats=3]
 
 Parameters are random (the speed does not depend on them); the config gives the network,
@@ -82,7 +82,7 @@ def python_loop_ddim(model_fn, schedule, params, x_T, labels, num_steps, predict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default="configs.mnist")
+    parser.add_argument("--config", default="configs.mnist_ddpm")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--methods", default=",".join(samplers.METHODS))
     parser.add_argument("--steps", default="20,50")

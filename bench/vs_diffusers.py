@@ -2,7 +2,7 @@
 this project's U-Net and of a `diffusers.UNet2DModel` built to the same architecture, in the
 same run on the same machine. One JSON line per figure.
 
-python -m bench.vs_diffusers [--config=configs.mnist] [--device=cpu|cuda]
+python -m bench.vs_diffusers [--config=configs.mnist_ddpm] [--device=cpu|cuda]
     [--cases=train@16,train@64,ddim50@16,dpm++2m20@16] [--torch=eager,compile]
     [--precision=fp32|tf32|bf16] [--rounds=3] [--round-seconds=3] [--torch-threads=2]
     [--breakdown] [--setup=sequential|parallel] [--setup-timeout=S]
@@ -699,7 +699,7 @@ def table(path: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs.mnist")
+    parser.add_argument("--config", default="configs.mnist_ddpm")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--cases", default="train@16,train@64,ddim50@16,dpm++2m20@16")
     parser.add_argument("--torch", default="eager,compile")

@@ -1,17 +1,17 @@
-"""Few-step students of the default MNIST run: guided, then progressive distillation.
+"""Few-step students of the MNIST DDPM run: guided, then progressive distillation.
 
-    python main.py --config=configs/mnist.py --workdir=runs/mnist                # the teacher
+    python main.py --config=configs/mnist_ddpm.py --workdir=runs/mnist_ddpm      # the teacher
     python main.py --config=configs/mnist_distill.py --workdir=runs/mnist_distill
     python main.py --mode=sample --config=configs/mnist_distill.py --workdir=runs/mnist_distill
 
 A run stopped at the end of a round (--config.training.num_steps=420: the 4-step student)
 samples with that round's step count (--config.sample.num_steps=4).
 
-`configs/mnist_distill.py:TEACHER_WORKDIR` names another teacher (default runs/mnist). Stage 1
+`configs/mnist_distill.py:TEACHER_WORKDIR` names another teacher (default runs/mnist_ddpm). Stage 1
 (guided_steps) teaches the student the teacher's guided prediction for guidance scales in
 [2, 4], one network call instead of two; then each round halves the DDIM steps, 16 -> 8 -> 4
 -> 2 -> 1, ending in a checkpoint and a sample grid drawn with that round's step count.
-The model, data and diffusion sections are the teacher's (`ddpm.config.presets.mnist`).
+The model, data and diffusion sections are the teacher's (`ddpm.config.presets.mnist_ddpm`).
 """
 
 import ml_collections
@@ -20,11 +20,11 @@ from ddpm.config import presets
 
 
 def get_config(teacher_workdir: str | None = None) -> ml_collections.ConfigDict:
-    config = presets.mnist()
+    config = presets.mnist_ddpm()
     config.objective = "distill"
     config.model.guidance_embed = True
     d = config.distill
-    d.teacher_workdir = teacher_workdir or "runs/mnist"
+    d.teacher_workdir = teacher_workdir or "runs/mnist_ddpm"
     d.teacher_steps = 16
     d.final_steps = 1
     d.guided = True

@@ -12,7 +12,7 @@ from ddpm.config import presets
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = presets.mnist()
+    config = presets.mnist_ddpm()
     config.model = presets.mnist_dit()
     config.training.learning_rate = 1e-3
     return config

@@ -17,7 +17,7 @@ from ddpm.config import presets
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = presets.mnist()
+    config = presets.mnist_ddpm()
     config.objective = "latent"
     config.data.image_size = 32  # must match the autoencoder run
     config.latent.autoencoder_workdir = "runs/mnist_autoencoder"  # its latents: 8x8x4

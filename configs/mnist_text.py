@@ -13,7 +13,7 @@ from ddpm.config import presets
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = presets.mnist()
+    config = presets.mnist_ddpm()
     config.model.num_classes = None  # the text carries the class
     config.model.attention_resolutions = (7,)  # cross-attention in the 7x7 blocks and middle
     config.text.source = "captions"

@@ -5,7 +5,7 @@ python main.py --config=configs/sines.py --workdir=runs/sines --mode=sample  # p
 
 Signals [256, 1] (sums of sinusoids, class = frequency band, ddpm/data/sines.py) through the
 same U-Net with 1-D convolutions and attention; the recipe is the MNIST one's
-(`presets.mnist()`: v-prediction, min-SNR-5, cosine schedule, EMA with warmup) for longer.
+(`presets.mnist_ddpm()`: v-prediction, min-SNR-5, cosine schedule, EMA with warmup) for longer.
 """
 
 import ml_collections
@@ -14,7 +14,7 @@ from ddpm.config import presets
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = presets.mnist()
+    config = presets.mnist_ddpm()
     config.data.source = "sines"
     config.data.length = 256
     config.data.image_size = 32  # unused by signals; the value their workdirs were made with

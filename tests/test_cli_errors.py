@@ -52,7 +52,7 @@ def _cases(tmp) -> dict[str, tuple[list[str], str]]:
         ),
         "spacing": (
             [*base, "--config.sample.spacing=even"],
-            "config.sample.spacing='even' is not one of leading, trailing",
+            "config.sample.spacing='even' is not one of trailing",
         ),
         "groups": (
             [*base, "--config.model.num_groups=3"],

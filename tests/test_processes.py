@@ -308,8 +308,8 @@ def test_tiny_run_trains_samples_edits_and_refuses_bpd(tmp_path, process):
 
 def test_recipes():
     """configs/mnist_edm.py and mnist_flow.py validate as they are; the CIFAR-10 recipes hold
-    EDM's table 7 arithmetic: the DDPM++-size U-Net (56.5M parameters; the paper's 55.7M), 200M images of batch
-    512, a 10M-image warmup and an EMA whose half-life is 0.5M images."""
+    EDM's table 7 arithmetic: the DDPM++-size U-Net (56.5M parameters; the paper's 55.7M),
+    200M images of batch 512, a 10M-image warmup and an EMA whose half-life is 0.5M images."""
     for recipe, process in ((mnist_edm, "edm"), (mnist_flow, "flow")):
         config = recipe.get_config()
         validation.validate(config)

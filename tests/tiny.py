@@ -11,7 +11,7 @@ from ddpm.config import presets, validation
 
 def tiny_config(**training) -> ml_collections.ConfigDict:
     """mnist5k at 16x16, a tiny class-conditional U-Net without attention, a 5-step sampler."""
-    config = presets.mnist()
+    config = presets.mnist_ddpm()
     config.data.image_size = 16
     m = config.model
     m.ch, m.ch_mult, m.num_res_blocks, m.num_groups = 8, (1, 2), 1, 4

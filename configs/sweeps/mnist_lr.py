@@ -13,7 +13,7 @@ from ddpm.config import presets
 
 def get_config() -> ml_collections.ConfigDict:
     """The base config every trial starts from (override it with --config.<path>=...)."""
-    config = presets.mnist()
+    config = presets.mnist_ddpm()
     config.training.num_steps = 600
     config.training.sample_every = 600
     return config
