@@ -281,42 +281,29 @@ def _karras_grid(schedule: Levels, num_steps: int, spacing: str | None, opts: "_
             t = jnp.asarray(ts, jnp.float32)
         u = s
     u_next = jnp.append(u[1:], 0.0)
-    if s is None:
+    if s is None:  # a flow: no churn, x itself is the ODE variable
         alpha, sigma = processes.vp_coefficients(schedule, u)
         alpha_next, sigma_next = processes.vp_coefficients(schedule, u_next)
-        scale = 1.0 / processes.native_scale(schedule, u)
-        scale_next = 1.0 / processes.native_scale(schedule, u_next)
-        return _grid(
-            num_steps,
-            t=t,
-            alpha=alpha,
-            sigma=sigma,
-            alpha_next=alpha_next,
-            sigma_next=sigma_next,
-            u=u,
-            u_hat=u,
-            u_next=u_next,
-            y_scale=scale,
-            y_scale_hat=scale,
-            y_scale_next=scale_next,
-            alpha_hat=alpha,
-            sigma_hat=sigma,
-            t_next=jnp.append(t[1:], t[-1]),  # the last row is unused (no 2nd call)
-        )
-    in_range = (s >= opts.churn_tmin) & (s <= opts.churn_tmax)
-    gamma = jnp.where(in_range, min(opts.churn / num_steps, np.sqrt(2.0) - 1.0), 0.0)
-    s_hat = jnp.minimum(s * (1.0 + gamma), s_max)  # stay within the model's levels
-    alpha, sigma = _vp(s)
-    alpha_hat, sigma_hat = _vp(s_hat)
-    alpha_next, sigma_next = _vp(u_next)
-    if isinstance(schedule, Schedule) and spacing != "karras":
-        t_grid = t
-        t = jnp.where(s_hat > s, sigma_to_t(schedule, s_hat), t_grid)
-        t_next = jnp.append(t_grid[1:], t_grid[-1])  # the last row is unused (no 2nd call)
-    else:
-        t = _time_of_ve(schedule, s_hat)
-        s_next_model = jnp.where(u_next > 0, u_next, s[-1])  # the last row is unused
-        t_next = _time_of_ve(schedule, s_next_model)
+        u_hat, alpha_hat, sigma_hat = u, alpha, sigma
+        y_scale = y_scale_hat = 1.0 / processes.native_scale(schedule, u)
+        y_scale_next = 1.0 / processes.native_scale(schedule, u_next)
+        t_next = jnp.append(t[1:], t[-1])  # the last row is unused (no 2nd call)
+    else:  # the VE variable x / alpha
+        in_range = (s >= opts.churn_tmin) & (s <= opts.churn_tmax)
+        gamma = jnp.where(in_range, min(opts.churn / num_steps, np.sqrt(2.0) - 1.0), 0.0)
+        u_hat = jnp.minimum(s * (1.0 + gamma), s_max)  # stay within the model's levels
+        alpha, sigma = _vp(s)
+        alpha_hat, sigma_hat = _vp(u_hat)
+        alpha_next, sigma_next = _vp(u_next)
+        y_scale, y_scale_hat, y_scale_next = alpha, alpha_hat, alpha_next
+        if isinstance(schedule, Schedule) and spacing != "karras":
+            t_grid = t
+            t = jnp.where(u_hat > s, sigma_to_t(schedule, u_hat), t_grid)
+            t_next = jnp.append(t_grid[1:], t_grid[-1])  # the last row is unused
+        else:
+            t = _time_of_ve(schedule, u_hat)
+            s_next_model = jnp.where(u_next > 0, u_next, s[-1])  # the last row is unused
+            t_next = _time_of_ve(schedule, s_next_model)
     return _grid(
         num_steps,
         t=t,
@@ -324,12 +311,12 @@ def _karras_grid(schedule: Levels, num_steps: int, spacing: str | None, opts: "_
         sigma=sigma,
         alpha_next=alpha_next,
         sigma_next=sigma_next,
-        u=s,
-        u_hat=s_hat,
+        u=u,
+        u_hat=u_hat,
         u_next=u_next,
-        y_scale=alpha,
-        y_scale_hat=alpha_hat,
-        y_scale_next=alpha_next,
+        y_scale=y_scale,
+        y_scale_hat=y_scale_hat,
+        y_scale_next=y_scale_next,
         alpha_hat=alpha_hat,
         sigma_hat=sigma_hat,
         t_next=t_next,
