@@ -1,5 +1,5 @@
 """The default run: class-conditional flow matching on the embedded MNIST-5k digits (2-core
-CPU, about 8 minutes).
+CPU, 8-10 minutes).
 
 python main.py --config=configs/mnist.py --workdir=runs/mnist
 

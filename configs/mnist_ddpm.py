@@ -1,5 +1,5 @@
 """The default run until flow matching replaced it: class-conditional DDPM on the embedded
-MNIST-5k digits (2-core CPU, about 8 minutes), and the teacher of configs/mnist_distill.py.
+MNIST-5k digits (2-core CPU, 8-10 minutes), and the teacher of configs/mnist_distill.py.
 
 python main.py --config=configs/mnist_ddpm.py --workdir=runs/mnist_ddpm
 

@@ -123,7 +123,7 @@ def mnist_dit() -> ml_collections.ConfigDict:
 
 def mnist() -> ml_collections.ConfigDict:
     """The default run: class-conditional flow matching on the embedded MNIST-5k digits
-    (2-core CPU, about 8 minutes): `mnist_ddpm()`'s data, network, optimizer and steps with
+    (2-core CPU, 8-10 minutes): `mnist_ddpm()`'s data, network, optimizer and steps with
     config.diffusion.process="flow" (logit-normal t), sampled with DPM-Solver++(2M), 20 steps,
     guidance 1.5.
 
@@ -145,7 +145,7 @@ def mnist() -> ml_collections.ConfigDict:
 def mnist_ddpm() -> ml_collections.ConfigDict:
     """The default run until flow matching replaced it (`mnist()`), and the recipe of the
     MNIST variants (DiT, text, latent, 1-D signals, distillation teacher): class-conditional
-    DDPM on the embedded MNIST-5k digits (2-core CPU, about 8 minutes).
+    DDPM on the embedded MNIST-5k digits (2-core CPU, 8-10 minutes).
 
     Recipe chosen by measurement (1200 steps of batch 64, same model, DDIM-50, guidance 2, 100
     samples scored by a CNN trained on MNIST-5k): eps-prediction 61 % of samples classified as
