@@ -41,6 +41,16 @@ FLOW_T_SAMPLINGS = ("logit_normal", "uniform")
 _TIME_SCALE = 1000.0
 
 
+def karras_sigmas(sigma_min: Array, sigma_max: Array, num_steps: int, rho: float = 7.0) -> Array:
+    """EDM noise levels s_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho.
+
+    Returns [n] float32, descending from sigma_max to sigma_min (n = 1: just sigma_max).
+    """
+    ramp = jnp.linspace(0.0, 1.0, num_steps) if num_steps > 1 else jnp.zeros((1,))
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
 @dataclasses.dataclass(frozen=True)
 class EDM:
     """Karras et al. (2022)'s process and preconditioning; the defaults are the paper's
@@ -63,10 +73,6 @@ class EDM:
         tau = jnp.asarray(tau, jnp.float32)
         return jnp.ones_like(tau), tau
 
-    def ve_level(self, tau: Array) -> Array:
-        """s = b / a: sigma itself."""
-        return jnp.asarray(tau, jnp.float32)
-
     def tau_of_ve(self, s: Array) -> Array:
         return jnp.asarray(s, jnp.float32)
 
@@ -79,9 +85,7 @@ class EDM:
         karras: sigma_max^(1/rho) to sigma_min^(1/rho) in n equal steps, to the power rho;
         trailing: sigma_max (1 - i / n)."""
         if spacing == "karras":
-            ramp = np.linspace(0.0, 1.0, num_steps) if num_steps > 1 else np.zeros(1)
-            lo, hi = self.sigma_min ** (1.0 / rho), self.sigma_max ** (1.0 / rho)
-            return jnp.asarray((hi + ramp * (lo - hi)) ** rho, jnp.float32)
+            return karras_sigmas(self.sigma_min, self.sigma_max, num_steps, rho)
         return jnp.asarray(self.sigma_max * (1.0 - np.arange(num_steps) / num_steps), jnp.float32)
 
     def _scalings(self, tau: Array) -> tuple[Array, Array, Array]:
@@ -127,11 +131,6 @@ class Flow:
     def coefficients(self, tau: Array) -> tuple[Array, Array]:
         tau = jnp.asarray(tau, jnp.float32)
         return 1.0 - tau, tau
-
-    def ve_level(self, tau: Array) -> Array:
-        """s = t / (1 - t) (inf at t = 1)."""
-        tau = jnp.asarray(tau, jnp.float32)
-        return tau / (1.0 - tau)
 
     def tau_of_ve(self, s: Array) -> Array:
         """t = s / (1 + s), written to give 1 at s = inf and 0 at s = 0."""

@@ -35,6 +35,7 @@ import numpy as np
 
 from ddpm import processes
 from ddpm.diffusion import PREDICTIONS, expand, predict_x0_eps, x0_to_eps
+from ddpm.processes import karras_sigmas
 from ddpm.schedules import Schedule
 
 Array = jax.Array
@@ -100,16 +101,6 @@ def t_to_sigma(schedule: Schedule, t: Array) -> Array:
     """VE noise level s(t) at a fractional timestep (inverse of `sigma_to_t`).  t: any shape."""
     grid = jnp.arange(schedule.num_timesteps, dtype=jnp.float32)
     return jnp.exp(jnp.interp(jnp.asarray(t, jnp.float32), grid, log_sigmas(schedule)))
-
-
-def karras_sigmas(sigma_min: Array, sigma_max: Array, num_steps: int, rho: float = 7.0) -> Array:
-    """EDM noise levels s_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho.
-
-    Returns [n] float32, descending from sigma_max to sigma_min (n = 1: just sigma_max).
-    """
-    ramp = jnp.linspace(0.0, 1.0, num_steps) if num_steps > 1 else jnp.zeros((1,))
-    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
 
 
 def _schedule_karras_sigmas(schedule: Schedule, num_steps: int, rho: float) -> Array:

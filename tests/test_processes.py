@@ -37,9 +37,9 @@ def native(process, tau):
     return 1.0 - tau, tau
 
 
-def posterior_mean(x, a, b):
-    """E[x_0 | x] for x [..., D], a, b broadcastable."""
-    return MU + a * VAR * (x - a * MU) / (a**2 * VAR + b**2)
+def posterior_mean(x, a, b, mean=MU):
+    """E[x_0 | x] for x [..., D], a, b (and the data mean) broadcastable."""
+    return mean + a * VAR * (x - a * mean) / (a**2 * VAR + b**2)
 
 
 def exact_network(process):
@@ -154,13 +154,14 @@ def test_preconditioning_recovers_the_exact_denoiser(process):
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
 
 
-def exact_x0(process):
-    """The sampler-side exact x_0 predictor at (x_vp, tau), written directly."""
+def exact_x0(process, mean=MU):
+    """The sampler-side exact x_0 predictor at (x_vp, tau), written directly, of the Gaussian
+    with `mean` ([D], or per example [B, D])."""
 
     def fn(x_vp, tau, labels):
         a, b = process.coefficients(tau)
         a, b = a[:, None], b[:, None]
-        return posterior_mean(x_vp * jnp.sqrt(a * a + b * b), a, b)
+        return posterior_mean(x_vp * jnp.sqrt(a * a + b * b), a, b, mean)
 
     return fn
 
@@ -242,15 +243,9 @@ def test_guidance_combines_the_two_predictions(process):
     (s = 2.5, heun)."""
     means = np.array([[1.0, 0.0, -1.0], [-1.0, 0.5, 0.0]])
 
-    def x0_of(mean, x_vp, tau):
-        a, b = process.coefficients(tau)
-        a, b = a[:, None], b[:, None]
-        x = x_vp * jnp.sqrt(a * a + b * b)
-        return mean + a * VAR * (x - a * mean) / (a * a * VAR + b * b)
-
     def two_class(x_vp, tau, labels):  # label 2 = "no class": the mean of the two
         mean = jnp.asarray(np.vstack([means, means.mean(0)]), jnp.float32)[labels]
-        return x0_of(mean, x_vp, tau)
+        return exact_x0(process, mean)(x_vp, tau, None)
 
     labels = jnp.arange(8, dtype=jnp.int32) % 2
     common = dict(method="heun", num_steps=6, prediction="x0")
