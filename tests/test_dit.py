@@ -11,6 +11,7 @@ import pytest
 
 from ddpm import generate, train
 from ddpm.config import presets, schema
+from ddpm.models import init_inputs
 from ddpm.models.dit import patchify, sincos_2d, unpatchify
 from tests.tiny import create_model
 from tests.tiny import tiny_config as tiny_run_config
@@ -187,12 +188,45 @@ def test_invalid_config_fails_at_validation(field, value, message):
         create_model(config)
 
 
+def dit_parameter_count(config) -> int:
+    """The parameter count of `config`'s DiT, layer by layer from the paper's architecture:
+    patch embedding p*p*C -> D, time MLP 256 -> D -> D, a label table with the null row, per
+    block adaLN D -> 6D, qkv, output projection and MLP D -> 4D -> D (LayerNorms without
+    parameters), final adaLN D -> 2D and linear D -> p*p*C_out; the position embedding is
+    a constant."""
+    m, channels = config.model, config.data.channels
+    dense = lambda cin, cout: cin * cout + cout
+    d, patch = m.hidden_size, m.patch_size**2
+    hidden = int(d * m.mlp_ratio)
+    block = dense(d, 6 * d) + dense(d, 3 * d) + dense(d, d) + dense(d, hidden) + dense(hidden, d)
+    out_channels = channels * (2 if m.learn_sigma else 1)
+    labels = 0 if m.num_classes is None else (m.num_classes + 1) * d
+    embed = dense(patch * channels, d) + dense(256, d) + dense(d, d) + labels
+    return embed + m.depth * block + dense(d, 2 * d) + dense(d, patch * out_channels)
+
+
+def parameter_count(config) -> int:
+    """Parameters of `config`'s network, from `model.init`'s shapes (nothing is computed)."""
+    size, channels = config.data.image_size, config.data.channels
+    inputs = init_inputs(config, (size, size, channels))
+    shapes = jax.eval_shape(create_model(config).init, jax.random.key(0), *inputs)
+    return sum(p.size for p in jax.tree.leaves(shapes["params"]))
+
+
 @pytest.mark.parametrize("make", [presets.mnist_dit, functools.partial(presets.dit, "S", 8)])
-def test_model_configs_are_valid(make):
+def test_preset_parameter_counts_match_the_architecture(make):
+    """mnist_dit (class-conditional: its label table has the null row) and DiT-S/8 build at
+    32x32x3 with exactly the parameters counted by hand from their layer shapes
+    (`dit_parameter_count`, which reproduces the reference DiT-XL/2's 675,129,632 less its
+    frozen position embedding). Exact: a count has no noise."""
     config = schema.get_config()
     config.model = make()
     config.data.image_size, config.data.channels = 32, 3
-    create_model(config)
+    assert parameter_count(config) == dit_parameter_count(config)
+    xl = schema.get_config()
+    xl.model = presets.dit("XL", 2, num_classes=1000, learn_sigma=True)
+    xl.data.image_size, xl.data.channels = 32, 4
+    assert dit_parameter_count(xl) == 675_129_632 - 256 * 1152
 
 
 def test_tiny_dit_trains_resumes_and_samples(tmp_path, capsys):
