@@ -13,6 +13,8 @@ from ddpm import conditioning, generate, samplers, text, train
 from ddpm.config import runs, schema
 from ddpm.models import init_inputs, null_label
 from ddpm.schedules import get_schedule
+from tests.test_dit import dit_parameter_count
+from tests.test_unet import parameter_count, unet_parameter_count
 from tests.test_unet import tiny_config as unet_config
 from tests.tiny import create_model
 from tests.tiny import tiny_config as tiny_run_config
@@ -230,12 +232,28 @@ def test_tiny_text_unet_trains_resumes_and_samples_a_prompt(tmp_path, capsys):
     assert saved["images"].shape == (4, 16, 16, 1) and saved["images"].std() > 1.0
 
 
-def test_mnist_text_and_dit_configs_are_valid_runs():
+def test_mnist_text_and_dit_recipes_have_their_architectures_parameter_counts():
+    """The recipes configs/mnist_text.py and configs/mnist_dit.py build networks with exactly
+    the parameters counted by hand (exact: a count has no noise). mnist_text: the U-Net's
+    count with cross-attention after each of its attention blocks (`unet_parameter_count`),
+    plus the text encoder (token table over the vocabulary, L x D learned positions, per
+    layer two LayerNorms, q / kv / output projections and an MLP D -> 4D -> D, a final
+    LayerNorm) and the learned L x D null context; its null condition is the padding token."""
     from configs import mnist_dit, mnist_text
 
-    for module in (mnist_text, mnist_dit):
-        create_model(module.get_config())
-    assert null_label(mnist_text.get_config()) == {"tokens": 0}
+    config = mnist_text.get_config()
+    t = config.text
+    d, length = t.width, t.max_length
+    dense = lambda cin, cout: cin * cout + cout
+    layer = 2 * 2 * d + dense(d, d) + dense(d, 2 * d) + dense(d, d) + dense(d, 4 * d)
+    layer += dense(4 * d, d)
+    encoder = len(text.VOCAB) * d + length * d + t.depth * layer + 2 * d
+    expected = unet_parameter_count(config, context_dim=d) + encoder + length * d
+    assert parameter_count(config) == expected
+    assert null_label(config) == {"tokens": 0}
+
+    config = mnist_dit.get_config()
+    assert parameter_count(config) == dit_parameter_count(config)
 
 
 def test_workdir_of_an_older_config_stays_compatible(tmp_path):
