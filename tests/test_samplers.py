@@ -144,10 +144,28 @@ def test_invalid_configuration_raises_before_tracing(kwargs, message):
 
 
 def test_karras_steps_are_not_bounded_by_num_timesteps():
+    """Euler with 12 Karras steps on a 10-step schedule reproduces its exact output moments.
+
+    Each Euler step y' = y + (s' - s) E[eps | y] is affine in the VE variable y = x / alpha for
+    Gaussian data, y - mu -> (y - mu)(1 + (s' - s) s / (std^2 + s^2)), so from x_T ~ N(0, 1)
+    (y ~ N(0, 1 + s_max^2)) over the Karras levels between the schedule's s_0 and s_{T-1}
+    (rho 7) and then 0, the samples are Gaussian with the mean and variance computed here in
+    float64 (the last step to 0 returns E[x_0 | x at s_0], whose variance is below the data's:
+    -41 % and -57 %). Tolerance: 4 standard errors of N samples (mean sqrt(var / N), variance
+    var sqrt(2 / N)); with 1e5 samples (3 seeds) the float32 sampler was within 2.1 SE of them."""
     small = get_schedule("cosine", 10)
-    x = draw(gaussian_denoiser(small, G_MEAN, G_STD), (8, 2), schedule=small, method="euler",
+    x = draw(gaussian_denoiser(small, G_MEAN, G_STD), (N, 2), schedule=small, method="euler",
              num_steps=12)  # fmt: skip
-    assert np.all(np.isfinite(x))
+    ab = np.asarray(small.alpha_bars, np.float64)
+    s_min, s_max = np.sqrt((1 - ab[[0, -1]]) / ab[[0, -1]])
+    ramp = np.linspace(0, 1, 12)
+    levels = (s_max ** (1 / 7) + ramp * (s_min ** (1 / 7) - s_max ** (1 / 7))) ** 7
+    gain = 1.0
+    for s, s_next in zip(levels, np.append(levels[1:], 0.0), strict=True):
+        gain = gain * (1 + (s_next - s) * s / (G_STD**2 + s**2))
+    mean, var = G_MEAN * (1 - gain), gain**2 * (1 + s_max**2)
+    assert np.all(np.abs(x.mean(0) - mean) < 4 * np.sqrt(var / N)), (x.mean(0), mean)
+    assert np.all(np.abs(x.var(0) - var) < 4 * var * np.sqrt(2 / N)), (x.var(0), var)
 
 
 # The grid builders' options as `sample` sets them by default.
