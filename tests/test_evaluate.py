@@ -3,12 +3,17 @@
 import json
 import os
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
+from scipy import special
 
 from ddpm import classifier, evaluate, train
 from ddpm.config import validation
-from tests.tiny import tiny_config
+from ddpm.schedules import get_schedule
+from tests.tiny import create_model, tiny_config
 
 
 def _eval_config(**eval_fields):
@@ -30,22 +35,96 @@ def trained_workdir(tmp_path_factory):
     return workdir
 
 
+def _vlb_bpd_draws(config, workdir, images: np.ndarray, draws: int) -> np.ndarray:
+    """The DDPM bound (Ho et al., 2020, eq. 5) of each image under the run's EMA network,
+    written out in float64 NumPy / SciPy from the schedule's betas: prior KL(q(x_T | x_0) ||
+    N(0, I)), then for t >= 1 KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) with the model's
+    mean the posterior mean at its clipped x_0 and the posterior variance (fixed_small; the
+    two variances are equal, so the KL is the squared mean gap over twice it), and for t = 0
+    the 8-bit bin probability of x_0 under N(x_0 estimate, beta~_1). The null label (the
+    unconditional model), `draws` independent x_t per image.  -> [draws, N] bits/dim."""
+    step = max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    params = ocp.StandardCheckpointer().restore(path)["ema_params"]
+    model = create_model(config)
+    apply = jax.jit(lambda x, t, labels: model.apply({"params": params}, x, t, labels))
+    betas = np.asarray(
+        get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps).betas, np.float64
+    )
+    alpha_bars = np.cumprod(1 - betas)
+    prev = np.append(1.0, alpha_bars[:-1])
+    post_var = betas * (1 - prev) / (1 - alpha_bars)
+    post_var[0] = post_var[1]  # DDPM clips the log-variance at t = 0
+    coef_x0 = betas * np.sqrt(prev) / (1 - alpha_bars)
+
+    x0 = np.repeat(images[None].astype(np.float64), draws, axis=0).reshape(-1, *images.shape[1:])
+    axes = tuple(range(1, x0.ndim))
+    rng = np.random.default_rng(0)
+    last = alpha_bars[-1]
+    prior = 0.5 * (last * x0**2 + (1 - last) - np.log(1 - last) - 1)
+    total = prior.mean(axis=axes)
+    null = np.full(len(x0), config.model.num_classes, np.int32)
+    for t, ab in enumerate(alpha_bars):
+        x_t = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * rng.standard_normal(x0.shape)
+        eps = np.asarray(apply(x_t.astype(np.float32), np.full(len(x0), t, np.float32), null))
+        x0_pred = np.clip((x_t - np.sqrt(1 - ab) * eps) / np.sqrt(ab), -1, 1)
+        gap = coef_x0[t] * (x0 - x0_pred)  # true minus model posterior mean
+        if t > 0:
+            nats = gap**2 / (2 * post_var[t])
+        else:  # bin [x - 1/255, x + 1/255] of N(x0_pred, post_var), the end bins unbounded
+            scale = np.sqrt(post_var[0])
+            upper = np.where(x0 > 0.999, np.inf, (x0 + 1 / 255 - x0_pred) / scale)
+            lower = np.where(x0 < -0.999, -np.inf, (x0 - 1 / 255 - x0_pred) / scale)
+            right = lower + upper > 0  # the tail side of the bin, to keep its precision
+            hi = np.where(right, special.log_ndtr(-lower), special.log_ndtr(upper))
+            lo = np.where(right, special.log_ndtr(-upper), special.log_ndtr(lower))
+            nats = -(hi + np.log1p(-np.exp(lo - hi)))
+        total += nats.mean(axis=axes)
+    return total.reshape(draws, -1) / np.log(2)
+
+
 def test_eval_mode_writes_json_table_plot_and_grids(trained_workdir):
-    results = evaluate.evaluate(_eval_config(), trained_workdir)
+    """bpd: the full bound of the first eval.bpd_examples test images equals this file's own
+    float64 computation of the bound (`_vlb_bpd_draws`, 4 fresh noise draws per image) within
+    4 standard errors of the difference of the two means, estimated from the spread of the
+    draws per image: the images are the same, so only the x_t draws differ (eval's one per
+    image, ours the mean of 4: variance (1 + 1/4) var_draw / n). Accuracy and Inception Score
+    recomputed from the saved sample grid with the run's classifier: the same 20 images and
+    classifier batch, so float32 rounding alone (rtol 1e-5; the accuracy exactly)."""
+    config = _eval_config()
+    results = evaluate.evaluate(config, trained_workdir)
     step = results["step"]
     assert step == 10
     with open(os.path.join(trained_workdir, "eval", f"{step}.json")) as f:
         assert json.load(f) == json.loads(json.dumps(results))
-    # A barely trained model on 16x16 digits: a bound far above the 8-bit data's ~1-2 bits/dim
-    # of a good model, but finite, and the two estimators agree within their errors.
-    assert 1.0 < results["bpd"] < 16.0
+
+    e = config.eval
+    test_images, _ = classifier.load_split(config, "test", limit=e.bpd_examples)
+    draws = _vlb_bpd_draws(config, trained_workdir, test_images, 4)
+    assert results["bpd_examples"] == e.bpd_examples
+    se = np.sqrt((1 + 1 / 4) * np.mean(draws.var(axis=0, ddof=1)) / e.bpd_examples)
+    assert abs(results["bpd"] - draws.mean()) < 4 * se, (results["bpd"], draws.mean(), se)
     both = np.hypot(results["bpd_stderr"], results["bpd_importance_stderr"])
     assert abs(results["bpd"] - results["bpd_importance"]) < 4 * both
+
     rows = results["guidance"]
     assert [row["guidance_scale"] for row in rows] == [0.0, 2.0]
+    probs_fn, _ = classifier.load_classifier(config, trained_workdir)
+    labels = np.arange(e.num_samples) % config.model.num_classes
+    size = config.data.image_size  # grid cells: 10 columns, 2-pixel padding
     for row in rows:
+        path = os.path.join(
+            trained_workdir, "eval", f"{step}_guidance_{row['guidance_scale']:g}.png"
+        )
+        grid = np.asarray(Image.open(path), np.float32)
+        corners = [2 + (size + 2) * np.array(divmod(i, 10)) for i in range(e.num_samples)]
+        samples = np.stack([grid[r : r + size, c : c + size] for r, c in corners])
+        probs = np.asarray(probs_fn(samples[..., None] / 127.5 - 1)[0], np.float64)
+        kl = special.rel_entr(probs, probs.mean(axis=0)).sum(axis=1)  # KL(p(y|x) || p(y))
+        inception_score = np.exp(kl.mean())
+        assert row["accuracy"] == np.mean(probs.argmax(axis=1) == labels), row
+        assert row["inception_score"] == pytest.approx(inception_score, rel=1e-5), row
         assert row["fd"] > 0 and row["fd_real_test"] >= 0
-        assert 0 <= row["accuracy"] <= 1 and 1 <= row["inception_score"] <= 10
         assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
     # Real test images are closer to the training images than 10-step-model samples are.
     assert rows[0]["fd_real_test"] < rows[0]["fd"]
