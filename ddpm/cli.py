@@ -30,8 +30,12 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 (implies --distributed)."
 )
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in the job (implies --distributed)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0-based (implies --distributed)."
+)
 _SWEEP_BACKEND = flags.DEFINE_enum(
     "sweep_backend", "local", ["local", "ray"], "--mode=sweep: run trials here or on Ray."
 )
@@ -46,7 +50,8 @@ def _run_mode(mode: str, config, workdir: str) -> None:
     # before anything else touches JAX's devices.
     from ddpm import sharding
 
-    if _DISTRIBUTED.value or _COORDINATOR.value:
+    job_flags = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if _DISTRIBUTED.value or any(value is not None for value in job_flags):
         sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if mode == "train":
         from ddpm import train
