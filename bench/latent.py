@@ -65,7 +65,7 @@ def main() -> None:
         input_shape=latent_shape,
         speed=pixel.speed,
         frozen=jax.jit(ae.init_params)(jax.random.key(0)),
-        schedule=build.schedule(latent_config),
+        process=build.process(latent_config),
         stage1=ae.model,
     )
     labels = jnp.arange(args.batch, dtype=jnp.int32) % latent_config.model.num_classes

@@ -45,7 +45,7 @@ def sampler(objective, batch: int, **sample):
     config = objective.config.copy_and_resolve_references()
     config.sample.update(sample)
     shape = (batch, *objective.input_shape)
-    return jax.jit(build.sampler(config, objective.apply, objective.schedule, shape))
+    return jax.jit(build.sampler(config, objective.apply, objective.process, shape))
 
 
 def python_loop_ddim(model_fn, schedule, params, x_T, labels, num_steps, prediction):
@@ -91,7 +91,7 @@ def main() -> None:
 
     config = importlib.import_module(args.config).get_config()
     objective = objectives.create(config, workdir=None, mesh=build.mesh(config))
-    schedule = objective.schedule
+    schedule = objective.process.schedule
     shape = (args.batch, *objective.input_shape)
     null = null_label(config)
     labels = None if null is None else jnp.arange(args.batch, dtype=jnp.int32) % null

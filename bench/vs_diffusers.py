@@ -203,7 +203,7 @@ def ours_worker(args, case) -> tuple[dict, dict]:
         n_params = sum(p.size for p in jax.tree.leaves(params))
         config.sample.update(method=case["method"], num_steps=case["steps"], guidance_scale=1.0)
         shape = (batch, *objective.input_shape)
-        fn = jax.jit(build.sampler(config, objective.apply, objective.schedule, shape))
+        fn = jax.jit(build.sampler(config, objective.apply, objective.process, shape))
         key = jax.random.key(1)
         sampler = compiled("sample", fn, params, key, labels)
         parts["sample"] = lambda: sampler(params, key, labels)
@@ -278,7 +278,7 @@ def torch_worker(args, case, variant: str) -> tuple[dict, dict]:
     if variant != "eager":
         net = torch.compile(unet, mode="reduce-overhead" if variant == "compile-ro" else None)
     autocast = lambda: torch.autocast(dev.type, torch.bfloat16, enabled=args.precision == "bf16")
-    betas = np.asarray(build.schedule(config).betas, np.float64)
+    betas = np.asarray(build.process(config).schedule.betas, np.float64)
     batch = case["batch"]
     shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
     gen = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""config -> the parts of a run: runtime, mesh, schedule, model, optimizer, sampler, and the
+"""config -> the parts of a run: runtime, mesh, noise process, model, optimizer, sampler, and the
 EMA parameters of a trained workdir.
 
 Every mode builds what it needs here (training, sampling, editing, evaluation, sweeps,
@@ -18,7 +18,6 @@ import optax
 from ddpm import checkpoint, conditioning, models, processes, runtime, samplers, sharding
 from ddpm.config import runs
 from ddpm.errors import UserError
-from ddpm.schedules import Schedule, get_schedule
 
 
 def run_runtime(config: ml_collections.ConfigDict) -> runtime.Runtime:
@@ -31,14 +30,9 @@ def mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     return sharding.create_mesh(fsdp=config.training.fsdp)
 
 
-def schedule(config: ml_collections.ConfigDict) -> Schedule | processes.Continuous:
-    """The noise process of `config.diffusion`: a discrete schedule (process "ddpm"), or the
-    continuous EDM or flow process."""
-    d = config.diffusion
-    if d.process != "ddpm":
-        return processes.BY_NAME[d.process](**d[d.process].to_dict())
-    betas = {k: d[k] for k in ("beta_start", "beta_end") if d[k] is not None}
-    return get_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr, **betas)
+def process(config: ml_collections.ConfigDict) -> processes.Process:
+    """The noise process of `config.diffusion` (`diffusion.process`: ddpm, edm, flow, vpsde)."""
+    return processes.create(config.diffusion, config.model.get("learn_sigma", False))
 
 
 def model(
@@ -92,7 +86,7 @@ def optimizer(
 def sampler(
     config: ml_collections.ConfigDict,
     apply_fn: Callable[..., jax.Array],
-    noise_schedule: Schedule | processes.Continuous,
+    noise_process: processes.Process,
     shape: tuple[int, ...],
     **edit: Any,
 ) -> Callable[..., jax.Array]:
@@ -109,15 +103,12 @@ def sampler(
     embedded = config.model.get("guidance_embed", False)
     guidance = null is not None and s.guidance_scale != 1.0 and not embedded
 
-    def model_fn(params, x_t, t, cond):
-        return apply_fn({"params": params}, x_t, t, cond, train=False)
+    def net_fn(params, inputs, time, cond):
+        return apply_fn({"params": params}, inputs, time, cond, train=False)
 
-    prediction = config.diffusion.prediction
-    if not isinstance(noise_schedule, Schedule):  # EDM, flow: the preconditioned x_0
-        model_fn, prediction = processes.precondition(noise_schedule, model_fn), "x0"
     sample = samplers.make_sampler(
-        model_fn,
-        noise_schedule,
+        noise_process.denoiser(net_fn),
+        noise_process,
         shape,
         method=s.method,
         num_steps=s.num_steps,
@@ -125,10 +116,10 @@ def sampler(
         spacing=s.spacing,
         guidance=guidance,
         null_label=null,
-        prediction=prediction,
+        prediction=noise_process.prediction,
         clip_x0=s.clip_x0,
         dynamic_threshold=s.dynamic_threshold,
-        variance="learned" if config.model.learn_sigma else s.variance,
+        variance="learned" if noise_process.learned_variance else s.variance,
         churn=s.churn,
         **edit,
     )

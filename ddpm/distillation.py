@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm.diffusion import expand
-from ddpm.samplers import timesteps
+from ddpm.processes import Process, as_process
 from ddpm.schedules import Schedule
 
 Array = jax.Array
@@ -49,27 +49,26 @@ class Grids(NamedTuple):
     teacher_steps: int
 
 
-def round_grids(schedule: Schedule, teacher_steps: int, rounds: int) -> Grids:
-    """`Grids` of `rounds` halvings starting from a `teacher_steps`-step DDIM teacher.
+def round_grids(process: Process | Schedule, teacher_steps: int, rounds: int) -> Grids:
+    """`Grids` of `rounds` halvings starting from a `teacher_steps`-step DDIM teacher, on the
+    process's trailing levels (`Process.sampling_levels`).
 
     teacher_steps must be divisible by 2^rounds (round r's student takes teacher_steps /
-    2^(r + 1) steps) and at most the schedule's num_timesteps.
+    2^(r + 1) steps) and at most the process's `max_steps` (a discrete num_timesteps).
     """
     if rounds < 1 or teacher_steps % 2**rounds:
         raise ValueError(
             f"teacher_steps={teacher_steps} must be divisible by 2^rounds (rounds={rounds} >= 1)"
         )
+    process = as_process(process)
     width = teacher_steps + 1
     t = np.zeros((rounds, width), np.float32)
     alpha = np.ones((rounds, width), np.float32)
     sigma = np.zeros((rounds, width), np.float32)
-    sqrt_ab = np.asarray(schedule.sqrt_alpha_bars)
-    sqrt_1m_ab = np.asarray(schedule.sqrt_one_minus_alpha_bars)
     for r in range(rounds):
-        ts = timesteps(schedule.num_timesteps, teacher_steps >> r, "trailing")
-        t[r, : len(ts)] = ts
-        alpha[r, : len(ts)] = sqrt_ab[ts]
-        sigma[r, : len(ts)] = sqrt_1m_ab[ts]
+        n = teacher_steps >> r
+        levels = process.sampling_levels(n, "trailing", 7.0)
+        t[r, :n], alpha[r, :n], sigma[r, :n] = levels.t, levels.alpha, levels.sigma
     return Grids(jnp.asarray(t), jnp.asarray(alpha), jnp.asarray(sigma), teacher_steps)
 
 

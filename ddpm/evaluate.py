@@ -1,8 +1,12 @@
 """`main.py --mode=eval`: numbers for a trained run, written to `workdir/eval/<step>.json`.
 
 Metrics (`config.eval.metrics`):
-  bpd       negative log-likelihood bound in bits/dim on the test split: the full bound over
-            all T timesteps on `eval.bpd_examples` images, and an importance-sampled estimate
+  bpd       negative log-likelihood in bits/dim on the test split, for every process: from the
+            probability-flow ODE (`ddpm.likelihood`; "bpd_ode") on `eval.bpd_ode_examples`
+            images, uniformly dequantized, with the divergence by Hutchinson's estimator (or
+            exact) and diffrax's adaptive solver at `eval.bpd_ode_tolerance`. A discrete DDPM
+            process also reports its variational bound ("bpd"): the full bound over all T
+            timesteps on `eval.bpd_examples` images, and an importance-sampled estimate
             (`eval.bpd_importance_draws` timesteps per image, proposal ~ sqrt(E[L_t^2]) measured
             by the full bound) on `eval.bpd_importance_examples` images. Class-conditional
             models are scored unconditionally (the null label: the model of p(x)).
@@ -23,6 +27,7 @@ import csv
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +38,7 @@ import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
 
-from ddpm import classifier, diffusion, generate, images, metrics, models
+from ddpm import classifier, diffusion, generate, images, likelihood, metrics, models
 from ddpm.config import validation
 from ddpm.data.transforms import to_float
 from ddpm.objectives import Objective
@@ -45,19 +50,34 @@ _CLASSIFIER_METRICS = ("fd", "accuracy", "pr")
 # Likelihood.
 
 
+def _unconditional(objective: Objective) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    """fn(params, x_vp, level) -> the process's `denoiser` output with the null label (or no
+    label): the model of p(x)."""
+    null = models.null_label(objective.config)
+    denoiser = objective.process.denoiser(
+        lambda params, x, t, labels: objective.apply({"params": params}, x, t, labels, train=False)
+    )
+
+    def fn(params: Any, x: jax.Array, level: jax.Array) -> jax.Array:
+        labels = None if null is None else jnp.full((x.shape[0],), null, jnp.int32)
+        return denoiser(params, x, level, labels)
+
+    return fn
+
+
 def _make_bound_fns(objective: Objective, params) -> tuple[Callable, Callable]:
     """Jitted (full bound, importance-sampled bound) of an image batch, unconditional."""
-    config, schedule = objective.config, objective.schedule
-    null = models.null_label(config)
+    config, process = objective.config, objective.process
+    schedule = process.schedule
     term_kw = {
-        "prediction": config.diffusion.prediction,
-        "variance": "learned" if config.model.learn_sigma else config.sample.variance,
+        "prediction": process.prediction,
+        "variance": "learned" if process.learned_variance else config.sample.variance,
         "clip_x0": config.sample.clip_x0,
     }
+    unconditional = _unconditional(objective)
 
     def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
-        labels = None if null is None else jnp.full((x_t.shape[0],), null, jnp.int32)
-        return objective.apply({"params": params}, x_t, t, labels, train=False)
+        return unconditional(params, x_t, t)
 
     @jax.jit
     def full(x0, rng):
@@ -74,10 +94,53 @@ def _make_bound_fns(objective: Objective, params) -> tuple[Callable, Callable]:
     return full, importance
 
 
-def bpd_metrics(objective: Objective, params, test_images: np.ndarray) -> dict[str, Any]:
-    """The bound on the first test images: {"bpd", "bpd_stderr", "bpd_examples",
-    "bpd_importance", "bpd_importance_stderr", "bpd_importance_examples"}."""
-    config, schedule = objective.config, objective.schedule
+def ode_bpd_metrics(objective: Objective, params, test_images: np.ndarray) -> dict[str, Any]:
+    """Bits/dim from the probability-flow ODE on the first `eval.bpd_ode_examples` test images
+    (`ddpm.likelihood`): {"bpd_ode", "bpd_ode_stderr" (over images: dequantization, probe and
+    data spread together), "bpd_ode_examples", "bpd_ode_nfe" (function evaluations per batch,
+    mean), "bpd_ode_seconds"}."""
+    config, process = objective.config, objective.process
+    e = config.eval
+    unconditional = _unconditional(objective)
+
+    @jax.jit
+    def batch_bpd(params, x, rng):
+        dequantize_rng, probe_rng = jax.random.split(rng)
+        out = likelihood.log_likelihood(
+            likelihood.x0_predictor(lambda x, level: unconditional(params, x, level), process),
+            process,
+            likelihood.dequantize(x, dequantize_rng),
+            probe_rng,
+            divergence=e.bpd_ode_divergence,
+            tolerance=e.bpd_ode_tolerance,
+        )
+        return likelihood.bits_per_dim(out["logp"], x.shape[1:]), out["nfe"]
+
+    rng = jax.random.fold_in(jax.random.key(config.seed), 5)
+    start = time.perf_counter()
+    totals, nfes = [], []
+    batches = list(classifier.fixed_batches(test_images[: e.bpd_ode_examples], e.batch_size))
+    for i, (x0, n) in enumerate(tqdm.tqdm(batches, desc="bpd (probability-flow ODE)")):
+        bpd, nfe = batch_bpd(params, x0, jax.random.fold_in(rng, i))
+        totals.append(np.asarray(bpd)[:n])
+        nfes.append(int(nfe))
+    totals = np.concatenate(totals)
+    return {
+        "bpd_ode": float(totals.mean()),
+        "bpd_ode_stderr": float(totals.std(ddof=1) / np.sqrt(len(totals)))
+        if len(totals) > 1
+        else 0.0,
+        "bpd_ode_examples": len(totals),
+        "bpd_ode_nfe": float(np.mean(nfes)),
+        "bpd_ode_seconds": time.perf_counter() - start,
+    }
+
+
+def bound_metrics(objective: Objective, params, test_images: np.ndarray) -> dict[str, Any]:
+    """The discrete process's variational bound on the first test images: {"bpd",
+    "bpd_stderr", "bpd_examples", "bpd_importance", "bpd_importance_stderr",
+    "bpd_importance_examples"}."""
+    config, schedule = objective.config, objective.process.schedule
     e = config.eval
     full, importance = _make_bound_fns(objective, params)
     rng = jax.random.fold_in(jax.random.key(config.seed), 3)
@@ -272,12 +335,21 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     results: dict[str, Any] = {"step": step, "metrics": list(chosen)}
     print(f"Evaluating {', '.join(chosen)} at step {step} of {workdir}", flush=True)
     test_images, _ = classifier.load_split(config, "test")
-    if "bpd" in chosen:
-        results.update(bpd_metrics(objective, params, test_images))
+    if "bpd" in chosen and objective.process.has_discrete_bound:
+        results.update(bound_metrics(objective, params, test_images))
         print(
-            f"bpd {results['bpd']:.4f} +- {results['bpd_stderr']:.4f} (full bound, "
+            f"bpd {results['bpd']:.4f} +- {results['bpd_stderr']:.4f} (variational bound, "
             f"{results['bpd_examples']} images); importance-sampled "
             f"{results['bpd_importance']:.4f} +- {results['bpd_importance_stderr']:.4f}",
+            flush=True,
+        )
+    if "bpd" in chosen:
+        results.update(ode_bpd_metrics(objective, params, test_images))
+        print(
+            f"bpd_ode {results['bpd_ode']:.4f} +- {results['bpd_ode_stderr']:.4f} "
+            f"(probability-flow ODE, {results['bpd_ode_examples']} images, "
+            f"{results['bpd_ode_nfe']:.0f} function evaluations per batch, "
+            f"{results['bpd_ode_seconds']:.0f} s)",
             flush=True,
         )
     if any(m != "bpd" for m in chosen):

@@ -7,23 +7,22 @@ x_t = alpha x_0 + sigma eps with alpha = sqrt(ab), sigma = sqrt(1 - ab). The ODE
 use the variance-exploding variable x / alpha and its noise level s = sigma / alpha (Karras et
 al., 2022), in which the probability-flow ODE reads dx/ds = eps(x, s).
 
-The grid's noise levels come from `spacing`, for every method: leading, trailing or linspace
-(the integer timesteps of `timesteps`) or karras (Karras sigmas, exponent rho); None is the
-method's default, `DEFAULT_SPACING`: karras for euler/heun, trailing for the others. On
-timesteps, euler/heun use the VE levels s_t = sqrt((1 - ab_t) / ab_t) of those t, the sigmas
-of diffusers' `EulerDiscreteScheduler` for that `timestep_spacing` (steps_offset 0; its
-linspace takes fractional timesteps where ours are rounded).
+The grid's levels come from the noise process (`ddpm.processes.Process.sampling_levels`) and
+`spacing`, for every method. A discrete schedule has leading, trailing or linspace (the integer
+timesteps of `timesteps`) or karras (Karras sigmas, exponent rho, at fractional t); None is
+the method's default: karras for euler/heun, trailing for the others. On timesteps,
+euler/heun use the VE levels s_t = sqrt((1 - ab_t) / ab_t) of those t, the sigmas of
+diffusers' `EulerDiscreteScheduler` for that `timestep_spacing` (steps_offset 0; its linspace
+takes fractional timesteps where ours are rounded). Continuous processes (EDM, flow matching,
+the VP-SDE) have their own spacings.
 
-The model is called as `denoise_fn(x_t, t, labels)` with t: [B] float32. Timestep grids pass
-integer-valued t; Karras sigmas, the DPM++2S midpoints and levels raised by EDM churn pass a
-fractional t found by interpolating log s on the schedule's table, like k-diffusion's
-`DiscreteSchedule`. Every grid ends at s = 0: the last step returns x_0.
-
-Continuous processes (`ddpm.processes`: EDM, flow matching) run on the same core: their
-levels tau give the VP (alpha, sigma) of each row and are the model time t; a flow's first
-level t = 1 is s = inf (alpha = 0), which every method handles. Euler / Heun integrate each
-process's own ODE: EDM's in the VE variable as above, a flow's in x and t with the velocity.
-DPM-Solver++ sees a flow through its (alpha, sigma) = (1 - t, t), rescaled to VP.
+The model is called as `denoise_fn(x_t, t, labels)` with t: [B] float32, the process's level
+(model time). A level the grid reaches by its VE level s (the DPM++2S midpoints, levels raised
+by EDM churn) is called at `Process.level_of_ve(s)`: a fractional timestep of a discrete
+schedule, found by interpolating log s on its table like k-diffusion's `DiscreteSchedule`.
+Every grid ends at s = 0: the last step returns x_0. A flow's first level t = 1 is s = inf
+(alpha = 0), which every method handles. Euler / Heun integrate each process's own ODE
+(`Process.ode_variable`): the VE variable above, a flow's x and t with the velocity.
 """
 
 from collections.abc import Callable
@@ -34,100 +33,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm import processes
-from ddpm.diffusion import PREDICTIONS, expand, predict_x0_eps, x0_to_eps
-from ddpm.processes import karras_sigmas
+from ddpm.diffusion import PREDICTIONS, VARIANCES, expand, predict_x0_eps, x0_to_eps
+from ddpm.processes import Process, karras_sigmas, vp_of_ve
+from ddpm.processes.discrete import KARRAS_METHODS, sigma_to_t, t_to_sigma, timesteps
 from ddpm.schedules import Schedule
 
 Array = jax.Array
-Levels = Schedule | processes.Continuous  # discrete DDPM tables, or EDM / flow
+ProcessLike = Process | Schedule  # a bare Schedule is the DDPM process of its tables
 Grid = dict[str, Array]  # every value has shape [num_steps]
 DenoiseFn = Callable[[Array, Array, Array | None], Array]
 Predict = Callable[[Array, Array, Array, Array], tuple[Array, Array, Array | None]]
 
 METHODS = ("ddpm", "ddim", "dpm++2m", "dpm++2s", "euler", "heun")
 SPACINGS = ("leading", "trailing", "linspace", "karras")
-VARIANCES = ("fixed_small", "fixed_large", "learned")
-KARRAS_METHODS = ("euler", "heun")  # EDM samplers: churn applies
-# spacing=None: the method's default.
-DEFAULT_SPACING = {m: "karras" if m in KARRAS_METHODS else "trailing" for m in METHODS}
-
-
-# --------------------------------------------------------------------------------------------
-# Noise levels.
-
-
-def timesteps(num_timesteps: int, num_steps: int, spacing: str = "trailing") -> np.ndarray:
-    """The discrete timesteps a sampler visits, in visiting (descending) order.  -> [n] int64.
-
-    With T = num_timesteps and n = num_steps (0-based t, as in `Schedule`):
-      leading:  (T // n) * [n-1, ..., 1, 0]            e.g. T=1000, n=50: 980, 960, ..., 0
-      trailing: round(T - i T / n) - 1, i = 0..n-1      e.g. 999, 979, ..., 19 (starts at T-1)
-      linspace: round(linspace(T - 1, 0, n))            e.g. 999, 979, ..., 0 (both ends)
-    (the `timestep_spacing` options of diffusers). With n = T all three give T-1, ..., 0.
-    The fourth sampler spacing, karras, has fractional timesteps: see `karras_sigmas`.
-    """
-    _check_spacing(spacing)
-    if spacing is None or spacing == "karras":
-        raise ValueError(
-            f"spacing={spacing!r}: integer timesteps are leading, trailing or linspace "
-            "(karras levels: see karras_sigmas)"
-        )
-    _check_num_steps(num_steps, num_timesteps, discrete=True)
-    T, n = num_timesteps, num_steps
-    if spacing == "leading":
-        ts = np.arange(n - 1, -1, -1) * (T // n)
-    elif spacing == "trailing":
-        ts = np.round(T - np.arange(n) * (T / n)).astype(np.int64) - 1
-    else:
-        ts = np.round(np.linspace(T - 1, 0, n)).astype(np.int64)
-    return ts.astype(np.int64)
-
-
-def log_sigmas(schedule: Schedule) -> Array:
-    """log s_t = log(sigma_t / alpha_t), the variance-exploding noise level of each t.  -> [T]."""
-    return jnp.log(schedule.sqrt_one_minus_alpha_bars) - jnp.log(schedule.sqrt_alpha_bars)
-
-
-def sigma_to_t(schedule: Schedule, sigma: Array) -> Array:
-    """Fractional timestep of a VE noise level: linear interpolation of t in log s.
-
-    sigma: any shape, > 0 -> float32 of the same shape, clamped to [0, T-1].
-    """
-    grid = jnp.arange(schedule.num_timesteps, dtype=jnp.float32)
-    return jnp.interp(jnp.log(sigma), log_sigmas(schedule), grid)
-
-
-def t_to_sigma(schedule: Schedule, t: Array) -> Array:
-    """VE noise level s(t) at a fractional timestep (inverse of `sigma_to_t`).  t: any shape."""
-    grid = jnp.arange(schedule.num_timesteps, dtype=jnp.float32)
-    return jnp.exp(jnp.interp(jnp.asarray(t, jnp.float32), grid, log_sigmas(schedule)))
-
-
-def _schedule_karras_sigmas(schedule: Schedule, num_steps: int, rho: float) -> Array:
-    """`karras_sigmas` between the schedule's levels s_0 and s_{T-1}.  -> [n] float32."""
-    log_s = log_sigmas(schedule)
-    return karras_sigmas(jnp.exp(log_s[0]), jnp.exp(log_s[-1]), num_steps, rho)
-
-
-def _vp(s: Array) -> tuple[Array, Array]:
-    """(alpha, sigma) of the VP process at VE level s: alpha = 1/sqrt(1 + s^2), sigma = s alpha
-    (0 and 1 at s = inf, a flow's t = 1)."""
-    alpha = jax.lax.rsqrt(1.0 + jnp.square(s))
-    return alpha, jnp.where(jnp.isinf(s), 1.0, s * alpha)
-
-
-def _time_of_ve(schedule: Levels, s: Array) -> Array:
-    """The model time of VE level s: a fractional timestep on a discrete schedule
-    (`sigma_to_t`), a continuous process's own tau."""
-    if isinstance(schedule, Schedule):
-        return sigma_to_t(schedule, s)
-    return schedule.tau_of_ve(s)
-
-
-def _default_spacing(schedule: Levels, method: str) -> str:
-    if isinstance(schedule, Schedule):
-        return DEFAULT_SPACING[method]
-    return schedule.default_spacing
+# Public names of the grids' levels (tests, distillation and benchmarks use them).
+__all__ = ["karras_sigmas", "sigma_to_t", "t_to_sigma", "timesteps"]
 
 
 def _log_snr(alpha: Array, sigma: Array) -> Array:
@@ -149,61 +69,34 @@ def _grid(num_steps: int, **rows: Array) -> Grid:
     )
 
 
-def _discrete_grid(schedule: Levels, num_steps: int, spacing: str | None, opts: "_Options") -> Grid:
-    """The levels of `timesteps(T, n, spacing)` (or n Karras sigmas for spacing="karras", at
-    fractional t), then x_0 (alpha = 1, sigma = 0). spacing None: trailing. A continuous
-    process: its own `levels` (spacing None: its default), at t = tau.
-
-    `beta` is the beta of the respaced process (improved DDPM), 1 - ab_t / ab_next. On integer
-    timesteps it is -expm1(sum of log(1 - b_s) over next < s <= t), so it equals
-    `schedule.betas` for n = T; on Karras levels, -expm1(2 log(alpha / alpha_next)).
-    """
-    n = num_steps
-    spacing = _default_spacing(schedule, "ddim") if spacing is None else spacing
-    if not isinstance(schedule, Schedule) or spacing == "karras":
-        if isinstance(schedule, Schedule):
-            s = _schedule_karras_sigmas(schedule, n, opts.rho)
-            t = sigma_to_t(schedule, s)
-            alpha, sigma = _vp(s)
-        else:
-            t = schedule.levels(n, spacing, opts.rho)
-            alpha, sigma = processes.vp_coefficients(schedule, t)
-        alpha_next = jnp.append(alpha[1:], 1.0)
-        sigma_next = jnp.append(sigma[1:], 0.0)
-        beta = -jnp.expm1(2.0 * (jnp.log(alpha) - jnp.log(alpha_next)))
-    else:
-        T = schedule.num_timesteps
-        ts = timesteps(T, n, spacing)
-        nxt = ts[1:]
-        segment = np.full(T, n)  # timesteps above ts[0] (leading) fall in the dropped segment n
-        for i, (hi, lo) in enumerate(zip(ts, np.append(nxt, -1), strict=True)):
-            segment[lo + 1 : hi + 1] = i
-        log_keep = jax.ops.segment_sum(jnp.log1p(-schedule.betas), segment, num_segments=n + 1)
-        t = jnp.asarray(ts, jnp.float32)
-        alpha = schedule.sqrt_alpha_bars[ts]
-        sigma = schedule.sqrt_one_minus_alpha_bars[ts]
-        alpha_next = jnp.append(schedule.sqrt_alpha_bars[nxt], 1.0)
-        sigma_next = jnp.append(schedule.sqrt_one_minus_alpha_bars[nxt], 0.0)
-        beta = -jnp.expm1(log_keep[:n])
+def _discrete_grid(
+    process: ProcessLike, num_steps: int, spacing: str | None, opts: "_Options"
+) -> Grid:
+    """The process's levels for `spacing` (None: its default for DDIM), then x_0 (alpha = 1,
+    sigma = 0): t (model time), alpha, sigma, their next values, and `beta`, the beta of the
+    respaced process (improved DDPM), 1 - ab_t / ab_next (`Process.sampling_levels`)."""
+    process = processes.as_process(process)
+    spacing = process.default_spacing("ddim") if spacing is None else spacing
+    levels = process.sampling_levels(num_steps, spacing, opts.rho)
     return _grid(
-        n,
-        t=t,
-        alpha=alpha,
-        sigma=sigma,
-        alpha_next=alpha_next,
-        sigma_next=sigma_next,
-        beta=beta,
+        num_steps,
+        t=levels.t,
+        alpha=levels.alpha,
+        sigma=levels.sigma,
+        alpha_next=jnp.append(levels.alpha[1:], 1.0),
+        sigma_next=jnp.append(levels.sigma[1:], 0.0),
+        beta=levels.beta,
     )
 
 
-def _ddpm_grid(schedule: Levels, num_steps: int, spacing: str | None, opts: "_Options") -> Grid:
+def _ddpm_grid(process: ProcessLike, num_steps: int, spacing: str | None, opts: "_Options") -> Grid:
     """Adds the posterior q(x_next | x_t, x_0) of the (respaced) process:
 
     mean = coef_x0 x_0 + coef_xt x_t, coef_x0 = beta alpha_next / sigma^2,
     coef_xt = sigma_next^2 sqrt(1 - beta) / sigma^2; variance beta~ = beta sigma_next^2 / sigma^2,
     its log clipped at the last step to the previous step's value (as in DDPM).
     """
-    g = _discrete_grid(schedule, num_steps, spacing, opts)
+    g = _discrete_grid(process, num_steps, spacing, opts)
     beta, var_ratio = g["beta"], jnp.square(g["sigma_next"] / g["sigma"])
     posterior = beta * var_ratio
     clip_last = posterior[-2] if num_steps > 1 else beta[-1]
@@ -214,7 +107,7 @@ def _ddpm_grid(schedule: Levels, num_steps: int, spacing: str | None, opts: "_Op
     return g
 
 
-def _dpm_grid(schedule: Levels, num_steps: int, spacing: str | None, opts: "_Options") -> Grid:
+def _dpm_grid(process: ProcessLike, num_steps: int, spacing: str | None, opts: "_Options") -> Grid:
     """Adds DPM-Solver++ coefficients, in lambda = log(alpha / sigma), h = lambda_next - lambda:
 
     first order (DDIM): x_next = ratio x + coef D with ratio = sigma_next / sigma and
@@ -222,7 +115,8 @@ def _dpm_grid(schedule: Levels, num_steps: int, spacing: str | None, opts: "_Opt
     D + c (D - D_prev), c = h / (2 h_prev), except at the first and the last step (c = 0).
     The last step (to sigma = 0, lambda = inf) is first order: ratio = 0, coef = 1, x_next = D.
     """
-    g = _discrete_grid(schedule, num_steps, spacing, opts)
+    process = processes.as_process(process)
+    g = _discrete_grid(process, num_steps, spacing, opts)
     lam = _log_snr(g["alpha"], g["sigma"])
     h = lam[1:] - lam[:-1]  # [n-1]: all steps but the last
     g["ratio"] = jnp.append(g["sigma"][1:] / g["sigma"][:-1], 0.0)
@@ -231,86 +125,53 @@ def _dpm_grid(schedule: Levels, num_steps: int, spacing: str | None, opts: "_Opt
     # 2S midpoint: lambda + h/2, i.e. the geometric mean of the VE levels.
     s = g["sigma"] / g["alpha"]
     s_mid = jnp.append(jnp.sqrt(s[1:] * s[:-1]), s[-1])  # the last row is unused
-    g["alpha_mid"], g["sigma_mid"] = _vp(s_mid)
-    g["t_mid"] = _time_of_ve(schedule, s_mid)
+    g["alpha_mid"], g["sigma_mid"] = vp_of_ve(s_mid)
+    g["t_mid"] = process.level_of_ve(s_mid)
     g["coef_mid"] = jnp.append(-g["alpha_mid"][:-1] * jnp.expm1(-0.5 * h), 0.0)
     return g
 
 
-def _karras_grid(schedule: Levels, num_steps: int, spacing: str | None, opts: "_Options") -> Grid:
-    """Levels for Euler / Heun on the probability-flow ODE in an ODE variable y = x / y_scale
-    at ODE time u, with dy/du = eps + ode_x0_coef x_0, then u = 0. Churn (VE ODEs only).
+def _karras_grid(
+    process: ProcessLike, num_steps: int, spacing: str | None, opts: "_Options"
+) -> Grid:
+    """Levels for Euler / Heun on the probability-flow ODE in the process's ODE variable
+    y = x / y_scale at ODE time u (`Process.ode_variable`), dy/du = eps + ode_x0_coef x_0, then
+    u = 0. The VE variable for every process but a flow (y = x / alpha, u = s = sigma / alpha,
+    dy/ds = eps; Karras et al., 2022, alg. 2); a flow: x itself in t, dy/dt = eps - x_0 = v.
+    spacing None: the process's default for euler (a discrete schedule: Karras sigmas).
 
-    Discrete schedules and EDM: the VE variable (y = x / alpha, u = s = sigma / alpha,
-    dy/ds = eps; Karras et al., 2022, alg. 2). spacing karras (the discrete default): Karras
-    sigmas between the schedule's s_0 and s_{T-1}, at fractional t; leading / trailing /
-    linspace: s_t = sqrt((1 - ab_t) / ab_t) at `timesteps(T, n, spacing)`, at those integer t;
-    EDM: its own levels. Flow: x itself (y = x_vp sqrt(a^2 + b^2), u = t, dy/dt = eps - x_0 =
-    v), on its levels.
-
-    Churn: s_hat = min(s (1 + gamma), s_max), gamma = min(churn / n, sqrt(2) - 1) where
-    tmin <= s <= tmax, s_max = s_{T-1} (the model was never trained above it; on Karras
-    sigmas, their first level); a raised level s_hat > s is called at its fractional t.
+    Churn (VE ODEs only): s_hat = min(s (1 + gamma), s_max), gamma = min(churn / n,
+    sqrt(2) - 1) where tmin <= s <= tmax, s_max the highest level the model was trained on
+    (`Process.ve_range`); a raised level s_hat > s is called at its own model time.
     """
-    if not isinstance(schedule, Schedule):
-        spacing = schedule.default_spacing if spacing is None else spacing
-        u = schedule.levels(num_steps, spacing, opts.rho)
-        t = u
-        if schedule.ode_x0_coef == 0.0:  # EDM: u = sigma is the VE level
-            s, s_max = u, u[0]
-        else:  # flow: churn is refused; its rows keep the levels as they are
-            s = s_max = None
-    else:
-        spacing = "karras" if spacing is None else spacing
-        if spacing == "karras":
-            s = _schedule_karras_sigmas(schedule, num_steps, opts.rho)
-            s_max = s[0]
-        else:
-            ts = timesteps(schedule.num_timesteps, num_steps, spacing)
-            table = schedule.sqrt_one_minus_alpha_bars / schedule.sqrt_alpha_bars
-            s, s_max = table[ts], table[-1]
-            t = jnp.asarray(ts, jnp.float32)
-        u = s
-    u_next = jnp.append(u[1:], 0.0)
-    if s is None:  # a flow: no churn, x itself is the ODE variable
-        alpha, sigma = processes.vp_coefficients(schedule, u)
-        alpha_next, sigma_next = processes.vp_coefficients(schedule, u_next)
-        u_hat, alpha_hat, sigma_hat = u, alpha, sigma
-        y_scale = y_scale_hat = 1.0 / processes.native_scale(schedule, u)
-        y_scale_next = 1.0 / processes.native_scale(schedule, u_next)
-        t_next = jnp.append(t[1:], t[-1])  # the last row is unused (no 2nd call)
-    else:  # the VE variable x / alpha
-        in_range = (s >= opts.churn_tmin) & (s <= opts.churn_tmax)
+    process = processes.as_process(process)
+    spacing = process.default_spacing("euler") if spacing is None else spacing
+    levels = process.sampling_levels(num_steps, spacing, opts.rho)
+    u, y_scale = process.ode_variable(levels)
+    u_hat, alpha_hat, sigma_hat, t, y_scale_hat = u, levels.alpha, levels.sigma, levels.t, y_scale
+    if opts.churn > 0:
+        in_range = (u >= opts.churn_tmin) & (u <= opts.churn_tmax)
         gamma = jnp.where(in_range, min(opts.churn / num_steps, np.sqrt(2.0) - 1.0), 0.0)
-        u_hat = jnp.minimum(s * (1.0 + gamma), s_max)  # stay within the model's levels
-        alpha, sigma = _vp(s)
-        alpha_hat, sigma_hat = _vp(u_hat)
-        alpha_next, sigma_next = _vp(u_next)
-        y_scale, y_scale_hat, y_scale_next = alpha, alpha_hat, alpha_next
-        if isinstance(schedule, Schedule) and spacing != "karras":
-            t_grid = t
-            t = jnp.where(u_hat > s, sigma_to_t(schedule, u_hat), t_grid)
-            t_next = jnp.append(t_grid[1:], t_grid[-1])  # the last row is unused
-        else:
-            t = _time_of_ve(schedule, u_hat)
-            s_next_model = jnp.where(u_next > 0, u_next, s[-1])  # the last row is unused
-            t_next = _time_of_ve(schedule, s_next_model)
+        u_hat = jnp.minimum(u * (1.0 + gamma), process.ve_range()[1])  # the model's levels
+        alpha_hat, sigma_hat = vp_of_ve(u_hat)
+        t = jnp.where(u_hat > u, process.level_of_ve(u_hat), levels.t)
+        y_scale_hat = alpha_hat
     return _grid(
         num_steps,
         t=t,
-        alpha=alpha,
-        sigma=sigma,
-        alpha_next=alpha_next,
-        sigma_next=sigma_next,
+        alpha=levels.alpha,
+        sigma=levels.sigma,
+        alpha_next=jnp.append(levels.alpha[1:], 1.0),
+        sigma_next=jnp.append(levels.sigma[1:], 0.0),
         u=u,
         u_hat=u_hat,
-        u_next=u_next,
+        u_next=jnp.append(u[1:], 0.0),
         y_scale=y_scale,
         y_scale_hat=y_scale_hat,
-        y_scale_next=y_scale_next,
+        y_scale_next=jnp.append(y_scale[1:], 1.0),
         alpha_hat=alpha_hat,
         sigma_hat=sigma_hat,
-        t_next=t_next,
+        t_next=jnp.append(levels.t[1:], levels.t[-1]),  # the last row is unused
     )
 
 
@@ -594,25 +455,17 @@ def make_predict(
 # Validation (host side, before any tracing).
 
 
-def _check_spacing(spacing: str | None) -> None:
-    if spacing is not None and spacing not in SPACINGS:
-        raise ValueError(
-            f"spacing={spacing!r} is not one of {', '.join(SPACINGS)} "
-            "(or None: the method's default)"
-        )
-
-
-def _check_num_steps(num_steps: int, num_timesteps: int, *, discrete: bool) -> None:
+def _check_num_steps(num_steps: int, high: int | None) -> None:
     ok = isinstance(num_steps, int | np.integer) and num_steps >= 1
-    if not ok or (discrete and num_steps > num_timesteps):
-        bound = f"in [1, {num_timesteps}] (the schedule's num_timesteps)" if discrete else ">= 1"
+    if not ok or (high is not None and num_steps > high):
+        bound = f"in [1, {high}] (the schedule's num_timesteps)" if high else ">= 1"
         raise ValueError(f"num_steps={num_steps!r} must be an integer {bound}")
 
 
 def validate(
     method: str,
     num_steps: int,
-    schedule: Levels,
+    process: ProcessLike,
     *,
     spacing: str | None = None,
     eta: float = 0.0,
@@ -623,19 +476,20 @@ def validate(
     """Raises ValueError naming the argument of an unusable sampler configuration."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {', '.join(METHODS)}")
-    _check_spacing(spacing)
-    if isinstance(schedule, Schedule):
-        discrete = (DEFAULT_SPACING[method] if spacing is None else spacing) != "karras"
-        _check_num_steps(num_steps, schedule.num_timesteps, discrete=discrete)
-    else:
-        if spacing is not None and spacing not in schedule.spacings:
-            raise ValueError(
-                f"spacing={spacing!r}: a {schedule.name} process's levels are "
-                f"{' or '.join(schedule.spacings)}"
-            )
-        _check_num_steps(num_steps, 0, discrete=False)
-        if churn > 0 and schedule.ode_x0_coef != 0.0:
-            raise ValueError(f"churn={churn}: churn needs a VE ODE, not a {schedule.name} process")
+    process = processes.as_process(process)
+    if spacing is not None and spacing not in SPACINGS:
+        raise ValueError(
+            f"spacing={spacing!r} is not one of {', '.join(SPACINGS)} "
+            "(or None: the method's default)"
+        )
+    if spacing is not None and spacing not in process.spacings:
+        raise ValueError(
+            f"spacing={spacing!r}: a {process.name} process's levels are "
+            f"{' or '.join(process.spacings)}"
+        )
+    _check_num_steps(num_steps, process.max_steps(spacing or process.default_spacing(method)))
+    if churn > 0 and process.ode_x0_coef != 0.0:
+        raise ValueError(f"churn={churn}: churn needs a VE ODE, not a {process.name} process")
     if churn > 0 and method not in KARRAS_METHODS:
         raise ValueError(f"churn={churn} applies to {', '.join(KARRAS_METHODS)}, not {method!r}")
     if not 0.0 <= eta <= 1.0:
@@ -675,7 +529,7 @@ def _guidance_on(guidance_scale: Any) -> bool:
 
 def sample(
     denoise_fn: DenoiseFn,
-    schedule: Levels,
+    process: ProcessLike,
     shape: tuple[int, ...],
     rng: Array,
     *,
@@ -709,9 +563,9 @@ def sample(
       denoise_fn: `denoise_fn(x_t, t, labels) -> output`, x_t: [B, ...] float32, t: [B] float32,
         labels: [B] int32 or None; output: x_t's shape in the `prediction` parameterization
         (last axis doubled for variance="learned": [mean channels, variance interpolation v]).
-      schedule: the forward process the model was trained on: a discrete `Schedule`, or a
-        continuous process of `ddpm.processes` (EDM, flow), whose model time t is its own tau
-        (denoise_fn is then usually `processes.precondition`'s x_0 predictor, prediction x0).
+      process: the noise process the model was trained on (`ddpm.processes`; a bare discrete
+        `Schedule` is the DDPM process of its tables); t is its level (model time), and
+        denoise_fn usually its `Process.denoiser` with prediction `Process.prediction`.
       shape: [B, ...] of the samples (static).
       rng: PRNG key: split into the x_T noise and per-step keys (`fold_in(key, step)`).
       method: one of `METHODS` (static). ddpm: ancestral, respaced to `num_steps` as in improved
@@ -759,10 +613,11 @@ def sample(
     Returns:
       x_0: `shape` float32.
     """
+    process = processes.as_process(process)
     validate(
         method,
         num_steps,
-        schedule,
+        process,
         spacing=spacing,
         eta=eta,
         prediction=prediction,
@@ -793,7 +648,7 @@ def sample(
         churn_tmin=float(churn_tmin),
         churn_tmax=float(churn_tmax),
         churn_noise=float(churn_noise),
-        ode_x0_coef=0.0 if isinstance(schedule, Schedule) else schedule.ode_x0_coef,
+        ode_x0_coef=process.ode_x0_coef,
     )
     if labels is not None and not isinstance(labels, dict):  # a dict: text conditioning
         labels = jnp.asarray(labels, jnp.int32)
@@ -801,7 +656,7 @@ def sample(
     predict = _make_predict(denoise_fn, labels, scale, opts)
 
     make_grid, step, init_aux = _METHOD_TABLE[method]
-    grid = make_grid(schedule, num_steps, spacing, opts)
+    grid = make_grid(process, num_steps, spacing, opts)
     noise_key, step_key = jax.random.split(rng)
     x_T = jax.random.normal(noise_key, shape, jnp.float32)
     if strength < 1.0:
@@ -844,7 +699,7 @@ def sample(
 
 def make_sampler(
     model_fn: Callable[[Any, Array, Array, Array | None], Array],
-    schedule: Levels,
+    process: ProcessLike,
     shape: tuple[int, ...],
     *,
     guidance: bool = False,
@@ -865,7 +720,7 @@ def make_sampler(
     validate(
         options.get("method", "ddim"),
         options.get("num_steps", 50),
-        schedule,
+        process,
         spacing=options.get("spacing"),
         eta=options.get("eta", 0.0),
         prediction=options.get("prediction", "eps"),
@@ -895,7 +750,7 @@ def make_sampler(
             raise ValueError(f"make_sampler(guidance={guidance}): guidance_scale={guidance_scale}")
         return sample(
             lambda x, t, y: model_fn(params, x, t, y),
-            schedule,
+            process,
             shape,
             rng,
             guidance_scale=guidance_scale,

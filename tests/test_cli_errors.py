@@ -40,11 +40,15 @@ def _cases(tmp) -> dict[str, tuple[list[str], str]]:
         ),
         "process": (
             [*base, "--config.diffusion.process=rectified"],
-            "config.diffusion.process='rectified' is not one of ddpm, edm, flow",
+            "config.diffusion.process='rectified' is not one of ddpm, edm, flow, vpsde",
         ),
-        "bpd_flow": (
-            ["--config=configs/mnist_flow.py", f"--workdir={w}", "--mode=eval"],
-            "bpd, the discrete-time bound of a ddpm process: it is not defined for",
+        "process_field": (
+            [*base, "--config.diffusion.process=vpsde", "--config.diffusion.vpsde.beta_max=0.05"],
+            "config.diffusion.vpsde.beta_max=0.05 must be a number > 0.1",
+        ),
+        "bpd_divergence": (
+            [*base, "--mode=eval", "--config.eval.bpd_ode_divergence=hutch"],
+            "config.eval.bpd_ode_divergence='hutch' is not one of hutchinson, exact",
         ),
         "method": (
             [*base, "--mode=sample", "--config.sample.method=ddmi"],
@@ -179,7 +183,8 @@ CASES = [
     "pretrained_dir",
     "pretrained_weights",
     "process",
-    "bpd_flow",
+    "process_field",
+    "bpd_divergence",
 ]
 
 

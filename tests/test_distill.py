@@ -172,10 +172,10 @@ def _objective(config, model, teacher, frozen, input_shape):
         input_shape=input_shape,
         speed=runtime.resolve(config.runtime),
         frozen=frozen,
-        schedule=build.schedule(config),
+        process=build.process(config),
         teacher=teacher,
         grids=distillation.round_grids(
-            build.schedule(config), config.distill.teacher_steps, runs.distill_rounds(config)
+            build.process(config), config.distill.teacher_steps, runs.distill_rounds(config)
         ),
     )
 

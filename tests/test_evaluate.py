@@ -22,6 +22,7 @@ def _eval_config(**eval_fields):
     e.metrics = ("bpd", "fd", "accuracy", "pr")
     e.num_samples, e.batch_size = 20, 10
     e.bpd_examples, e.bpd_importance_examples, e.bpd_importance_draws = 10, 10, 8
+    e.bpd_ode_examples, e.bpd_ode_tolerance = 10, 1e-3
     e.classifier_steps = 60
     e.guidance_scales = (0.0, 2.0)
     e.update(eval_fields)
@@ -106,6 +107,9 @@ def test_eval_mode_writes_json_table_plot_and_grids(trained_workdir):
     assert abs(results["bpd"] - draws.mean()) < 4 * se, (results["bpd"], draws.mean(), se)
     both = np.hypot(results["bpd_stderr"], results["bpd_importance_stderr"])
     assert abs(results["bpd"] - results["bpd_importance"]) < 4 * both
+    # The ddpm process reports the probability-flow ODE's figure too, under its own name (its
+    # correctness: tests/test_likelihood.py).
+    assert results["bpd_ode_examples"] == e.bpd_ode_examples and results["bpd_ode_stderr"] > 0
 
     rows = results["guidance"]
     assert [row["guidance_scale"] for row in rows] == [0.0, 2.0]

@@ -88,7 +88,7 @@ def test_schedulers_reproduce_diffusers_alphas_cumprod():
     for name in names:
         config = schema.get_config()
         scheduler.apply(config, json.loads(str(tables[f"{name}__config"])), name)
-        ours = np.asarray(build.schedule(config).alpha_bars, np.float64)
+        ours = np.asarray(build.process(config).schedule.alpha_bars, np.float64)
         np.testing.assert_allclose(ours, tables[name], rtol=0, atol=1e-6, err_msg=name)
 
 

@@ -94,7 +94,7 @@ def analytic_loss(process) -> float:
 
 @pytest.mark.parametrize("process", [EDM, FLOW], ids=["edm", "flow"])
 def test_exact_network_has_the_analytic_loss_and_beats_perturbed_ones(process):
-    """`processes.loss` of the exact network on 400k draws equals the analytic minimum within 4
+    """`Process.loss` of the exact network on 400k draws equals the analytic minimum within 4
     standard errors (and 1 %); adding delta = 0.1 to F raises it by delta^2 = 0.01 (paired
     draws, within 4 standard errors of the difference), scaling F by 0.9 raises it too."""
     n = 400_000
@@ -104,7 +104,7 @@ def test_exact_network_has_the_analytic_loss_and_beats_perturbed_ones(process):
 
     def loss_of(fn):
         apply_fn = lambda params, inputs, time, _rng: fn(None, inputs, time, None)  # noqa: E731
-        return processes.loss(None, apply_fn, process, x0, rng)[1]["per_example"]
+        return process.loss(None, apply_fn, x0, rng)[1]["per_example"]
 
     exact = np.asarray(loss_of(net), np.float64)
     want = analytic_loss(process)
@@ -122,14 +122,14 @@ def test_training_levels_follow_their_distributions():
     u ~ U(0, 1) has P(t <= q) = q / (3 - 2q), the logit of an unshifted logit-normal t has
     mean 0.5 and std 2 for those fields (4 standard errors, 200k draws)."""
     n, key = 200_000, jax.random.key(0)
-    log_sigma = np.log(np.asarray(processes.EDM(p_mean=-1.2, p_std=1.2).draw(key, n)))
+    log_sigma = np.log(np.asarray(processes.EDM(p_mean=-1.2, p_std=1.2).draw_levels(key, n)))
     assert abs(log_sigma.mean() + 1.2) < 4 * 1.2 / math.sqrt(n)
     assert abs(log_sigma.std() - 1.2) < 4 * 1.2 / math.sqrt(2 * n)
-    t = np.asarray(processes.Flow(t_sampling="uniform", shift=3.0).draw(key, n))
+    t = np.asarray(processes.Flow(t_sampling="uniform", shift=3.0).draw_levels(key, n))
     for q in (0.2, 0.5, 0.8):
         p = q / (3 - 2 * q)
         assert abs(np.mean(t <= q) - p) < 4 * math.sqrt(p * (1 - p) / n), q
-    t = np.asarray(processes.Flow(logit_mean=0.5, logit_std=2.0).draw(key, n), np.float64)
+    t = np.asarray(processes.Flow(logit_mean=0.5, logit_std=2.0).draw_levels(key, n), np.float64)
     logit = np.log(t / (1 - t))
     assert abs(logit.mean() - 0.5) < 4 * 2.0 / math.sqrt(n)
     assert abs(logit.std() - 2.0) < 4 * 2.0 / math.sqrt(2 * n)
@@ -137,7 +137,7 @@ def test_training_levels_follow_their_distributions():
 
 @pytest.mark.parametrize("process", [EDM, FLOW], ids=["edm", "flow"])
 def test_preconditioning_recovers_the_exact_denoiser(process):
-    """`processes.precondition` of the exact network, called as the samplers call it (x in
+    """`Process.denoiser` of the exact network, called as the samplers call it (x in
     the VP scale x / sqrt(a^2 + b^2)), returns E[x_0 | x] (float32: 2e-5 relative) at levels
     across the sampler's range, including a flow's t = 1 (x = eps)."""
     taus = (
@@ -149,7 +149,7 @@ def test_preconditioning_recovers_the_exact_denoiser(process):
     a, b = native(process, taus[:, None])
     want = posterior_mean(x_native, a, b)
     x_vp = x_native / np.sqrt(a**2 + b**2)
-    fn = processes.precondition(process, exact_network(process))
+    fn = process.denoiser(exact_network(process))
     got = fn(None, jnp.asarray(x_vp, jnp.float32), jnp.asarray(taus, jnp.float32), None)
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
 
@@ -172,7 +172,7 @@ def ode_errors(process, method: str, steps: tuple[int, ...], n: int = 2048) -> l
     z = np.asarray(jax.random.normal(jax.random.split(key)[0], (n, 3)), np.float64)
     errors = []
     for num_steps in steps:
-        tau0 = float(process.levels(num_steps, process.default_spacing, 7.0)[0])
+        tau0 = float(process.levels(num_steps, process.default_spacing("heun"), 7.0)[0])
         (a0,), (b0,) = native(process, [tau0])
         x = z * np.sqrt(a0**2 + b0**2)
         want = MU + np.sqrt(VAR / (a0**2 * VAR + b0**2)) * (x - a0 * MU)
@@ -276,11 +276,12 @@ def test_sampler_options_a_process_refuses():
         samplers.sample(exact_x0(FLOW), FLOW, (2, 3), jax.random.key(0), method="heun", churn=1)
 
 
-@pytest.mark.parametrize("process", ["edm", "flow"])
-def test_tiny_run_trains_samples_edits_and_refuses_bpd(tmp_path, process):
+@pytest.mark.parametrize("process", ["edm", "flow", "vpsde"])
+def test_tiny_run_trains_samples_edits_and_scores_bpd(tmp_path, process):
     """The headline path at a tiny size: a run of each process trains, draws its grid, samples
-    with the recipe's sampler and inpaints; eval refuses bits/dim with the reason; the
-    workdir refuses a ddpm config on resume."""
+    with the recipe's sampler and inpaints; eval reports the probability-flow ODE's bits/dim
+    with its error bar and function evaluations (no discrete bound: that is the ddpm
+    process's); the workdir refuses a ddpm config on resume."""
     config = tiny_config(num_steps=4, sample_every=4, checkpoint_every=4)
     config.diffusion.process = process
     config.sample.method, config.sample.num_steps = "heun", 3
@@ -293,9 +294,12 @@ def test_tiny_run_trains_samples_edits_and_refuses_bpd(tmp_path, process):
     config.edit.num_samples = 2
     assert os.path.isfile(editing.edit_from_workdir(config, workdir, "inpaint"))
     config.eval.metrics = ("bpd",)
-    with pytest.raises(UserError, match="bpd, the discrete-time bound of a ddpm process"):
-        validation.validate_eval(config)
-        evaluate.evaluate(config, workdir)
+    config.eval.bpd_ode_examples, config.eval.batch_size = 6, 3
+    config.eval.bpd_ode_tolerance = 1e-3
+    results = evaluate.evaluate(config, workdir)
+    assert "bpd" not in results and results["bpd_ode_examples"] == 6
+    assert np.isfinite(results["bpd_ode"]) and results["bpd_ode_stderr"] > 0
+    assert results["bpd_ode_nfe"] >= 8  # at least one Dopri5 step
     ddpm_config = tiny_config(num_steps=8)
     with pytest.raises(UserError, match="diffusion.process"):
         train.train_and_evaluate(ddpm_config, workdir)

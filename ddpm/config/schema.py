@@ -10,6 +10,8 @@ speed but never results live in `config.runtime`, applied by platform (`ddpm.run
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from ddpm import processes
+
 OBJECTIVES = ("diffusion", "autoencoder", "latent", "distill")
 
 
@@ -145,11 +147,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.text.depth = 2  # text encoder layers ("captions")
     config.text.num_heads = 4
 
-    # Forward process and objective. process: "ddpm" (the discrete schedule below with its
+    # Noise process (ddpm.processes). process: "ddpm" (the discrete schedule below with its
     # prediction and loss weighting: ddpm.schedules, ddpm.diffusion), "edm" (Karras et al.
-    # 2022: x = x_0 + sigma eps with the paper's preconditioning, diffusion.edm) or "flow"
-    # (flow matching / rectified flow: x_t = (1 - t) x_0 + t eps, velocity target eps - x_0,
-    # diffusion.flow); see ddpm.processes. edm and flow ignore the ddpm fields.
+    # 2022: x = x_0 + sigma eps with the paper's preconditioning), "flow" (flow matching /
+    # rectified flow: x_t = (1 - t) x_0 + t eps, velocity target eps - x_0) or "vpsde"
+    # (score_sde's continuous-time VP-SDE, eps target). The ddpm fields below are ignored by
+    # the others, which read their own section diffusion.<process>.
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.process = "ddpm"
     config.diffusion.schedule = "linear"  # linear | cosine | scaled_linear | sigmoid
@@ -162,21 +165,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.loss_weighting = "none"  # none | min_snr
     config.diffusion.min_snr_gamma = 5.0
     config.diffusion.zero_terminal_snr = False
-    # EDM: sigma_data (the data's std), training ln sigma ~ N(p_mean, p_std^2), sampler levels
-    # in [sigma_min, sigma_max] (the paper's values).
-    config.diffusion.edm = ml_collections.ConfigDict()
-    config.diffusion.edm.sigma_data = 0.5
-    config.diffusion.edm.sigma_min = 0.002
-    config.diffusion.edm.sigma_max = 80.0
-    config.diffusion.edm.p_mean = -1.2
-    config.diffusion.edm.p_std = 1.2
-    # flow: training t ~ logit_normal (sigmoid of N(logit_mean, logit_std^2)) | uniform, then
-    # t -> shift t / (1 + (shift - 1) t) in training and in the sampler's levels (SD3).
-    config.diffusion.flow = ml_collections.ConfigDict()
-    config.diffusion.flow.t_sampling = "logit_normal"
-    config.diffusion.flow.logit_mean = 0.0
-    config.diffusion.flow.logit_std = 1.0
-    config.diffusion.flow.shift = 1.0
+    # One section per continuous process, its fields and defaults those of its class:
+    # edm (ddpm.processes.edm.EDM): sigma_data (the data's std), training ln sigma ~
+    #   N(p_mean, p_std^2), sampler levels in [sigma_min, sigma_max] (the paper's values);
+    # flow (ddpm.processes.flow.Flow): training t ~ logit_normal (sigmoid of N(logit_mean,
+    #   logit_std^2)) | uniform, then t -> shift t / (1 + (shift - 1) t) in training and in
+    #   the sampler's levels (SD3);
+    # vpsde (ddpm.processes.vpsde.VPSDE): beta(t) = beta_min + t (beta_max - beta_min),
+    #   training t ~ U[t_min, 1] (score_sde's 0.1, 20, 1e-5).
+    for name, process in processes.REGISTRY.items():
+        if process.defaults():
+            config.diffusion[name] = ml_collections.ConfigDict(process.defaults())
 
     # Optimisation and bookkeeping (ddpm.train).
     config.training = ml_collections.ConfigDict()
@@ -267,9 +266,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.num_samples = 1000  # generated samples per guidance scale (fd, accuracy, pr, fid)
     config.eval.guidance_scales = ()  # e.g. (0, 1, 3); () = (sample.guidance_scale,)
     config.eval.batch_size = 100  # test images per bound evaluation / samples per sampler call
+    # bpd of a discrete (ddpm) process: its variational bound, besides the ODE's figure.
     config.eval.bpd_examples = 100  # test images for the full-T bound (T model calls each)
     config.eval.bpd_importance_examples = 500  # test images for the importance-sampled bound
     config.eval.bpd_importance_draws = 16  # timesteps per image of the importance-sampled bound
+    # bpd from the probability-flow ODE (every process): images, the solver's rtol = atol, and
+    # the divergence: hutchinson (one Rademacher probe per image) | exact (one vector-Jacobian
+    # product per dimension: small inputs only).
+    config.eval.bpd_ode_examples = 100
+    config.eval.bpd_ode_tolerance = 1e-5
+    config.eval.bpd_ode_divergence = "hutchinson"
     config.eval.classifier_steps = 500  # training steps of the feature/accuracy classifier
     config.eval.inception_weights = placeholder(str)  # fid: the converted FID Inception .npz
     config.eval.reference_split = "train"  # real images the generated ones are compared with

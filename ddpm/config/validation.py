@@ -6,14 +6,13 @@ The math and model modules check their own arguments (their errors name those); 
 here run first, so a user sees config paths.
 """
 
-import math
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import ml_collections
 
-from ddpm import data, diffusion, processes, samplers, schedules
+from ddpm import data, diffusion, likelihood, processes, samplers, schedules
 from ddpm.config import runs, schema
 from ddpm.errors import UserError
 from ddpm.models.dit import POS_EMBED_LAYOUTS
@@ -173,7 +172,7 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_process(config: ml_collections.ConfigDict) -> None:
-    """config.diffusion.process and the section of a continuous one (edm, flow)."""
+    """config.diffusion.process and the section of a continuous one (edm, flow, vpsde)."""
     process = config.diffusion.process
     choice(config, "diffusion.process", processes.PROCESSES)
     if process == "ddpm":
@@ -188,18 +187,10 @@ def _validate_process(config: ml_collections.ConfigDict) -> None:
             f"config.diffusion.process={process!r}: distillation (config.objective='distill') "
             "runs on a ddpm teacher and DDIM student; use process 'ddpm'"
         )
-    if process == "edm":
-        for field in ("sigma_data", "sigma_min", "p_std"):
-            number(config, f"diffusion.edm.{field}", 0, low_inclusive=False)
-        number(
-            config, "diffusion.edm.sigma_max", config.diffusion.edm.sigma_min, low_inclusive=False
-        )
-        number(config, "diffusion.edm.p_mean", -math.inf)
-    else:
-        choice(config, "diffusion.flow.t_sampling", processes.FLOW_T_SAMPLINGS)
-        number(config, "diffusion.flow.logit_mean", -math.inf)
-        number(config, "diffusion.flow.logit_std", 0, low_inclusive=False)
-        number(config, "diffusion.flow.shift", 0, low_inclusive=False)
+    try:  # each continuous process checks the fields of its section, naming the field
+        processes.REGISTRY[process](**config.diffusion[process].to_dict())
+    except ValueError as e:
+        raise UserError(f"config.diffusion.{process}.{e}") from None
 
 
 def _validate_diffusion(config: ml_collections.ConfigDict) -> None:
@@ -229,21 +220,19 @@ def _validate_diffusion(config: ml_collections.ConfigDict) -> None:
 def _validate_sample(config: ml_collections.ConfigDict) -> None:
     s = config.sample
     choice(config, "sample.method", samplers.METHODS)
-    process = config.diffusion.process
-    continuous = process != "ddpm"
-    spacings = processes.BY_NAME[process].spacings if continuous else samplers.SPACINGS
+    process = processes.create(config.diffusion, config.model.get("learn_sigma", False))
     if s.spacing is not None:
-        choice(config, "sample.spacing", spacings)
-    choice(config, "sample.variance", samplers.VARIANCES[:2])
-    karras = (s.spacing or samplers.DEFAULT_SPACING[s.method]) == "karras"  # fractional t
-    high = None if karras or continuous else config.diffusion.num_timesteps
+        choice(config, "sample.spacing", process.spacings)
+    choice(config, "sample.variance", diffusion.VARIANCES[:2])
+    high = process.max_steps(s.spacing or process.default_spacing(s.method))
     number(config, "sample.num_steps", 1, high, high_inclusive=True, integer=True)
     number(config, "sample.eta", 0, 1, high_inclusive=True)
     number(config, "sample.churn", 0)
-    if s.churn > 0 and process == "flow":
+    if s.churn > 0 and process.ode_x0_coef != 0.0:
         raise UserError(
             f"config.sample.churn={s.churn}: churn (EDM's S_churn) adds noise along a VE ODE; "
-            "a flow's ODE runs in t (config.diffusion.process='flow'): set it to 0"
+            f"a {process.name} process's ODE runs in its own time "
+            f"(config.diffusion.process={process.name!r}): set it to 0"
         )
     number(config, "sample.guidance_scale", 0)
     _positive_ints(config, "sample", ("num_samples", "batch_size"))
@@ -510,6 +499,9 @@ def validate_eval(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"config.eval.metrics={chosen!r}: each must be one of {_fmt(EVAL_METRICS)}")
     _positive_ints(config, "eval", ("num_samples", "batch_size", "bpd_examples"))
     _positive_ints(config, "eval", ("bpd_importance_examples", "classifier_steps"))
+    _positive_ints(config, "eval", ("bpd_ode_examples",))
+    number(config, "eval.bpd_ode_tolerance", 0, 0.1, low_inclusive=False, high_inclusive=True)
+    choice(config, "eval.bpd_ode_divergence", likelihood.DIVERGENCES)
     number(config, "eval.bpd_importance_draws", 2, integer=True)
     choice(config, "eval.reference_split", ("train", "test"))
     conditional = config.model.get("num_classes") is not None
@@ -520,13 +512,6 @@ def validate_eval(config: ml_collections.ConfigDict) -> None:
         raise UserError(
             "config.eval.guidance_scales and the accuracy metric need a class-conditional model "
             f"(config.model.num_classes is None); got scales {scales!r}, metrics {chosen!r}"
-        )
-    if "bpd" in chosen and config.diffusion.process != "ddpm":
-        raise UserError(
-            f"config.eval.metrics includes bpd, the discrete-time bound of a ddpm process: it "
-            f"is not defined for config.diffusion.process={config.diffusion.process!r} (a "
-            "continuous-time model's likelihood needs the probability-flow ODE's, which eval "
-            "does not compute); use fd, accuracy, pr or fid"
         )
     if "bpd" in chosen and (
         config.objective != "diffusion"

@@ -1,6 +1,5 @@
-"""Diffusion on the data itself: the denoising loss of `config.diffusion.process` (ddpm:
-`ddpm.diffusion`'s eps / x0 / v targets, min-SNR weighting, learned variance; edm, flow:
-`ddpm.processes`) with classifier-free label dropout, and samples from `config.sample`'s
+"""Diffusion on the data itself: the denoising loss of `config.diffusion.process`
+(`ddpm.processes`) with classifier-free label dropout, and samples from `config.sample`'s
 sampler."""
 
 import dataclasses
@@ -10,21 +9,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ddpm import build, conditioning, diffusion, processes
+from ddpm import build, conditioning, processes
 from ddpm.objectives.base import Array, Batch, Objective
-from ddpm.schedules import Schedule
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Diffusion(Objective):
-    """schedule: the forward process of `config.diffusion` (`build.schedule`): a discrete
-    `Schedule`, or a continuous EDM / flow process."""
+    """process: the noise process of `config.diffusion` (`build.process`)."""
 
-    schedule: Schedule | processes.Continuous
+    process: processes.Process
 
     @classmethod
     def from_config(cls, config, speed, **fields):
-        return super().from_config(config, speed, schedule=build.schedule(config), **fields)
+        return super().from_config(config, speed, process=build.process(config), **fields)
 
     def denoising_loss(self, params: Any, x0: Array, batch: Batch, rng: Array) -> Array:
         """The diffusion loss of data x0 [B, ...] float32 conditioned on `batch`'s condition
@@ -40,20 +37,7 @@ class Diffusion(Objective):
                 {"params": params}, x_t, t, cond, train=True, rngs={"dropout": dropout_rng}
             )
 
-        if not isinstance(self.schedule, Schedule):  # EDM, flow
-            return processes.loss(params, apply_fn, self.schedule, x0, loss_rng)[0]
-        loss, _ = diffusion.loss(
-            params,
-            apply_fn,
-            self.schedule,
-            x0,
-            loss_rng,
-            prediction=c.diffusion.prediction,
-            weighting=c.diffusion.loss_weighting,
-            min_snr_gamma=c.diffusion.min_snr_gamma,
-            learned_variance=c.model.learn_sigma,
-        )
-        return loss
+        return self.process.loss(params, apply_fn, x0, loss_rng)[0]
 
     def loss(
         self, params: Any, frozen: Any, batch: Batch, rng: Array, carry: Any = None
@@ -63,7 +47,7 @@ class Diffusion(Objective):
 
     def sampler(self, num: int, **edit: Any) -> Callable[..., Array]:
         return build.sampler(
-            self.config, self.apply, self.schedule, (num, *self.input_shape), **edit
+            self.config, self.apply, self.process, (num, *self.input_shape), **edit
         )
 
     def training_grid(self, rng: Array) -> tuple[Callable[[Any, int], Array], int]:

@@ -139,15 +139,18 @@ class Distillation(Diffusion):
         batch): the samplers' own model wrapper (`samplers.make_predict`) with the teacher's
         parameterization and config.sample's x_0 clipping or thresholding."""
         c = self.config
+        model_fn = self.process.denoiser(
+            lambda p, x, t, y: apply_fn({"params": p}, x, t, y, train=False)
+        )
         predict = samplers.make_predict(
-            lambda x, t, y: apply_fn({"params": params}, x, t, y, train=False),
+            lambda x, t, y: model_fn(params, x, t, y),
             cond,
             scale,
-            prediction=c.diffusion.prediction,
+            prediction=self.process.prediction,
             clip_x0=c.sample.clip_x0,
             dynamic_threshold=c.sample.dynamic_threshold,
             null_label=models.null_label(c),
-            variance="learned" if c.model.learn_sigma else "fixed_small",
+            variance="learned" if self.process.learned_variance else "fixed_small",
         )
         return lambda x, t, alpha, sigma: predict(x, t, alpha, sigma)[:2]
 
@@ -191,16 +194,14 @@ class Distillation(Diffusion):
             level, x_t, target = jax.lax.cond(carry["stage1"], guided_target, round_target)
         else:
             level, x_t, target = round_target()
-        out = self.apply(
-            {"params": params},
-            x_t,
-            level.t,
-            student_cond,
-            train=True,
-            rngs={"dropout": dropout_rng},
-        )[..., : x0.shape[-1]]
+        student = self.process.denoiser(
+            lambda p, x, t, y: self.apply(
+                {"params": p}, x, t, y, train=True, rngs={"dropout": dropout_rng}
+            )
+        )
+        out = student(params, x_t, level.t, student_cond)[..., : x0.shape[-1]]
         a, s = (diffusion.expand(v, x0.ndim) for v in (level.alpha, level.sigma))
-        student_x0, _ = diffusion.predict_x0_eps(out, x_t, a, s, c.diffusion.prediction)
+        student_x0, _ = diffusion.predict_x0_eps(out, x_t, a, s, self.process.prediction)
         loss = distillation.x0_loss(student_x0, jax.lax.stop_gradient(target), level)
         return loss, {"round": carry["round"].astype(jnp.float32)}
 
@@ -307,7 +308,7 @@ def create(
         trained = ckpt.latest_step()
         ckpt.close()
     grids = distillation.round_grids(
-        build.schedule(config), d.teacher_steps, runs.distill_rounds(config)
+        build.process(config), d.teacher_steps, runs.distill_rounds(config)
     )
     return Distillation.from_config(
         config, speed, frozen=frozen, teacher=teacher_net, grids=grids, trained_steps=trained
