@@ -6,11 +6,13 @@ samplers within 10 and 20 network calls per sample (one-call methods at 10 / 20 
 5 / 10 steps: 9 / 19 calls).
 
 python -m bench.objectives [--root=/tmp/bench_objectives] [--baseline=WORKDIR] [--samples=1000]
+    [--only=NAME] [--trained]
 
-Trains each run (or takes --baseline for the DDPM one) and times it; evaluates FD and class
-accuracy of `--samples` samples at guidance 1 and 3 with the DDPM workdir's classifier
-(copied, so every row uses the same features), and the DDPM run's bits/dim (the bound is
-not defined for EDM and flow: eval refuses it there). One JSON line per figure.
+Trains each run (or takes --baseline for the DDPM one; --trained: the runs already in --root)
+and times it; evaluates FD and class accuracy of `--samples` samples at guidance 1, 1.5 (the
+default recipe's) and 3 with the DDPM workdir's classifier (copied, so every row uses the
+same features), and each run's bits/dim: the probability-flow ODE's for every process, and
+the variational bound of the DDPM run. One JSON line per figure.
 """
 
 import argparse
@@ -43,7 +45,7 @@ CANDIDATES = {
     "edm": (("heun", 5, 10), ("dpm++2m", 10, 20), ("euler", 10, 20)),
     "flow": (("euler", 10, 20), ("heun", 5, 10), ("dpm++2m", 10, 20)),
 }
-GUIDANCE = (1.0, 3.0)
+GUIDANCE = (1.0, 1.5, 3.0)
 
 
 def emit(**record) -> None:
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--baseline", default=None, help="a trained mnist_ddpm workdir")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--only", default=None, help="one of ddpm, edm_paper, edm, flow")
+    parser.add_argument("--trained", action="store_true", help="evaluate the runs in --root")
     args = parser.parse_args()
     os.makedirs(args.root, exist_ok=True)
 
@@ -68,7 +71,7 @@ def main() -> None:
         workdirs["ddpm"] = args.baseline
     names = [args.only] if args.only else list(RECIPES)
     for name in names:
-        if name == "ddpm" and args.baseline is not None:
+        if args.trained or (name == "ddpm" and args.baseline is not None):
             continue
         shutil.rmtree(workdirs[name], ignore_errors=True)
         start = time.perf_counter()
@@ -99,11 +102,10 @@ def main() -> None:
                         fd=row["fd"],
                         accuracy=row["accuracy"],
                     )
-        if name == "ddpm":
-            config = RECIPES[name]()
-            config.eval.metrics = ("bpd",)
-            results = evaluate.evaluate(config, workdirs[name])
-            emit(figure="bpd", process=name, **{k: results[k] for k in results if "bpd" in k})
+        config = RECIPES[name]()
+        config.eval.metrics = ("bpd",)
+        results = evaluate.evaluate(config, workdirs[name])
+        emit(figure="bpd", process=name, **{k: results[k] for k in results if "bpd" in k})
 
 
 if __name__ == "__main__":

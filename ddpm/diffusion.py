@@ -269,9 +269,15 @@ def reverse_log_variance(
     if variance == "learned":
         if v is None:
             raise ValueError("variance='learned' needs the model's variance channels v")
-        frac = (v + 1.0) / 2.0
-        return frac * jnp.log(gather(schedule.betas, t, ndim)) + (1.0 - frac) * small
+        return learned_log_variance(v, small, jnp.log(gather(schedule.betas, t, ndim)))
     raise ValueError(f"variance={variance!r} is not one of {', '.join(VARIANCES)}")
+
+
+def learned_log_variance(v: Array, log_small: Array, log_large: Array) -> Array:
+    """Improved DDPM's learned variance: log var = f log beta + (1 - f) log beta~ with
+    f = (v + 1) / 2 from the model's variance channels v (broadcast with the logs)."""
+    frac = (v + 1.0) / 2.0
+    return frac * log_large + (1.0 - frac) * log_small
 
 
 def _bits_per_dim(nats: Array) -> Array:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from gaussian import gaussian_denoiser, mixture_denoiser, mixture_flow
 
-from ddpm import samplers
+from ddpm import processes, samplers
 from ddpm.diffusion import alpha_sigma, velocity
 from ddpm.schedules import get_schedule
 
@@ -168,31 +168,24 @@ def test_karras_steps_are_not_bounded_by_num_timesteps():
     assert np.all(np.abs(x.var(0) - var) < 4 * var * np.sqrt(2 / N)), (x.var(0), var)
 
 
-# The grid builders' options as `sample` sets them by default.
-OPTS = samplers._Options(
-    eta=0.0,
-    variance="fixed_small",
-    prediction="eps",
-    clip_x0=False,
-    dynamic_threshold=None,
-    guidance_interval=None,
-    null_label=None,
-    rho=7.0,
-    churn=0.0,
-    churn_tmin=0.0,
-    churn_tmax=float("inf"),
-    churn_noise=1.0,
-)
-
-
-def test_respaced_ddpm_grid_with_all_steps_is_the_schedules_posterior():
-    g = samplers._ddpm_grid(SCHEDULE, 1000, "trailing", OPTS)
+def test_respaced_ddpm_posterior_with_all_steps_is_the_schedules():
+    """On the 1000-step trailing grid the respaced process is the schedule itself: beta, and the
+    ancestral step's posterior, coef_x0 = beta alpha' / sigma^2, coef_xt = (sigma'^2 / sigma^2)
+    sqrt(1 - beta) and beta~ = beta sigma'^2 / sigma^2 (as `samplers.ddpm_step` forms them from
+    the rows), are the schedule's tables (beta~ but at t = 0, where the step adds no noise)."""
+    g = samplers.grid(SCHEDULE, 1000, "trailing")
     rev = slice(None, None, -1)
-    np.testing.assert_allclose(g["beta"], SCHEDULE.betas[rev], rtol=1e-5)
-    np.testing.assert_allclose(g["coef_x0"], SCHEDULE.posterior_mean_coef1[rev], rtol=1e-4)
-    np.testing.assert_allclose(g["coef_xt"], SCHEDULE.posterior_mean_coef2[rev], rtol=1e-5)
+    ratio = jnp.square(g.to.sigma / g.now.sigma)
+    np.testing.assert_allclose(g.beta, SCHEDULE.betas[rev], rtol=1e-5)
+    coef_x0 = g.beta * g.to.alpha / jnp.square(g.now.sigma)
+    np.testing.assert_allclose(coef_x0, SCHEDULE.posterior_mean_coef1[rev], rtol=1e-4)
+    coef_xt = ratio * jnp.sqrt(1.0 - g.beta)
+    np.testing.assert_allclose(coef_xt, SCHEDULE.posterior_mean_coef2[rev], rtol=1e-5)
     np.testing.assert_allclose(
-        g["log_var_small"], SCHEDULE.posterior_log_variance_clipped[rev], rtol=1e-5, atol=1e-4
+        jnp.log(g.beta * ratio)[:-1],
+        SCHEDULE.posterior_log_variance_clipped[rev][:-1],
+        rtol=1e-5,
+        atol=1e-4,
     )
 
 
@@ -220,11 +213,12 @@ def test_euler_heun_levels_on_timesteps_are_diffusers_euler_sigmas(spacing):
     integer timesteps t [n], and heun's second call at the next ones, t_next [n] (the last row
     unused)."""
     ts, sigmas = diffusers_euler_sigmas(28, spacing)
-    g = samplers._karras_grid(SCHEDULE, 28, spacing, OPTS)
-    np.testing.assert_allclose(g["u"], sigmas[:-1], rtol=2e-6)
-    np.testing.assert_allclose(g["u_next"], sigmas[1:], rtol=2e-6)
-    np.testing.assert_array_equal(g["t"], ts)
-    np.testing.assert_array_equal(g["t_next"][:-1], ts[1:])
+    g = samplers.grid(SCHEDULE, 28, spacing)
+    process = processes.Discrete(SCHEDULE)
+    np.testing.assert_allclose(process.ode_variable(g.now)[0], sigmas[:-1], rtol=2e-6)
+    np.testing.assert_allclose(process.ode_variable(g.to)[0], sigmas[1:], rtol=2e-6)
+    np.testing.assert_array_equal(g.now.t, ts)
+    np.testing.assert_array_equal(g.to.t[:-1], ts[1:])
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "karras"])
@@ -234,29 +228,36 @@ def test_churn_raises_levels_on_any_grid_and_calls_the_model_there(spacing):
     s_hat (t_to_sigma(t) = s_hat), and on timestep grids rows left at s keep their integer t."""
     ab = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
     s_max = np.sqrt((1 - ab[-1]) / ab[-1])
-    g = samplers._karras_grid(SCHEDULE, 28, spacing, OPTS._replace(churn=5.6, churn_tmin=0.5))
-    s = np.asarray(g["u"], np.float64)
+    g = samplers.grid(SCHEDULE, 28, spacing)
+    opts = samplers.Options(method="euler", num_steps=28, churn=5.6, churn_tmin=0.5)
+    hat = samplers.churned(processes.Discrete(SCHEDULE), g.now, opts)
+    s = np.asarray(g.now.sigma / g.now.alpha, np.float64)
     s_hat = np.where(s >= 0.5, np.minimum(1.2 * s, s_max), s)
-    np.testing.assert_allclose(g["u_hat"], s_hat, rtol=1e-6)
-    np.testing.assert_allclose(samplers.t_to_sigma(SCHEDULE, g["t"]), s_hat, rtol=1e-4)
+    np.testing.assert_allclose(hat.sigma / hat.alpha, s_hat, rtol=1e-5)
+    np.testing.assert_allclose(samplers.t_to_sigma(SCHEDULE, hat.t), s_hat, rtol=1e-4)
     raised = s_hat > s * (1 + 1e-6)
     assert raised.any() and not raised.all()
     if spacing != "karras":
         np.testing.assert_array_equal(
-            g["t"][~raised], samplers.timesteps(1000, 28, spacing)[~raised]
+            hat.t[~raised], samplers.timesteps(1000, 28, spacing)[~raised]
         )
 
 
 @pytest.mark.parametrize("method", samplers.METHODS)
 def test_spacing_none_builds_the_methods_default_grid(method):
-    """spacing=None: every row [n] of the grid is bitwise that of karras for euler/heun and of
-    trailing for the others."""
-    make_grid = samplers._METHOD_TABLE[method][0]
+    """spacing=None: the method's grid [n] is bitwise that of karras for euler/heun and of
+    trailing for the others, and so are the samples."""
+    process = processes.Discrete(SCHEDULE)
     default = "karras" if method in ("euler", "heun") else "trailing"
-    none, explicit = make_grid(SCHEDULE, 28, None, OPTS), make_grid(SCHEDULE, 28, default, OPTS)
-    assert none.keys() == explicit.keys()
-    for name, row in none.items():
-        np.testing.assert_array_equal(row, explicit[name], err_msg=name)
+    resolved = samplers.Options(method=method).spacing_for(process)
+    assert resolved == default
+    none, explicit = samplers.grid(SCHEDULE, 28, resolved), samplers.grid(SCHEDULE, 28, default)
+    for got, want in zip(jax.tree.leaves(none), jax.tree.leaves(explicit), strict=True):
+        np.testing.assert_array_equal(got, want)
+    denoise = gaussian_denoiser(SCHEDULE, G_MEAN, G_STD)
+    a = draw(denoise, (8, 2), method=method, num_steps=6)
+    b = draw(denoise, (8, 2), method=method, num_steps=6, spacing=default)
+    np.testing.assert_array_equal(a, b)
 
 
 # ------------------------------------------------------------------------------------------
