@@ -49,7 +49,7 @@ from ddpm.diffusion import (
     predict_x0_eps,
     x0_to_eps,
 )
-from ddpm.processes import Process, karras_sigmas, vp_of_ve
+from ddpm.processes import Level, Process, karras_sigmas, vp_of_ve
 from ddpm.processes.discrete import KARRAS_METHODS, sigma_to_t, t_to_sigma, timesteps
 from ddpm.schedules import Schedule
 
@@ -172,14 +172,6 @@ class Options:
 
 # --------------------------------------------------------------------------------------------
 # The grid: the levels, one row per step.
-
-
-class Level(NamedTuple):
-    """A noise level: t (model time), alpha, sigma (VP), each a scalar in a step, [n] in a grid."""
-
-    t: Array
-    alpha: Array
-    sigma: Array
 
 
 class Row(NamedTuple):

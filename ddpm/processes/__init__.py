@@ -6,7 +6,7 @@ class and a line in `REGISTRY`.
 
 from typing import Any
 
-from ddpm.processes.base import Process, StepLevels, karras_sigmas, vp_of_ve
+from ddpm.processes.base import Level, Process, StepLevels, karras_sigmas, vp_of_ve
 from ddpm.processes.discrete import Discrete
 from ddpm.processes.edm import EDM
 from ddpm.processes.flow import Flow
@@ -16,7 +16,17 @@ from ddpm.schedules import Schedule
 REGISTRY: dict[str, type[Process]] = {"ddpm": Discrete, "edm": EDM, "flow": Flow, "vpsde": VPSDE}
 PROCESSES = tuple(REGISTRY)
 
-__all__ = ["EDM", "VPSDE", "Discrete", "Flow", "Process", "StepLevels", "karras_sigmas", "vp_of_ve"]
+__all__ = [
+    "EDM",
+    "VPSDE",
+    "Discrete",
+    "Flow",
+    "Level",
+    "Process",
+    "StepLevels",
+    "karras_sigmas",
+    "vp_of_ve",
+]
 
 
 def create(diffusion: Any, learned_variance: bool = False) -> Process:

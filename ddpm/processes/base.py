@@ -34,6 +34,14 @@ NetFn = Callable[[Any, Array, Array, Any], Array]
 ApplyFn = Callable[[Any, Array, Array, Array], Array]
 
 
+class Level(NamedTuple):
+    """A noise level: t (model time), alpha, sigma (VP); scalars, or [n] arrays of levels."""
+
+    t: Array
+    alpha: Array
+    sigma: Array
+
+
 class StepLevels(NamedTuple):
     """The levels a sampler visits, descending; the grid appends x_0 (alpha 1, sigma 0).
 
@@ -141,10 +149,10 @@ class Process(abc.ABC):
     def sampling_levels(self, num_steps: int, spacing: str, rho: float) -> StepLevels:
         """The `num_steps` levels a sampler visits with `spacing` (rho: Karras' exponent)."""
 
-    def ode_variable(self, levels: StepLevels) -> tuple[Array, Array]:
-        """(u, y_scale) per level [n]: Euler / Heun integrate y = x_vp / y_scale in time u.
-        The VE ODE: y = x_vp / alpha, u = s = sigma / alpha."""
-        return levels.sigma / levels.alpha, levels.alpha
+    def ode_variable(self, level: Level) -> tuple[Array, Array]:
+        """(u, y_scale) of a level (or of [n] levels): Euler / Heun integrate y = x_vp / y_scale
+        in time u. The VE ODE: y = x_vp / alpha, u = s = sigma / alpha."""
+        return level.sigma / level.alpha, level.alpha
 
     def prior_logp(self, x_vp: Array) -> Array:
         """log-density of the prior at the highest level, N(0, I) in the VP scale.  -> [B]."""

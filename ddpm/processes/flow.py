@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from ddpm.diffusion import expand
-from ddpm.processes.base import Array, Interpolant, StepLevels, check_number, uniform_levels
+from ddpm.processes.base import Array, Interpolant, Level, check_number, uniform_levels
 from ddpm.processes.edm import TIME_SCALE
 
 T_SAMPLINGS = ("logit_normal", "uniform")
@@ -73,9 +73,9 @@ class Flow(Interpolant):
         del spacing, rho
         return self._shifted(jnp.asarray(uniform_levels(1.0, 0.0, num_steps), jnp.float32))
 
-    def ode_variable(self, levels: StepLevels) -> tuple[Array, Array]:
+    def ode_variable(self, level: Level) -> tuple[Array, Array]:
         """x in its own scale, y = x_vp sqrt(a^2 + b^2), at time t."""
-        return levels.t, 1.0 / self.native_scale(levels.t)
+        return level.t, 1.0 / self.native_scale(level.t)
 
     def net_input(self, x: Array, tau: Array) -> tuple[Array, Array]:
         return x, TIME_SCALE * jnp.asarray(tau, jnp.float32)
