@@ -98,7 +98,7 @@ def _labels(config: ml_collections.ConfigDict, input_label: int | None, n: int):
 def edit_from_workdir(config: ml_collections.ConfigDict, workdir: str, mode: str) -> str:
     """Runs `mode` (inpaint | img2img) on config.edit.input with the EMA parameters of
     `workdir`; writes the grid input | mask | results and returns its path."""
-    validation.validate_edit(config, mode)
+    validation.validate_edit_section(config, mode)
     objective, mesh = generate.prepare(config, workdir)
     e, s = config.edit, config.sample
     x, input_label = load_input(config)

@@ -1,6 +1,6 @@
 """Start-up validation of a config: every check of a config path lives here (`validate` for
-every run, `validate_eval` / `validate_edit` for those modes' sections), and each failure is
-a `UserError` naming the field and the accepted values, before any compile.
+every run, `validate_eval` / `validate_edit_section` for those modes' sections), and each
+failure is a `UserError` naming the field and the accepted values, before any compile.
 
 The math and model modules check their own arguments (their errors name those); the checks
 here run first, so a user sees config paths.
@@ -541,7 +541,7 @@ def edit_input_index(spec) -> int | None:
     return int(spec) if isinstance(spec, str) and spec.strip().isdigit() else None
 
 
-def validate_edit(config: ml_collections.ConfigDict, mode: str) -> None:
+def validate_edit_section(config: ml_collections.ConfigDict, mode: str) -> None:
     """config.edit for --mode=inpaint / img2img, before any compile (no data is read)."""
     if mode not in EDIT_MODES:
         raise ValueError(f"mode={mode!r} is not one of {_fmt(EDIT_MODES)}")
