@@ -90,3 +90,20 @@ def test_recipes_import_only_from_the_package():
                 assert node.module.split(".")[0] in ("ddpm", "ml_collections"), (path, node.module)
             if isinstance(node, ast.Import):
                 assert all(a.name.split(".")[0] == "ml_collections" for a in node.names), path
+
+
+def test_validation_reads_what_a_run_derives_in_one_call():
+    """Config validation reads the run's derived values (input shape, stage-1 factor,
+    distillation length) in one call, `runs.derive`, after its field checks; runs.py, what a
+    run derives, never imports validation."""
+    tree = ast.parse((PACKAGE / "config" / "validation.py").read_text())
+    calls = [
+        node.func.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "runs"
+    ]
+    assert calls == ["derive"]
+    assert "ddpm.config.validation" not in _graph()["ddpm.config.runs"]

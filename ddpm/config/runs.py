@@ -1,6 +1,15 @@
-"""The config of a workdir: reading a run's config.json back, the resume check, and the shape
-of the network's input (which, for latent diffusion, the stage-1 run decides)."""
+"""What a run derives from its config, and the config of a workdir: reading a run's
+config.json back, the resume check, the stage-1 run of latent diffusion, the shape of the
+network's input (which, for latent diffusion, that stage-1 run decides) and the lengths of a
+distillation run.
 
+`derive` gathers the derived values in one `Derived`, which validation
+(`ddpm.config.validation`) reads once its field checks have passed. The dependency runs one
+way: validation imports this module, never the reverse, and the only errors raised here are
+about the workdirs read (a missing or corrupt config.json, a stage-1 run that does not fit).
+"""
+
+import dataclasses
 import functools
 import json
 import os
@@ -87,12 +96,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return from_json(saved)
 
 
-def _get(tree, path: str):
-    for key in path.split("."):
-        tree = tree[key]
-    return tree
-
-
 def _plain(value):
     if isinstance(value, ml_collections.ConfigDict):
         return value.to_dict()
@@ -110,7 +113,7 @@ def incompatibilities(
     if old.objective == new.objective == "distill":  # the stages a checkpoint belongs to
         compared += ("distill",)
     for path in compared:
-        a, b = _get(old, path), _get(new, path)
+        a, b = old[path], new[path]  # a ConfigDict reads a dotted path
         if path == "text" and a.source is None and b.source is None:
             continue  # a text section matters only when text conditioning is on
         if path in ("text", "distill"):
@@ -196,17 +199,6 @@ def latent_factor(autoencoder: ml_collections.ConfigDict) -> int:
     return 2 ** (len(autoencoder.ch_mult) - 1)
 
 
-def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-    """Shape of one example as the trained network sees it (no batch axis): the data's, or
-    for latent diffusion the stage-1 autoencoder's latents (H/f, W/f, z_channels)."""
-    if config.objective != "latent":
-        return data_shape(config)
-    stage1 = stage1_config(config)
-    f = latent_factor(stage1.model)
-    size = config.data.image_size
-    return (size // f, size // f, stage1.model.z_channels)
-
-
 def distill_rounds(config: ml_collections.ConfigDict) -> int:
     """Halvings of a distillation run, log2(teacher_steps / final_steps) (validated)."""
     d = config.distill
@@ -223,3 +215,39 @@ def distill_length(config: ml_collections.ConfigDict) -> int:
     """Train steps of a whole distillation run: guided stage 1 (if any), then the rounds."""
     d = config.distill
     return distill_stage1_steps(config) + distill_rounds(config) * d.steps_per_round
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """What a run derives from its config.
+
+    input_shape: one example as the trained network sees it (no batch axis): the data's
+        (`data_shape`), or for latent diffusion the stage-1 autoencoder's latents
+        (H/f, W/f, z_channels).
+    latent_factor: latent diffusion's f (`latent_factor` of the stage-1 autoencoder); None
+        for other objectives.
+    distill_length: train steps of a whole distillation run (`distill_length`); None for other
+        objectives.
+    """
+
+    input_shape: tuple[int, ...]
+    latent_factor: int | None = None
+    distill_length: int | None = None
+
+
+def derive(config: ml_collections.ConfigDict) -> Derived:
+    """The `Derived` values of `config`, whose fields are valid (validation's field checks).
+    Latent diffusion reads its stage-1 run here (`stage1_config`: a UserError when that run
+    does not fit)."""
+    length = distill_length(config) if config.objective == "distill" else None
+    if config.objective != "latent":
+        return Derived(data_shape(config), distill_length=length)
+    stage1 = stage1_config(config)
+    f = latent_factor(stage1.model)
+    size = config.data.image_size
+    return Derived((size // f, size // f, stage1.model.z_channels), f, length)
+
+
+def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Shape of one example as the trained network sees it (`Derived.input_shape`)."""
+    return derive(config).input_shape

@@ -2,6 +2,10 @@
 every run, `validate_eval` / `validate_edit_section` for those modes' sections), and each
 failure is a `UserError` naming the field and the accepted values, before any compile.
 
+`validate` checks the fields first, then reads what the run derives from them (input shape,
+latent diffusion's stage-1 factor, a distillation run's length) in one `ddpm.config.runs.derive`
+and checks the fields that must fit those values: runs never calls back here.
+
 The math and model modules check their own arguments (their errors name those); the checks
 here run first, so a user sees config paths.
 """
@@ -37,16 +41,9 @@ def _field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> Iterato
             yield path
 
 
-def _get(config: ml_collections.ConfigDict, path: str):
-    value = config
-    for key in path.split("."):
-        value = value[key]
-    return value
-
-
 def choice(config: ml_collections.ConfigDict, path: str, choices: Iterable) -> None:
     choices = tuple(choices)
-    value = _get(config, path)
+    value = config[path]  # a ConfigDict reads a dotted path
     if value not in choices:
         raise UserError(f"config.{path}={value!r} is not one of {_fmt(choices)}")
 
@@ -62,7 +59,7 @@ def number(
     integer: bool = False,
 ) -> None:
     """config.<path> must be a number (an int with `integer`) in the stated range."""
-    value = _get(config, path)
+    value = config[path]  # a ConfigDict reads a dotted path
     kind = "an int" if integer else "a number"
     ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
     if isinstance(value, bool) or not ok_type:
@@ -113,10 +110,11 @@ def validate(config: ml_collections.ConfigDict) -> data.DatasetInfo:
     _validate_training(config)
     _validate_latent(config)
     _validate_distill(config)
-    shape = runs.input_shape(config)
+    run = runs.derive(config)  # latent diffusion: reads (and checks) its stage-1 run
+    _validate_derived(config, run)
     {"unet": _validate_unet, "dit": _validate_dit, "autoencoder": _validate_autoencoder}[
         config.model.name
-    ](config, shape)
+    ](config, run.input_shape)
     _validate_runtime(config)
     return info
 
@@ -281,7 +279,7 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
 
 def _validate_distill(config: ml_collections.ConfigDict) -> None:
     """config.distill (objective "distill"), and model.guidance_embed, which only guided
-    distillation trains."""
+    distillation trains (the run's length bounds training.num_steps: `_validate_derived`)."""
     d, distilling = config.distill, config.objective == "distill"
     guided = distilling and d.guided
     if config.model.get("guidance_embed", False) != guided:
@@ -318,13 +316,11 @@ def _validate_distill(config: ml_collections.ConfigDict) -> None:
                 "config.distill.guided=True distils classifier-free guidance: the teacher must "
                 "be conditional (config.model.num_classes or config.text.source)"
             )
-    length = runs.distill_length(config)
-    number(config, "training.num_steps", 1, length, high_inclusive=True, integer=True)
 
 
 def _validate_latent(config: ml_collections.ConfigDict) -> None:
-    """config.latent: stage 1's loss; stage 2's stage-1 run and pixel-only sample options."""
-    lat = config.latent
+    """config.latent: stage 1's loss; stage 2's inputs, scale factor and pixel-only sample
+    options (its stage-1 run: `_validate_derived`)."""
     if config.objective == "autoencoder":
         choice(config, "latent.recon_loss", RECON_LOSSES)
         number(config, "latent.kl_weight", 0)
@@ -336,17 +332,27 @@ def _validate_latent(config: ml_collections.ConfigDict) -> None:
             f"{config.sample.dynamic_threshold!r}: clipping to [-1, 1] is for pixels, not "
             "latents; set clip_x0=False and dynamic_threshold=None for latent diffusion"
         )
-    stage1 = runs.stage1_config(config)  # exists, is an autoencoder run, same image shape
     if config.data.length is not None:
         raise UserError("config.objective='latent' takes images, not 1-D signals (data.length)")
-    f = runs.latent_factor(stage1.model)
-    if config.data.image_size % f:
+    if config.latent.scale_factor is not None:
+        number(config, "latent.scale_factor", 0, low_inclusive=False)
+
+
+def _validate_derived(config: ml_collections.ConfigDict, run: runs.Derived) -> None:
+    """The fields that must fit what the run derives (`runs.derive`, which has checked that
+    latent diffusion's stage-1 run exists and is an autoencoder of the same image shape):
+    the image size against the stage-1 factor, a distillation run's training.num_steps
+    against its length."""
+    f = run.latent_factor
+    if f is not None and config.data.image_size % f:
         raise UserError(
             f"config.data.image_size={config.data.image_size} is not divisible by the stage-1 "
             f"autoencoder's downsampling factor {f}"
         )
-    if lat.scale_factor is not None:
-        number(config, "latent.scale_factor", 0, low_inclusive=False)
+    if run.distill_length is not None:
+        number(
+            config, "training.num_steps", 1, run.distill_length, high_inclusive=True, integer=True
+        )
 
 
 def _validate_common_model(config: ml_collections.ConfigDict) -> None:
