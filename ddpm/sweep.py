@@ -266,7 +266,7 @@ def run_sweep(
         status = result["status"]
         metrics = {k: v for k, v in result.items() if k not in ("status", "error")}
         rows.append({"trial": t.name, "status": status, **t.overrides, **metrics})
-    write_results(rows, workdir)
+    write_table(rows, workdir)
     plot_losses({t.name: _read_metrics(dirs[t.name]) for t in trials}, workdir)
     failed = {name: r["error"] for name, r in outcome.items() if r["status"] == "failed"}
     for name, error in failed.items():
@@ -438,7 +438,7 @@ def _read_metrics(workdir: str) -> list[dict[str, float]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_results(rows: list[dict[str, Any]], workdir: str) -> str:
+def write_table(rows: list[dict[str, Any]], workdir: str) -> str:
     """Writes `results.csv` (columns: the union of the rows' keys) and prints it as a table."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
     path = os.path.join(workdir, "results.csv")
