@@ -25,9 +25,9 @@ from ddpm.processes import Process, as_process
 from ddpm.schedules import Schedule
 
 Array = jax.Array
-# (x_t [B, ...], t [B]) -> (x_0, eps) predicted at that level; the teacher's, in any
+# The teacher: (x_t [B, ...], t, alpha, sigma [B]) -> (x_0, eps) predicted at that level, in any
 # parameterization (`ddpm.diffusion.predict_x0_eps`), with its guidance and clipping.
-Predict = Callable[[Array, Array, Array, Array], tuple[Array, Array]]
+TeacherFn = Callable[[Array, Array, Array, Array], tuple[Array, Array]]
 
 
 class Levels(NamedTuple):
@@ -99,7 +99,7 @@ def ddim_step(x0: Array, eps: Array, to: Levels) -> Array:
     return expand(to.alpha, x0.ndim) * x0 + expand(to.sigma, x0.ndim) * eps
 
 
-def two_step_target(teacher: Predict, x_t: Array, start: Levels, mid: Levels, end: Levels):
+def two_step_target(teacher: TeacherFn, x_t: Array, start: Levels, mid: Levels, end: Levels):
     """Salimans & Ho's x~: the x_0 prediction with which one DDIM step from `start` lands
     where two teacher DDIM steps (start -> mid -> end) land, x_end:
 

@@ -133,7 +133,7 @@ class Distillation(Diffusion):
 
     def _predictor(
         self, apply_fn: Callable[..., Any], params: Any, cond: Any, scale: Array | None = None
-    ) -> distillation.Predict:
+    ) -> distillation.TeacherFn:
         """predict(x_t, t, alpha, sigma) -> (x_0, eps) of a network (per-example levels [B]),
         with classifier-free guidance at per-example scales `scale` [B] (two calls in one
         batch): the samplers' own model wrapper (`samplers.make_predict`) with the teacher's
