@@ -43,12 +43,6 @@ def q_sample(schedule: Schedule, x0: Array, t: Array, noise: Array) -> Array:
     return alpha * x0 + sigma * noise
 
 
-def q_step_sample(schedule: Schedule, x_prev: Array, t: Array, noise: Array) -> Array:
-    """x_t ~ q(x_t | x_{t-1}) = N(sqrt(1 - b_t) x_{t-1}, b_t I): one forward step."""
-    beta = gather(schedule.betas, t, x_prev.ndim)
-    return jnp.sqrt(1.0 - beta) * x_prev + jnp.sqrt(beta) * noise
-
-
 # Conversions between parameterizations; v = alpha eps - sigma x_0 (Salimans & Ho, 2022).
 
 
@@ -75,16 +69,6 @@ def v_to_eps(x_t: Array, v: Array, alpha: Array, sigma: Array) -> Array:
 def velocity(x0: Array, eps: Array, alpha: Array, sigma: Array) -> Array:
     """v = alpha eps - sigma x_0, the target of v-prediction."""
     return alpha * eps - sigma * x0
-
-
-def eps_to_v(x_t: Array, eps: Array, alpha: Array, sigma: Array) -> Array:
-    """v from (x_t, eps)."""
-    return velocity(eps_to_x0(x_t, eps, alpha, sigma), eps, alpha, sigma)
-
-
-def x0_to_v(x_t: Array, x0: Array, alpha: Array, sigma: Array) -> Array:
-    """v from (x_t, x_0)."""
-    return velocity(x0, x0_to_eps(x_t, x0, alpha, sigma), alpha, sigma)
 
 
 def predict_x0_eps(

@@ -56,12 +56,3 @@ def save_wav(path: str, signals: np.ndarray, sample_rate: int = SAMPLE_RATE, gap
         f.setsampwidth(2)
         f.setframerate(sample_rate)
         f.writeframes(pcm.tobytes())
-
-
-def read_wav(path: str) -> tuple[np.ndarray, int]:
-    """(frames [T, C] float64 in [-1, 1], sample rate) of a 16-bit PCM WAV file."""
-    with wave.open(path, "rb") as f:
-        if f.getsampwidth() != 2:
-            raise ValueError(f"{path}: {8 * f.getsampwidth()}-bit samples; expected 16-bit PCM")
-        frames = np.frombuffer(f.readframes(f.getnframes()), "<i2")
-        return frames.reshape(-1, f.getnchannels()) / 32767.0, f.getframerate()

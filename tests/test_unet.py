@@ -187,13 +187,22 @@ def test_ddpm_cifar10_parameter_count():
     assert parameter_count(config) == 35_746_307
 
 
-@pytest.mark.parametrize(
-    "make,size,channels", [(presets.unet64, 64, 3), (presets.mnist_small, 28, 1)]
-)
-def test_preset_parameter_counts_match_the_architecture(make, size, channels):
-    """Each preset builds at its image size with exactly the parameters counted by hand from
-    its layer shapes (`unet_parameter_count`, which reproduces the DDPM reference count).
-    mnist_small's count includes the null label's row of the label table."""
+def unet_64x64():
+    """A 64x64 U-Net: levels 64->32->16->8 with 64/128/256/512 channels, attention at 16 and 8
+    with 4 heads."""
+    model = schema.model_section("unet")
+    model.update(
+        ch=64, ch_mult=(1, 2, 4, 8), num_res_blocks=2, attention_resolutions=(16, 8), num_heads=4
+    )
+    return model
+
+
+@pytest.mark.parametrize("make,size,channels", [(unet_64x64, 64, 3), (presets.mnist_small, 28, 1)])
+def test_parameter_counts_match_the_architecture(make, size, channels):
+    """A 64x64 U-Net (attention at two resolutions) and the mnist_small preset build with
+    exactly the parameters counted by hand from their layer shapes (`unet_parameter_count`,
+    which reproduces the DDPM reference count). mnist_small's count includes the null label's
+    row of the label table."""
     config = preset_config(make, size, channels)
     assert parameter_count(config) == unet_parameter_count(config)
 

@@ -31,20 +31,6 @@ def ddpm_cifar10() -> ml_collections.ConfigDict:
     )
 
 
-def unet64() -> ml_collections.ConfigDict:
-    """64x64 images: levels 64->32->16->8 with 64/128/256/512 channels, attention at 16 and 8."""
-    return _preset(
-        "unet",
-        ch=64,
-        ch_mult=(1, 2, 4, 8),
-        num_res_blocks=2,
-        attention_resolutions=(16, 8),
-        num_heads=4,
-        dropout=0.1,
-        num_groups=32,
-    )
-
-
 def ddpmpp_cifar10() -> ml_collections.ConfigDict:
     """DDPM++ at EDM's CIFAR-10 size (Karras et al., 2022; Song et al., 2021): 128 channels at
     multipliers 2/2/2, 4 ResBlocks per level, attention at 16x16, ResBlock resampling,
