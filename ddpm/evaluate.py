@@ -103,6 +103,8 @@ def ode_bpd_metrics(objective: Objective, params, test_images: np.ndarray) -> di
     e = config.eval
     unconditional = _unconditional(objective)
 
+    progress = tqdm.tqdm(desc="bpd (probability-flow ODE), function evaluations", unit="eval")
+
     @jax.jit
     def batch_bpd(params, x, rng):
         dequantize_rng, probe_rng = jax.random.split(rng)
@@ -113,6 +115,7 @@ def ode_bpd_metrics(objective: Objective, params, test_images: np.ndarray) -> di
             probe_rng,
             divergence=e.bpd_ode_divergence,
             tolerance=e.bpd_ode_tolerance,
+            on_evaluation=lambda: progress.update(),
         )
         return likelihood.bits_per_dim(out["logp"], x.shape[1:]), out["nfe"]
 
@@ -120,10 +123,12 @@ def ode_bpd_metrics(objective: Objective, params, test_images: np.ndarray) -> di
     start = time.perf_counter()
     totals, nfes = [], []
     batches = list(classifier.fixed_batches(test_images[: e.bpd_ode_examples], e.batch_size))
-    for i, (x0, n) in enumerate(tqdm.tqdm(batches, desc="bpd (probability-flow ODE)")):
+    for i, (x0, n) in enumerate(batches):
+        progress.set_postfix_str(f"batch {i + 1} of {len(batches)}")
         bpd, nfe = batch_bpd(params, x0, jax.random.fold_in(rng, i))
         totals.append(np.asarray(bpd)[:n])
         nfes.append(int(nfe))
+    progress.close()
     totals = np.concatenate(totals)
     return {
         "bpd_ode": float(totals.mean()),
