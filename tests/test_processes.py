@@ -276,12 +276,13 @@ def test_sampler_options_a_process_refuses():
         samplers.sample(exact_x0(FLOW), FLOW, (2, 3), jax.random.key(0), method="heun", churn=1)
 
 
-@pytest.mark.parametrize("process", ["edm", "flow", "vpsde"])
+@pytest.mark.parametrize("process", ["edm", "flow"])
 def test_tiny_run_trains_samples_edits_and_scores_bpd(tmp_path, process):
     """The headline path at a tiny size: a run of each process trains, draws its grid, samples
-    with the recipe's sampler and inpaints; eval reports the probability-flow ODE's bits/dim
-    with its error bar and function evaluations (no discrete bound: that is the ddpm
-    process's); the workdir refuses a ddpm config on resume."""
+    with the recipe's sampler and inpaints; eval of the default (flow) run reports the
+    probability-flow ODE's bits/dim with its error bar and function evaluations (no discrete
+    bound: that is the ddpm process's; the ODE's figures themselves: tests/test_likelihood.py,
+    for every process); the workdir refuses a ddpm config on resume."""
     config = tiny_config(num_steps=4, sample_every=4, checkpoint_every=4)
     config.diffusion.process = process
     config.sample.method, config.sample.num_steps = "heun", 3
@@ -293,13 +294,14 @@ def test_tiny_run_trains_samples_edits_and_scores_bpd(tmp_path, process):
     assert images.shape == (20, 16, 16, 1) and images.std() > 0
     config.edit.num_samples = 2
     assert os.path.isfile(editing.edit_from_workdir(config, workdir, "inpaint"))
-    config.eval.metrics = ("bpd",)
-    config.eval.bpd_ode_examples, config.eval.batch_size = 6, 3
-    config.eval.bpd_ode_tolerance = 1e-3
-    results = evaluate.evaluate(config, workdir)
-    assert "bpd" not in results and results["bpd_ode_examples"] == 6
-    assert np.isfinite(results["bpd_ode"]) and results["bpd_ode_stderr"] > 0
-    assert results["bpd_ode_nfe"] >= 8  # at least one Dopri5 step
+    if process == "flow":
+        config.eval.metrics = ("bpd",)
+        config.eval.bpd_ode_examples, config.eval.batch_size = 6, 3
+        config.eval.bpd_ode_tolerance = 1e-3
+        results = evaluate.evaluate(config, workdir)
+        assert "bpd" not in results and results["bpd_ode_examples"] == 6
+        assert np.isfinite(results["bpd_ode"]) and results["bpd_ode_stderr"] > 0
+        assert results["bpd_ode_nfe"] >= 7  # at least one Dopri5 step
     ddpm_config = tiny_config(num_steps=8)
     with pytest.raises(UserError, match="diffusion.process"):
         train.train_and_evaluate(ddpm_config, workdir)

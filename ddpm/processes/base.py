@@ -6,8 +6,8 @@ t) as x = a x_0 + b eps. Everything outside `ddpm.processes` sees it through `Pr
   training     `loss` (the levels it draws, the network's input scaling, target and weight)
   sampling     `denoiser` (network -> output in `prediction`), `sampling_levels` (the grid a
                sampler steps on for a spacing), `level_of_ve`, `ve_range`, `ode_variable`
-  likelihood   `vp` and `level_of_ve` give the probability-flow ODE (`ddpm.likelihood`),
-               `prior_logp` its end
+  likelihood   `ve_range` and `level_of_ve` give the probability-flow ODE (`ddpm.likelihood`),
+               `prior_logp` its end; `vp` is (alpha, sigma) at a level
 
 The samplers and the likelihood carry x in the variance-preserving (VP) scale,
 x_vp = x / sqrt(a^2 + b^2) = alpha x_0 + sigma eps with alpha^2 + sigma^2 = 1, and name levels
