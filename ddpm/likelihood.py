@@ -98,7 +98,7 @@ def log_likelihood(
         d, trace = _trace(x0_fn, x, s, probe)
         return alpha2 * x - alpha * d, n * alpha2 - alpha * trace
 
-    alpha0 = jax.lax.rsqrt(1.0 + jnp.square(jnp.float32(s_min)))
+    alpha0, _ = vp_of_ve(jnp.float32(s_min))
     state0 = (alpha0 * y, jnp.zeros(y.shape[0], jnp.float32))
     solution = diffrax.diffeqsolve(
         diffrax.ODETerm(vector_field),
