@@ -1,5 +1,6 @@
 """The command line as a user runs it: `--distributed` in each cluster environment JAX detects,
-the explicit multi-host flags through `main.py`, and Ctrl-C (SIGINT) during training.
+and the explicit multi-host flags through `main.py` (Ctrl-C during training:
+test_train.test_exact_resume_after_sigkill_and_ctrl_c).
 
 Every test runs real processes (`python main.py ...`, or `ddpm.cli.run()`, which is all that
 main.py calls) and kills every one of them when a test fails or times out: a process of a
@@ -10,7 +11,6 @@ import json
 import os
 import pathlib
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -224,60 +224,3 @@ def test_coordinator_flags_train_two_processes_through_main_py(tmp_path):
     assert [json.loads(line)["step"] for line in lines] == [2, 4]
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
     assert os.listdir(tmp_path / "run" / "samples") == ["step_0000004.png"]
-
-
-def _wait_for(predicate, proc: subprocess.Popen, log: pathlib.Path, timeout: float = 120) -> None:
-    """Polls `predicate` while `proc` runs; kills it and fails when it exits or times out."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop_all([proc])
-            raise AssertionError(f"the wait timed out or the run ended: {log.read_text()}")
-        time.sleep(0.05)
-
-
-def _checkpoint_steps(workdir) -> list[int]:
-    """Finished checkpoints (orbax renames `<step>.orbax-checkpoint-tmp` when done)."""
-    directory = os.path.join(workdir, "checkpoints")
-    names = os.listdir(directory) if os.path.isdir(directory) else []
-    return sorted(int(n) for n in names if n.isdigit())
-
-
-def test_ctrl_c_saves_a_checkpoint_exits_0_and_the_same_command_resumes(tmp_path):
-    """SIGINT to `python main.py` training (a run too long to finish here, checkpoints every
-    5 steps): it saves a checkpoint at the step it reached and exits 0 (README: a single
-    process handles Ctrl-C as a preemption). The same command then resumes from exactly
-    that step and goes on; a second Ctrl-C saves a later step."""
-    workdir = tmp_path / "run"
-    command = [
-        "main.py",
-        *CONFIG,
-        f"--workdir={workdir}",
-        "--config.training.num_steps=100000",
-        "--config.training.checkpoint_every=5",
-        "--config.training.log_every=5",
-    ]
-    saved = []
-    for run in range(2):
-        log = tmp_path / f"run{run}.log"
-        proc = _start(command, log, _env())
-        after = saved[-1] if saved else 0
-        try:
-            # A checkpoint of this run's own (its signal handler is in place by then).
-            _wait_for(lambda a=after: max(_checkpoint_steps(workdir), default=0) > a, proc, log)
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
-        finally:
-            _stop_all([proc])
-        out = log.read_text()
-        assert proc.returncode == 0, out
-        assert "SIGINT: saved checkpoint at step " in out, out
-        step = int(out.split("SIGINT: saved checkpoint at step ")[1].split(";")[0])
-        assert step > after and max(_checkpoint_steps(workdir)) == step, out
-        if run == 1:
-            assert f"Resumed from checkpoint at step {saved[0]} in " in out, out
-        saved.append(step)
-    # metrics.jsonl has each logged step once, through the interruption: 5, 10, ...
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    steps = [json.loads(line)["step"] for line in lines]
-    assert steps == list(range(5, steps[-1] + 1, 5)) and steps[-1] <= saved[1], steps

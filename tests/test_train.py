@@ -22,12 +22,15 @@ from tests.tiny import create_model, step_parts, tiny_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run_tiny(workdir, overrides, *, slow=False, env=None) -> subprocess.Popen:
-    args = [sys.executable, "-m", "tests.run_tiny", str(workdir), json.dumps(overrides)]
+def _run_tiny(workdir, overrides, *, slow=False) -> subprocess.Popen:
+    """`python main.py --config=tests/run_tiny.py --workdir=WORKDIR --config.training.K=V`
+    for each K: V of `overrides` (tests/run_tiny.py), slowed down if `slow`."""
+    fields = [f"--config.training.{k}={v}" for k, v in overrides.items()]
+    args = ["-m", "tests.run_tiny", "--config=tests/run_tiny.py", f"--workdir={workdir}", *fields]
     return subprocess.Popen(
-        args + (["--slow"] if slow else []),
+        [sys.executable, *args, *(["--slow"] if slow else [])],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT, **(env or {})},
+        env={**os.environ, "PYTHONPATH": ROOT},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -124,7 +127,12 @@ def test_trained_network_beats_the_best_affine_denoiser_and_step_compiles_once(t
     assert step_fn._cache_size() == 1
 
 
-def test_exact_resume_after_sigkill_and_sigterm(tmp_path):
+def test_exact_resume_after_sigkill_and_ctrl_c(tmp_path):
+    """`python main.py` on the tiny config, killed (SIGKILL) after a checkpoint, then run
+    again and interrupted with Ctrl-C (SIGINT): it saves a checkpoint at the step it reached
+    and exits 0 (a single process handles Ctrl-C as a preemption; SIGTERM to a process of a
+    2-process job: test_multihost). The same command then resumes from exactly that step, and
+    the finished run is bitwise the uninterrupted one."""
     overrides = {"num_steps": 40, "checkpoint_every": 10}
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     uninterrupted = _run_tiny(reference, overrides)
@@ -138,12 +146,12 @@ def test_exact_resume_after_sigkill_and_sigterm(tmp_path):
     # Signal only once this run wrote a checkpoint of its own (its handler is in place then;
     # the killed run may have written more than step 10 before the kill landed).
     first = max(_steps(resumed)) + 10
-    terminated = _run_tiny(resumed, overrides, slow=True)
-    _wait_for_checkpoint(resumed, terminated, first)
-    terminated.send_signal(signal.SIGTERM)
-    out = _finish(terminated)
-    assert "SIGTERM: saved checkpoint at step" in out, out
-    saved_at = int(out.split("SIGTERM: saved checkpoint at step ")[1].split(";")[0])
+    interrupted = _run_tiny(resumed, overrides, slow=True)
+    _wait_for_checkpoint(resumed, interrupted, first)
+    interrupted.send_signal(signal.SIGINT)
+    out = _finish(interrupted)
+    assert "SIGINT: saved checkpoint at step" in out, out
+    saved_at = int(out.split("SIGINT: saved checkpoint at step ")[1].split(";")[0])
     assert first <= saved_at < 40 and saved_at in _steps(resumed)
 
     out = _finish(_run_tiny(resumed, overrides))
