@@ -1,13 +1,12 @@
-"""The command line as a user runs it: `--distributed` in each cluster environment JAX detects,
-and the explicit multi-host flags through `main.py` (Ctrl-C during training:
-test_train.test_exact_resume_after_sigkill_and_ctrl_c).
+"""The command line as a user runs it: `--distributed` in each cluster environment JAX detects
+(the explicit --coordinator_address / --num_processes / --process_id flags train the 2-process
+job of test_multihost; Ctrl-C during training: test_train's exact-resume test).
 
 Every test runs real processes (`python main.py ...`, or `ddpm.cli.run()`, which is all that
 main.py calls) and kills every one of them when a test fails or times out: a process of a
 collective job left alone would wait for its peer for minutes.
 """
 
-import json
 import os
 import pathlib
 import random
@@ -193,34 +192,3 @@ def test_distributed_detects_each_cluster_environment(kind, tmp_path):
     for i, out in enumerate(outs):
         expected = f"process {i} of 2, devices 2, gathered [0, 1], coordinator 127.0.0.1:{port}"
         assert expected in out, out
-
-
-def test_coordinator_flags_train_two_processes_through_main_py(tmp_path):
-    """`python main.py --coordinator_address=... --num_processes=2 --process_id=i` trains the
-    tiny config (4 steps, logs at 2 and 4) as one job of two processes, one CPU device each:
-    both report 2 devices, 2 processes and the global batch split 4 per device; process 0
-    alone logs, writes metrics.jsonl and the grid; both save the final checkpoint."""
-    port = _free_port()
-    procs, logs = [], []
-    try:
-        for i in range(2):
-            logs.append(tmp_path / f"process{i}.log")
-            args = [
-                "main.py",
-                *CONFIG,
-                f"--workdir={tmp_path / 'run'}",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ]
-            procs.append(_start(args, logs[-1], _env()))
-        outs = _wait_all(procs, logs, timeout=240)
-    finally:
-        _stop_all(procs)
-    for out in outs:
-        assert "Devices: 2 (cpu), processes: 2; global batch 8, per device 4" in out, out
-    assert "step 4/4" in outs[0] and "step 4/4" not in outs[1], outs
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [2, 4]
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
-    assert os.listdir(tmp_path / "run" / "samples") == ["step_0000004.png"]

@@ -92,9 +92,10 @@ def _saved_state(workdir, step: int) -> dict:
 
 
 def test_two_processes_stop_together_resume_and_match_one_process(tmp_path):
-    """SIGTERM to one process of a 2-process job: both stop at the same step, save that
-    checkpoint together and exit 0; rerun, they resume it, and the finished run equals one
-    process training on the same global batches."""
+    """Two processes trained through main.py's --coordinator_address / --num_processes /
+    --process_id (tests/two_processes.py). SIGTERM to one of them: both stop at the same
+    step, save that checkpoint together and exit 0; rerun, they resume it, and the finished
+    run equals one process training on the same global batches."""
     port = str(_free_port())
     procs = [
         _python("tests.two_processes", str(i), port, str(tmp_path), "--slow") for i in range(2)
@@ -116,7 +117,7 @@ def test_two_processes_stop_together_resume_and_match_one_process(tmp_path):
     # One process, one device, the same config and global batches: process p's 4 rows (its
     # shard of the data stream) are rows 4p..4p+3. Same parameters up to the order of the
     # gradient reduction (float32 rounding, well under 1e-5).
-    config = two_processes.run_config()
+    config = two_processes.get_config()
     config.training.fsdp = 1
     objective, step_fn, state, mesh = step_parts(config, seed=config.seed)
     shards = [

@@ -1,8 +1,11 @@
 """Subprocess of test_multihost: one of two JAX processes on localhost (gloo collectives).
 
-`python -m tests.two_processes PROCESS_ID PORT WORKDIR [--slow]` joins the 2-process job and
-runs `train_and_evaluate` of the tiny config for NUM_STEPS steps (checkpoints every 2) in
-WORKDIR, with the parameters split over the two processes (fsdp=2). Then it restores the
+`python -m tests.two_processes PROCESS_ID PORT WORKDIR [--slow]` trains as `python main.py
+--config=tests/two_processes.py --workdir=WORKDIR --coordinator_address=127.0.0.1:PORT
+--num_processes=2 --process_id=PROCESS_ID` does (`ddpm.cli.run()`, all that main.py calls):
+it joins the 2-process job and trains this file's config, the tiny one for NUM_STEPS steps
+(checkpoints every 2) with the parameters split over the two processes (fsdp=2). Then the
+same process restores the
 latest checkpoint and prints the shape of its own piece of the largest parameter. With
 `--slow` every step waits 0.25 s, so a test can preempt the job mid-run; without it, a
 finished run also draws 4 samples with `--mode=sample`'s function (gathered from both
@@ -12,14 +15,15 @@ processes; process 0 writes them).
 import sys
 
 import jax
+import ml_collections
 
-from ddpm import build, checkpoint, generate, objectives, sharding, train
+from ddpm import build, checkpoint, cli, generate, objectives, sharding, train
 from tests.tiny import slow_down_steps, tiny_config
 
 NUM_STEPS = 8
 
 
-def run_config():
+def get_config() -> ml_collections.ConfigDict:
     """The tiny config of this run (the test's one-process reference trains it too)."""
     return tiny_config(num_steps=NUM_STEPS, checkpoint_every=2, fsdp=2, fsdp_min_size=512)
 
@@ -28,10 +32,20 @@ if __name__ == "__main__":
     process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     if "--slow" in sys.argv:
         slow_down_steps(0.25)
-    sharding.initialize_distributed(f"127.0.0.1:{port}", 2, process_id)
+    sys.argv = [
+        "main.py",
+        "--config=tests/two_processes.py",
+        f"--workdir={workdir}",
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={process_id}",
+    ]
+    try:
+        cli.run()
+    except SystemExit as e:  # absl's app.run exits when the mode returns
+        assert not e.code, e.code
     assert jax.process_count() == 2 and jax.device_count() == 2, jax.devices()
-    config = run_config()
-    train.train_and_evaluate(config, workdir)
+    config = get_config()
 
     tx, _ = build.optimizer(config.training)
     mesh = sharding.create_mesh(fsdp=2)
