@@ -25,9 +25,10 @@ def run_runtime(config: ml_collections.ConfigDict) -> runtime.Runtime:
     return runtime.resolve(config.runtime)
 
 
-def mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    """The (data, fsdp) mesh over every device, split as `config.training.fsdp` says."""
-    return sharding.create_mesh(fsdp=config.training.fsdp)
+def mesh(config: ml_collections.ConfigDict, devices: list | None = None) -> jax.sharding.Mesh:
+    """The (data, fsdp) mesh over `devices` (default: every device), split as
+    `config.training.fsdp` says."""
+    return sharding.create_mesh(devices, fsdp=config.training.fsdp)
 
 
 def process(config: ml_collections.ConfigDict) -> processes.Process:

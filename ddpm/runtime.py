@@ -39,6 +39,15 @@ class Runtime:
     init_key: str = "threefry"
     async_checkpoint: bool = True
 
+    def config_values(self) -> dict[str, Any]:
+        """The `config.runtime` fields that resolve to this Runtime on any platform."""
+        return {
+            "conv_grad_chunk": self.conv_grad_chunk,
+            "group_norm": "fast" if self.fast_group_norm else "flax",
+            "init_key": self.init_key,
+            "async_checkpoint": self.async_checkpoint,
+        }
+
 
 def resolve(
     runtime: ml_collections.ConfigDict, platform: str | None = None, num_devices: int | None = None

@@ -96,13 +96,20 @@ def check_known_fields(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"unknown config field(s): {fields}{hint}")
 
 
-def validate(config: ml_collections.ConfigDict) -> data.DatasetInfo:
+def validate(
+    config: ml_collections.ConfigDict, *, open_data: bool = True
+) -> data.DatasetInfo | None:
     """Raises UserError naming the first invalid field; returns the data source's metadata,
     read while validating it (for a folder source that means indexing the folder, so callers
-    should not read it again)."""
+    should not read it again). `open_data=False` checks config.data's fields without opening
+    the source and returns None (ahead-of-time compilation needs only the data's shape)."""
     check_known_fields(config)
     _validate_objective(config)
-    info = data.dataset_info(config)
+    info = None
+    if open_data:
+        info = data.dataset_info(config)
+    else:
+        data.check_fields(config.data)
     _validate_text(config)
     if config.objective != "autoencoder":
         _validate_diffusion(config)

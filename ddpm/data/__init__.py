@@ -6,12 +6,13 @@ Sources (config.data.source): "mnist5k" (embedded, offline, assets/README.md), "
 "npz:<path>" (arrays.py). Order, sharding and resumption: pipeline.py.
 """
 
-from ddpm.data.info import DatasetInfo, dataset_info, validate_data_config
+from ddpm.data.info import DatasetInfo, check_fields, dataset_info, validate_data_config
 from ddpm.data.pipeline import DataIterator, create_dataset
 
 __all__ = [
     "DataIterator",
     "DatasetInfo",
+    "check_fields",
     "create_dataset",
     "dataset_info",
     "validate_data_config",

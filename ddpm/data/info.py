@@ -66,8 +66,8 @@ def split_name(data: ml_collections.ConfigDict, split: str) -> str:
     return data.train_split if check_split(split) == "train" else data.eval_split
 
 
-def _check_fields(data: ml_collections.ConfigDict) -> None:
-    """The scalar fields of config.data (no file access)."""
+def check_fields(data: ml_collections.ConfigDict) -> None:
+    """The scalar fields of config.data (no file access): a UserError naming the first bad one."""
     kind, _ = parse_source(data.source)
     if kind == "sines":
         if not isinstance(data.length, int) or data.length < 8:
@@ -123,7 +123,7 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     Cheap: reads array headers, TFDS metadata, or the folder index (file list + headers).
     """
     data = config.data
-    _check_fields(data)
+    check_fields(data)
     kind, arg = parse_source(data.source)
     if kind == "tfds":
         return _tfds_info(data, arg)
@@ -166,7 +166,7 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
 def open_source(config: ml_collections.ConfigDict, split: str) -> Source:
     """Open split "train" or "test" of config.data's source for random access."""
     data = config.data
-    _check_fields(data)
+    check_fields(data)
     kind, arg = parse_source(data.source)
     name = split_name(data, split)
     size, channels = data.image_size, data.channels
