@@ -13,7 +13,17 @@ from ml_collections import config_flags
 
 from ddpm.errors import UserError
 
-MODES = ("train", "sample", "sweep", "inpaint", "img2img", "eval", "train_classifier", "import")
+MODES = (
+    "train",
+    "sample",
+    "sweep",
+    "inpaint",
+    "img2img",
+    "eval",
+    "train_classifier",
+    "import",
+    "compile",
+)
 USER_ERROR_STATUS = 2
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -41,6 +51,20 @@ _SWEEP_BACKEND = flags.DEFINE_enum(
 )
 _RAY_ADDRESS = flags.DEFINE_string(
     "ray_address", None, "--mode=sweep --sweep_backend=ray: cluster address (None: local Ray)."
+)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology",
+    None,
+    "--mode=compile: the TPU slice to compile for, as libtpu names it (v5e:2x4, v5p:2x2x2, ...).",
+)
+_FIT = flags.DEFINE_bool(
+    "fit",
+    False,
+    "--mode=compile: try fsdp 1, 2, 4, ... without and then with remat; report the first "
+    "layout that fits the chip's memory.",
+)
+_COMPILE_SAMPLER = flags.DEFINE_bool(
+    "compile_sampler", False, "--mode=compile: also compile the sampler of config.sample."
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -80,6 +104,12 @@ def _run_mode(mode: str, config, workdir: str) -> None:
         from ddpm import pretrained
 
         pretrained.import_weights(config, workdir)
+    elif mode == "compile":
+        from ddpm import aot
+
+        aot.compile_for_topology(
+            config, workdir, _TOPOLOGY.value, fit=_FIT.value, sampler=_COMPILE_SAMPLER.value
+        )
     elif mode == "train_classifier":
         from ddpm import classifier
 
