@@ -250,6 +250,28 @@ def _print_report(report: dict[str, Any], where: compile_report.Budget) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _fit(
+    config: ml_collections.ConfigDict,
+    devices: list,
+    where: compile_report.Budget,
+    layouts: list[tuple[int, bool]],
+) -> tuple[dict, Program, objectives.Objective, jax.sharding.Mesh, list[dict]]:
+    """The train step compiled with each (fsdp, remat) of `layouts` in turn until one fits:
+    -> (report, program, objective, mesh) of the last one compiled, and what each tried
+    needed."""
+    tried = []
+    for fsdp, remat in layouts:
+        config = with_layout(config, fsdp, remat)
+        program, objective, mesh = train_step_program(config, devices)
+        report = _train_report(config, program, mesh, where)
+        memory = report["train_step"]["memory"]
+        total, fits = memory["total"], memory["fits"]
+        tried.append({"fsdp": fsdp, "remat": remat, "total": total, "fits": fits})
+        if fits:
+            break
+    return report, program, objective, mesh, tried
+
+
 def compile_for_topology(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -261,45 +283,26 @@ def compile_for_topology(
     """Compiles `config`'s train step (and with `sampler` its sampler) for TPU slice
     `topology`, prints the report and writes it to workdir/compile/<topology>.json. With
     `fit`, the layout (config.training.fsdp, config.model.remat) is the first of
-    `fit_layouts` that fits the device's HBM. Bad input: a UserError before any compile."""
+    `fit_layouts` that fits the device's HBM (the last tried when none does). Bad input: a
+    UserError before any compile."""
     devices = topology_devices(topology)
     where = compile_report.budget(devices)
     validation.validate(config, open_data=False)
     config = for_tpu(config, len(devices))
     layouts = fit_layouts(len(devices)) if fit else [(config.training.fsdp, config.model.remat)]
-    tried = []
-    for fsdp, remat in layouts:
-        config = with_layout(config, fsdp, remat)
-        program, objective, mesh = train_step_program(config, devices)
-        report = _train_report(config, program, mesh, where)
-        memory = report["train_step"]["memory"]
-        tried.append(
-            {"fsdp": fsdp, "remat": remat, "total": memory["total"], "fits": memory["fits"]}
-        )
-        if memory["fits"]:
-            break
-    report = {"topology": topology, "devices": len(devices), **report}
+    step_report, program, objective, mesh, tried = _fit(config, devices, where, layouts)
+    report = {"topology": topology, "devices": len(devices), **step_report}
     if fit:
-        fitting = [t for t in tried if t["fits"]]
-        report["fit"] = {"tried": tried, "chosen": fitting[0] if fitting else None}
+        report["fit"] = {"tried": tried, "chosen": tried[-1] if tried[-1]["fits"] else None}
     sample = None
     if sampler:
         sample = sampler_program(objective, program.args[0].ema_params, mesh)
         report["sampler"] = compile_report.program(
             sample.compiled, where, sample.lower_s, sample.compile_s
         )
-    c = where.chip
-    report["chip"] = {
-        "name": c.name,
-        "device_kind": where.device_kind,
-        "devices_per_chip": where.devices_per_chip,
-        "hbm_bytes": c.hbm_bytes,
-        "peak_bf16_flops": c.peak_flops,
-        "hbm_bandwidth": c.hbm_bandwidth,
-        "source": c.source,
-    }
+    report["chip"] = where.describe()
     report["versions"] = _versions()
-    report["config"] = json.loads(config.to_json_best_effort())
+    report["config"] = json.loads(objective.config.to_json_best_effort())
     stem = os.path.join(workdir, "compile", topology.replace(":", "_"))
     os.makedirs(os.path.dirname(stem), exist_ok=True)
     with open(stem + ".json", "w") as f:

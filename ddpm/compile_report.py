@@ -96,6 +96,14 @@ class Budget:
     def hbm_bandwidth(self) -> float:
         return self.chip.hbm_bandwidth / self.devices_per_chip
 
+    def describe(self) -> dict[str, Any]:
+        """The chip's figures (per chip), its device kind and devices per chip."""
+        return {
+            **dataclasses.asdict(self.chip),
+            "device_kind": self.device_kind,
+            "devices_per_chip": self.devices_per_chip,
+        }
+
 
 def budget(devices: Sequence[Any]) -> Budget:
     """The `Budget` of a slice's devices (a UserError for a chip missing from `CHIPS`)."""
