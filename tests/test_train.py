@@ -1,4 +1,5 @@
-"""Training end to end on tiny configs: compile once, learning, exact resume, signals, errors."""
+"""Training end to end on tiny configs: exact resume, signals, devices, errors (learning and
+compile-once of the default process: tests/test_processes.py)."""
 
 import glob
 import json
@@ -14,10 +15,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ddpm import data, generate, sharding, train
+from ddpm import generate, sharding, train
 from ddpm.errors import UserError
-from ddpm.schedules import get_schedule
-from tests.tiny import create_model, step_parts, tiny_config
+from tests.tiny import step_parts, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,61 +70,6 @@ def _saved_state(workdir, step: int):
     return ocp.StandardCheckpointer().restore(
         os.path.join(workdir, "checkpoints", str(step), "state")
     )
-
-
-def test_trained_network_beats_the_best_affine_denoiser_and_step_compiles_once(tmp_path):
-    """60 steps of the tiny run: its network predicts eps better than the best per-pixel
-    affine predictor that knows only the data's mean m and variance v, the Wiener filter
-    eps^ = sigma (x_t - alpha m) / (alpha^2 v + sigma^2), whose loss is
-    E_t[alpha^2 v / (alpha^2 v + sigma^2)] = 0.35 on these 16x16 digits (a fresh network's
-    zero output scores E[eps^2] = 1). Both are scored on the same 2000 fresh (x_0, t, eps),
-    drawn here in NumPy with t covering every timestep 20 times; the per-example difference
-    of the two losses has standard error SE = std / sqrt(2000) (measured 0.0045 against a
-    mean difference of -0.066), and the network must be better by more than 4 SE."""
-    config = tiny_config(num_steps=60, log_every=10, learning_rate=3e-3)
-    final = train.train_and_evaluate(config, str(tmp_path))
-    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [10, 20, 30, 40, 50, 60]
-    assert final["loss"] == lines[-1]["loss"]
-
-    train_data = data.create_dataset(
-        config, "train", batch_size=500, seed=0, shuffle=False, num_epochs=1, drop_remainder=False
-    )
-    batches = list(train_data)
-    images = np.concatenate([b["image"] for b in batches]).astype(np.float64)
-    labels = np.concatenate([b["label"] for b in batches])
-    schedule = get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-    alpha_bars = np.cumprod(1 - np.asarray(schedule.betas, np.float64))
-    rng = np.random.default_rng(0)
-    n = 2000
-    rows = rng.choice(len(images), n, replace=False)
-    t = np.arange(n) % len(alpha_bars)
-    alpha = np.sqrt(alpha_bars[t]).reshape(-1, 1, 1, 1)
-    sigma = np.sqrt(1 - alpha_bars[t]).reshape(-1, 1, 1, 1)
-    eps = rng.standard_normal(images[rows].shape)
-    x_t = alpha * images[rows] + sigma * eps
-    m, v = images.mean(), images.var()
-    wiener = sigma * (x_t - alpha * m) / (alpha**2 * v + sigma**2)
-    params = _saved_state(tmp_path, 60)["params"]
-    model = create_model(config)
-    out = jax.jit(model.apply)({"params": params}, x_t.astype(np.float32), t, labels[rows])
-    per_example = lambda pred: np.mean((np.asarray(pred, np.float64) - eps) ** 2, axis=(1, 2, 3))
-    gain = per_example(out) - per_example(wiener)
-    assert gain.mean() < -4 * gain.std(ddof=1) / np.sqrt(n), (gain.mean(), gain.std())
-    assert os.path.exists(tmp_path / "samples" / "step_0000060.png")
-    assert os.path.isdir(tmp_path / "tensorboard") and os.listdir(tmp_path / "tensorboard")
-    assert json.loads((tmp_path / "config.json").read_text())["model"]["ch"] == 8
-
-    # The jitted step compiles once for repeated calls with new states and batches.
-    objective, step_fn, state, mesh = step_parts(config)
-    for i in range(3):
-        batch = {
-            "image": jax.random.uniform(jax.random.key(i), (8, 16, 16, 1), minval=-1, maxval=1),
-            "label": jnp.arange(8, dtype=jnp.int32) % 10,
-        }
-        state, metrics = step_fn(state, sharding.global_batch(batch, mesh), objective.frozen)
-    assert int(state.step) == 3 and bool(metrics["finite"])
-    assert step_fn._cache_size() == 1
 
 
 def test_exact_resume_after_sigkill_and_ctrl_c(tmp_path):
