@@ -9,7 +9,8 @@ devices), lowered with abstract inputs: the state of `train.abstract_train_state
 batch as `jax.ShapeDtypeStruct`s with their shardings, so no parameter is materialised.
 `ddpm.compile_report` reads the compiled program (memory per device against the chip's HBM,
 FLOPs, roofline bound, collectives). `--fit` tries layouts, fsdp 1, 2, 4, ... without
-remat and then with it, and keeps the first that fits.
+remat and then with it, and keeps the first that fits (skipping, uncompiled, those that a
+smaller fsdp's compile already rules out).
 
 Writes `workdir/compile/<topology>.json` (":" written "_") and the reported train step's HLO
 text beside it (`.hlo.txt`).
@@ -235,7 +236,7 @@ def _print_report(report: dict[str, Any], where: compile_report.Budget) -> None:
     if "fit" in report:
         tried = ", ".join(
             f"fsdp={t['fsdp']} remat={'on' if t['remat'] else 'off'}: "
-            f"{size(t['total'])}{'' if t['fits'] else ' (no)'}"
+            f"{'' if t['compiled'] else '>= '}{size(t['total'])}{'' if t['fits'] else ' (no)'}"
             for t in report["fit"]["tried"]
         )
         chosen = report["fit"]["chosen"]
@@ -250,6 +251,15 @@ def _print_report(report: dict[str, Any], where: compile_report.Budget) -> None:
     print("\n".join(lines), flush=True)
 
 
+def least_total(memory: dict[str, Any], fsdp: int, larger: int) -> float:
+    """A lower bound on a train step's total memory per device at fsdp=`larger`, from its
+    `memory` (the report's) at `fsdp`: only the train state and two float32 parameter-sized
+    buffers (gradients, updates) shrink with fsdp; each device keeps its share of the batch,
+    and so of the activations."""
+    shrinkable = memory["train_state"] + 2 * memory["ema_params"]
+    return memory["total"] - shrinkable * (1 - fsdp / larger)
+
+
 def _fit(
     config: ml_collections.ConfigDict,
     devices: list,
@@ -257,16 +267,23 @@ def _fit(
     layouts: list[tuple[int, bool]],
 ) -> tuple[dict, Program, objectives.Objective, jax.sharding.Mesh, list[dict]]:
     """The train step compiled with each (fsdp, remat) of `layouts` in turn until one fits:
-    -> (report, program, objective, mesh) of the last one compiled, and what each tried
-    needed."""
-    tried = []
+    -> (report, program, objective, mesh) of the last one compiled, and each layout tried
+    with its total memory per device. A layout that `least_total` of the last compile with
+    the same remat rules out is not compiled (its total is that bound)."""
+    tried, last = [], {}  # remat -> (memory, fsdp) of the last compile with that remat
     for fsdp, remat in layouts:
+        if remat in last:
+            bound = least_total(*last[remat], fsdp)
+            if bound > where.hbm_bytes:
+                tried.append(dict(fsdp=fsdp, remat=remat, total=bound, fits=False, compiled=False))
+                continue
         config = with_layout(config, fsdp, remat)
         program, objective, mesh = train_step_program(config, devices)
         report = _train_report(config, program, mesh, where)
         memory = report["train_step"]["memory"]
-        total, fits = memory["total"], memory["fits"]
-        tried.append({"fsdp": fsdp, "remat": remat, "total": total, "fits": fits})
+        last[remat] = (memory, fsdp)
+        fits = memory["fits"]
+        tried.append(dict(fsdp=fsdp, remat=remat, total=memory["total"], fits=fits, compiled=True))
         if fits:
             break
     return report, program, objective, mesh, tried

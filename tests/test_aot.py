@@ -174,3 +174,18 @@ def test_collectives_parsed_from_hlo_text():
         "all-to-all": {"count": 1, "bytes": 16 * 4},
         "collective-permute": {"count": 1, "bytes": 4},
     }
+
+
+def test_fit_order_and_its_bound():
+    assert aot.fit_layouts(4) == [
+        (1, False),
+        (2, False),
+        (4, False),
+        (1, True),
+        (2, True),
+        (4, True),
+    ]
+    # 20 GB at fsdp=1, of which the state (8 GB) and gradients and updates (2 x 2 GB) shrink:
+    # at fsdp=4 to a quarter, 3 GB; the 8 GB that do not shrink remain.
+    memory = {"total": 20e9, "train_state": 8e9, "ema_params": 2e9}
+    assert aot.least_total(memory, 1, 4) == pytest.approx(8e9 + 12e9 / 4)
