@@ -13,7 +13,7 @@ from ddpm import data, generate, objectives, sharding, train
 from ddpm.errors import UserError
 from ddpm.models.autoencoder import gaussian_kl
 from ddpm.objectives import latent
-from tests.tiny import create_model, step_parts, tiny_config
+from tests.tiny import create_model, preempt_at, step_parts, tiny_config
 
 # PSNR (peak-to-peak 2 of [-1, 1]) of the tiny autoencoder's reconstructions of held-out digits
 # after AE_STEPS steps; it measured 19.1 dB (the mean digit as output: 12.8 dB).
@@ -145,27 +145,30 @@ def test_scale_factor_gives_unit_latent_std(stage1, tmp_path):
     assert 0.9 < float(jnp.std(z)) < 1.1, (config.latent.scale_factor, float(jnp.std(z)))
 
 
-def test_latent_diffusion_trains_resumes_and_samples(stage1, tmp_path, capsys):
+def test_latent_diffusion_trains_resumes_and_samples(stage1, tmp_path, capsys, monkeypatch):
     ae_workdir, _ = stage1
     workdir = str(tmp_path)
-    train.train_and_evaluate(tiny_ldm_config(ae_workdir, num_steps=4), workdir)
+    with monkeypatch.context() as patch:
+        preempt_at(4, patch)
+        train.train_and_evaluate(tiny_ldm_config(ae_workdir, num_steps=6), workdir)
     out = capsys.readouterr().out
     assert "Estimated config.latent.scale_factor=" in out
+    assert "SIGTERM: saved checkpoint at step 4;" in out, out
     scale = json.loads((tmp_path / "config.json").read_text())["latent"]["scale_factor"]
     assert scale > 0
-    # Decoded grids: 20 samples (two per class) of 16x16 in 10 rows of 2 with 2-pixel padding.
-    from PIL import Image
-
-    grid = Image.open(tmp_path / "samples" / "step_0000004.png")
-    assert grid.size == (2 + 2 * 18, 2 + 10 * 18)
 
     final = train.train_and_evaluate(tiny_ldm_config(ae_workdir, num_steps=6), workdir)
     out = capsys.readouterr().out
     assert "Resumed from checkpoint at step 4" in out and "Estimated" not in out
     assert np.isfinite(final["loss"])
     assert json.loads((tmp_path / "config.json").read_text())["latent"]["scale_factor"] == scale
+    # Decoded grids: 20 samples (two per class) of 16x16 in 10 rows of 2 with 2-pixel padding.
+    from PIL import Image
 
-    config = tiny_ldm_config(ae_workdir)
+    grid = Image.open(tmp_path / "samples" / "step_0000006.png")
+    assert grid.size == (2 + 2 * 18, 2 + 10 * 18)
+
+    config = tiny_ldm_config(ae_workdir, num_steps=6)  # the run's: the same compiled step
     config.sample.num_samples, config.sample.batch_size = 4, 4
     png = generate.sample_from_workdir(config, workdir)
     saved = np.load(png.replace(".png", ".npz"))

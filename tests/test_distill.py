@@ -18,7 +18,7 @@ from ddpm.errors import UserError
 from ddpm.objectives.distill import Distillation
 from ddpm.schedules import get_schedule
 from tests.gaussian import gaussian_denoiser, mixture_denoiser
-from tests.tiny import tiny_config
+from tests.tiny import preempt_at, tiny_config
 
 SCHEDULE = get_schedule("cosine", 1000)
 
@@ -383,16 +383,22 @@ def _saved(workdir, step: int):
     )
 
 
-def test_run_resumes_mid_round_exactly_and_samples_with_one_call(teacher_workdir, tmp_path, capsys):
+def test_run_resumes_mid_round_exactly_and_samples_with_one_call(
+    teacher_workdir, tmp_path, capsys, monkeypatch
+):
     """Guided stage 1 (2 steps), then rounds 4 -> 2 and 2 -> 1 steps (2 steps each): a run
-    stopped after step 3 (mid-round) and resumed ends bit-identical to an uninterrupted one,
-    carry (teacher, round) included; every stage ends in a checkpoint and a grid; sampling
-    the 1-step student needs no warning, other step counts get one (inpainting too)."""
+    preempted after step 3 (mid-round) and resumed ends bit-identical to an uninterrupted
+    one, carry (teacher, round) included; every stage ends in a checkpoint and a grid;
+    sampling the 1-step student needs no warning, other step counts get one (inpainting
+    too)."""
     full, part = tmp_path / "full", tmp_path / "part"
     train.train_and_evaluate(_student_config(teacher_workdir, num_steps=6), str(full))
-    train.train_and_evaluate(_student_config(teacher_workdir, num_steps=3), str(part))
+    with monkeypatch.context() as patch:
+        preempt_at(3, patch)
+        train.train_and_evaluate(_student_config(teacher_workdir, num_steps=6), str(part))
     out = capsys.readouterr().out
     assert "Teacher: EMA parameters of step 2" in out
+    assert "SIGTERM: saved checkpoint at step 3;" in out, out
     train.train_and_evaluate(_student_config(teacher_workdir, num_steps=6), str(part))
     assert "Resumed from checkpoint at step 3" in capsys.readouterr().out
     a, b = _saved(full, 6), _saved(part, 6)

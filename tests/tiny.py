@@ -1,5 +1,7 @@
 """A tiny run config shared by the training tests: seconds per run on a 2-core CPU."""
 
+import os
+import signal
 import time
 
 import jax
@@ -55,3 +57,22 @@ def slow_down_steps(seconds: float) -> None:
         return assemble(*args, **kwargs)
 
     sharding.global_batch = slow_global_batch
+
+
+def preempt_at(step: int, monkeypatch) -> None:
+    """Make this process send itself SIGTERM once, while it assembles the batch of train step
+    `step` (1-based): a preemption notice mid-run, so `train.train_and_evaluate` saves a
+    checkpoint at `step` and returns, with the config, and so the compiled train step, of
+    the uninterrupted run (a shorter num_steps would compile another). `monkeypatch`: pytest's
+    fixture, which undoes this after the test."""
+    assemble = sharding.global_batch
+    calls = 0
+
+    def preempting_global_batch(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return assemble(*args, **kwargs)
+
+    monkeypatch.setattr(sharding, "global_batch", preempting_global_batch)
