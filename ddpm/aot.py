@@ -49,10 +49,11 @@ class Program:
 
 @dataclasses.dataclass(frozen=True)
 class Result:
-    """What `compile_for_topology` reports (the JSON written) and the programs it read."""
+    """What `compile_for_topology` reports (the JSON written) and the programs it read (no
+    train step when no layout tried fits)."""
 
     report: dict[str, Any]
-    train_step: Program
+    train_step: Program | None
     sampler: Program | None = None
 
 
@@ -218,35 +219,36 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _layout_line(tried: dict[str, Any]) -> str:
+    """One layout `_fit` tried: its total memory per device, a bound, or XLA's refusal."""
+    name = f"fsdp={tried['fsdp']} remat={'on' if tried['remat'] else 'off'}"
+    if tried["outcome"] == "compiled":
+        return f"{name}: {compile_report.size(tried['total'])}"
+    if tried["outcome"] == "bound":
+        return f"{name}: >= {compile_report.size(tried['total'])} (not compiled)"
+    return f"{name}: out of memory ({tried['xla']})"
+
+
 def _print_report(report: dict[str, Any], where: compile_report.Budget) -> None:
     size = compile_report.size
-    layout, memory = report["layout"], report["train_step"]["memory"]
-    mesh = ", ".join(f"{k}={v}" for k, v in report["mesh"].items())
-    lines = [
-        f"Train step on {report['topology']}: {report['devices']} x {where.device_kind}, mesh "
-        f"{mesh}, remat {'on' if layout['remat'] else 'off'}, {layout['dtype']} compute; "
-        f"batch {report['batch']['global']} ({report['batch']['per_device']} per device); "
-        f"{report['parameters']:,} parameters",
-        f"Train state per device: params {size(memory['params'])}, EMA "
-        f"{size(memory['ema_params'])}, optimizer {size(memory['opt_state'])}",
-        *compile_report.format_program("Train step", report["train_step"]),
-    ]
+    lines = []
+    if report["fits"]:
+        layout, memory = report["layout"], report["train_step"]["memory"]
+        mesh = ", ".join(f"{k}={v}" for k, v in report["mesh"].items())
+        lines += [
+            f"Train step on {report['topology']}: {report['devices']} x {where.device_kind}, "
+            f"mesh {mesh}, remat {'on' if layout['remat'] else 'off'}, {layout['dtype']} "
+            f"compute; batch {report['batch']['global']} ({report['batch']['per_device']} per "
+            f"device); {report['parameters']:,} parameters",
+            f"Train state per device: params {size(memory['params'])}, EMA "
+            f"{size(memory['ema_params'])}, optimizer {size(memory['opt_state'])}",
+            *compile_report.format_program("Train step", report["train_step"]),
+        ]
     if "sampler" in report:
         lines += compile_report.format_program("Sampler", report["sampler"])
-    if "fit" in report:
-        tried = ", ".join(
-            f"fsdp={t['fsdp']} remat={'on' if t['remat'] else 'off'}: "
-            f"{'' if t['compiled'] else '>= '}{size(t['total'])}{'' if t['fits'] else ' (no)'}"
-            for t in report["fit"]["tried"]
-        )
-        chosen = report["fit"]["chosen"]
-        verdict = (
-            f"cheapest layout that fits: fsdp={chosen['fsdp']}, remat "
-            f"{'on' if chosen['remat'] else 'off'}"
-            if chosen
-            else "no layout fits"
-        )
-        lines.append(f"--fit tried {tried}; {verdict}")
+    verdict = "fits" if report["fits"] else f"does NOT fit {report['topology']}"
+    tried = "; ".join(_layout_line(t) for t in report["layouts"])
+    lines.append(f"Layouts tried: {tried}. The train step {verdict}.")
     lines.append(compile_report.format_chip(where))
     print("\n".join(lines), flush=True)
 
@@ -260,33 +262,47 @@ def least_total(memory: dict[str, Any], fsdp: int, larger: int) -> float:
     return memory["total"] - shrinkable * (1 - fsdp / larger)
 
 
+def _out_of_memory(error: jax.errors.JaxRuntimeError) -> str | None:
+    """XLA:TPU's own words when `error` is its refusal of a program too large for the
+    device's HBM (it states what the program needs and what is available), else None."""
+    text = str(error)
+    return text.splitlines()[0] if "RESOURCE_EXHAUSTED" in text else None
+
+
 def _fit(
     config: ml_collections.ConfigDict,
     devices: list,
     where: compile_report.Budget,
     layouts: list[tuple[int, bool]],
-) -> tuple[dict, Program, objectives.Objective, jax.sharding.Mesh, list[dict]]:
+) -> tuple[dict | None, Program | None, Any, list[dict]]:
     """The train step compiled with each (fsdp, remat) of `layouts` in turn until one fits:
-    -> (report, program, objective, mesh) of the last one compiled, and each layout tried
-    with its total memory per device. A layout that `least_total` of the last compile with
-    the same remat rules out is not compiled (its total is that bound)."""
+    -> (report, program, (objective, mesh)) of that one (None when none does) and every
+    layout tried, with its outcome: "compiled" (and its total memory per device), "bound"
+    (not compiled: `least_total` of the last compile with the same remat rules it out) or
+    "out of memory" (XLA:TPU refused it: its message). XLA:TPU itself rematerialises what
+    it must to fit the device's HBM and refuses a program it cannot fit, so a layout that
+    compiles fits."""
     tried, last = [], {}  # remat -> (memory, fsdp) of the last compile with that remat
     for fsdp, remat in layouts:
-        if remat in last:
-            bound = least_total(*last[remat], fsdp)
-            if bound > where.hbm_bytes:
-                tried.append(dict(fsdp=fsdp, remat=remat, total=bound, fits=False, compiled=False))
-                continue
+        entry = {"fsdp": fsdp, "remat": remat}
+        if remat in last and (bound := least_total(*last[remat], fsdp)) > where.hbm_bytes:
+            tried.append({**entry, "outcome": "bound", "total": bound})
+            continue
         config = with_layout(config, fsdp, remat)
-        program, objective, mesh = train_step_program(config, devices)
+        try:
+            program, objective, mesh = train_step_program(config, devices)
+        except jax.errors.JaxRuntimeError as e:
+            if (message := _out_of_memory(e)) is None:
+                raise
+            tried.append({**entry, "outcome": "out of memory", "xla": message})
+            continue
         report = _train_report(config, program, mesh, where)
         memory = report["train_step"]["memory"]
         last[remat] = (memory, fsdp)
-        fits = memory["fits"]
-        tried.append(dict(fsdp=fsdp, remat=remat, total=memory["total"], fits=fits, compiled=True))
-        if fits:
-            break
-    return report, program, objective, mesh, tried
+        tried.append({**entry, "outcome": "compiled", "total": memory["total"]})
+        if memory["fits"]:
+            return report, program, (objective, mesh), tried
+    return None, None, None, tried
 
 
 def compile_for_topology(
@@ -300,32 +316,35 @@ def compile_for_topology(
     """Compiles `config`'s train step (and with `sampler` its sampler) for TPU slice
     `topology`, prints the report and writes it to workdir/compile/<topology>.json. With
     `fit`, the layout (config.training.fsdp, config.model.remat) is the first of
-    `fit_layouts` that fits the device's HBM (the last tried when none does). Bad input: a
-    UserError before any compile."""
+    `fit_layouts` that fits the device's HBM. Bad input: a UserError before any compile."""
     devices = topology_devices(topology)
     where = compile_report.budget(devices)
     validation.validate(config, open_data=False)
     config = for_tpu(config, len(devices))
     layouts = fit_layouts(len(devices)) if fit else [(config.training.fsdp, config.model.remat)]
-    step_report, program, objective, mesh, tried = _fit(config, devices, where, layouts)
-    report = {"topology": topology, "devices": len(devices), **step_report}
-    if fit:
-        report["fit"] = {"tried": tried, "chosen": tried[-1] if tried[-1]["fits"] else None}
+    step_report, program, built, tried = _fit(config, devices, where, layouts)
+    report = {"topology": topology, "devices": len(devices), "fits": program is not None}
+    report.update(step_report or {})
+    report["layouts"] = tried
     sample = None
-    if sampler:
+    if sampler and program is not None:
+        objective, mesh = built
         sample = sampler_program(objective, program.args[0].ema_params, mesh)
         report["sampler"] = compile_report.program(
             sample.compiled, where, sample.lower_s, sample.compile_s
         )
     report["chip"] = where.describe()
     report["versions"] = _versions()
-    report["config"] = json.loads(objective.config.to_json_best_effort())
+    report["config"] = json.loads((built[0].config if built else config).to_json_best_effort())
     stem = os.path.join(workdir, "compile", topology.replace(":", "_"))
     os.makedirs(os.path.dirname(stem), exist_ok=True)
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=1)
-    with open(stem + ".hlo.txt", "w") as f:
-        f.write(program.compiled.as_text())
+    written = f"{stem}.json"
+    if program is not None:
+        with open(stem + ".hlo.txt", "w") as f:
+            f.write(program.compiled.as_text())
+        written += f" and {stem}.hlo.txt"
     _print_report(report, where)
-    print(f"Wrote {stem}.json and {stem}.hlo.txt", flush=True)
+    print(f"Wrote {written}", flush=True)
     return Result(report, program, sample)

@@ -3,9 +3,11 @@ HBM, FLOPs and bytes per call, the roofline bound on its time, and its collectiv
 
 Everything is read from the compiled program itself: XLA's `memory_analysis()` and
 `cost_analysis()` and the collectives in its HLO text (`compiled.as_text()`). The chip
-figures (`CHIPS`) are the vendor's published ones, each with its source. All figures are per
-device: one device per chip on v5e, v5p and v6e; two on v4, one per TensorCore, which then
-gets half the chip's HBM, FLOP/s and bandwidth.
+figures (`CHIPS`) are the vendor's published ones, each with its source; HBM capacities are
+binary (the pages' "16 GB" of v5e is 16 GiB), and XLA:TPU's own limit, which decides whether
+a program compiles, is a little lower (v5e: 15.75 GiB, as its out-of-memory error states).
+All figures are per device: one device per chip on v5e, v5p and v6e; two on v4, one per
+TensorCore, which then gets half the chip's HBM, FLOP/s and bandwidth.
 """
 
 import dataclasses
@@ -37,9 +39,11 @@ class Chip:
 # Keyed by jax's `device.device_kind`.
 CHIPS = {
     "TPU v4": Chip("v4", 32 * GIB, 275e12, 1200 * GB, "https://cloud.google.com/tpu/docs/v4"),
-    "TPU v5 lite": Chip("v5e", 16 * GB, 197e12, 819 * GB, "https://cloud.google.com/tpu/docs/v5e"),
-    "TPU v5": Chip("v5p", 95 * GB, 459e12, 2765 * GB, "https://cloud.google.com/tpu/docs/v5p"),
-    "TPU v6 lite": Chip("v6e", 32 * GB, 918e12, 1638 * GB, "https://cloud.google.com/tpu/docs/v6e"),
+    "TPU v5 lite": Chip("v5e", 16 * GIB, 197e12, 819 * GB, "https://cloud.google.com/tpu/docs/v5e"),
+    "TPU v5": Chip("v5p", 95 * GIB, 459e12, 2765 * GB, "https://cloud.google.com/tpu/docs/v5p"),
+    "TPU v6 lite": Chip(
+        "v6e", 32 * GIB, 918e12, 1638 * GB, "https://cloud.google.com/tpu/docs/v6e"
+    ),
 }
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -231,11 +235,11 @@ def program(
 
 
 def size(n: float) -> str:
-    """Bytes as GB, MB or kB (powers of 1000)."""
-    for unit, scale in (("GB", GB), ("MB", 1e6)):
+    """Bytes in GiB, MiB or KiB."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
-    return f"{n / 1e3:.1f} kB"
+    return f"{n / 2**10:.1f} KiB"
 
 
 def format_program(name: str, report: dict[str, Any]) -> list[str]:

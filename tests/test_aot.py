@@ -27,7 +27,7 @@ needs_libtpu = pytest.mark.skipif(
 
 TOPOLOGY, DEVICES, FSDP = "v5e:2x2", 4, 2
 BATCH, SIZE, PATCH, WIDTH = 8, 16, 4, 32  # 16x16x1 digits, 4x4 patches: 16 tokens
-V5E_HBM, V5E_FLOPS, V5E_BANDWIDTH = 16e9, 197e12, 819e9  # cloud.google.com/tpu/docs/v5e
+V5E_HBM, V5E_FLOPS, V5E_BANDWIDTH = 16 * 2**30, 197e12, 819e9  # cloud.google.com/tpu/docs/v5e
 
 
 def tiny_dit():
@@ -89,7 +89,10 @@ def test_memory_per_device(result):
         + xla.temp_size_in_bytes
         + xla.generated_code_size_in_bytes
     )
-    assert memory["hbm"] == V5E_HBM and memory["fits"]
+    assert memory["hbm"] == V5E_HBM and memory["fits"] and report["fits"]
+    assert report["layouts"] == [
+        {"fsdp": FSDP, "remat": False, "outcome": "compiled", "total": memory["total"]}
+    ]
 
 
 @needs_libtpu
