@@ -26,3 +26,28 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 flags = os.environ.get("XLA_FLAGS", "")
 if "--xla_backend_optimization_level" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+
+
+# Test files by the time they took (--durations, longest first). pytest-xdist's `--dist
+# loadfile` hands files to the workers in collection order; starting with the longest keeps
+# one worker from finishing a long file alone while the other idles.
+LONGEST_FIRST = (
+    "test_train.py",
+    "test_autoencoder.py",
+    "test_evaluate.py",
+    "test_distill.py",
+    "test_processes.py",
+    "test_multihost.py",
+    "test_samplers.py",
+    "test_pretrained.py",
+    "test_sweep.py",
+    "test_unet.py",
+    "test_diffusion.py",
+    "test_editing.py",
+    "test_entrypoints.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -311,11 +311,12 @@ def test_default_process_learns_beyond_the_best_affine_velocity(tmp_path):
     E[x_0 | x_t] = m + (1 - t) v (x_t - (1 - t) m) / ((1 - t)^2 v + t^2) and
     E[eps | x_t] = (x_t - (1 - t) E[x_0 | x_t]) / t. Scored on the same draws, the
     per-example difference of the two squared errors has standard error std / sqrt(2000), and
-    the network must be better by more than 4 of them (measured: mean -0.29, SE 0.008, the
-    network's error 0.61 against the affine 0.90; after 60 steps it was still worse, by
-    0.11, at high t). What this cannot catch: whether samples look like the digit asked for
-    (120 steps of a 16x16 network are far from that; the README's 99 % comes from
-    `bench.objectives`) nor a subtle error in the sampler (tests/test_samplers.py).
+    the network must be better by more than 4 of them (measured: mean -0.41, SE 0.008, the
+    network's error 0.48 against the affine 0.90; 60 steps of a cosine schedule were still
+    worse than the affine, by 0.11, at high t). What this cannot catch: whether samples look
+    like the digit asked for (120 steps of a 16x16 network are far from that; the README's
+    99 % comes from `bench.objectives`) nor a subtle error in the sampler
+    (tests/test_samplers.py).
 
     The run also logs, draws its grid, samples with the recipe's sampler (Heun, 3 steps),
     inpaints, and its eval reports the probability-flow ODE's bits/dim with its error bar and
