@@ -94,7 +94,9 @@ def for_tpu(config: ml_collections.ConfigDict, num_devices: int) -> ml_collectio
     return config
 
 
-def with_layout(config: ml_collections.ConfigDict, fsdp: int, remat: bool):
+def with_layout(
+    config: ml_collections.ConfigDict, fsdp: int, remat: bool
+) -> ml_collections.ConfigDict:
     """A copy of `config` with config.training.fsdp and config.model.remat set."""
     config = config.copy_and_resolve_references()
     config.training.fsdp = fsdp
