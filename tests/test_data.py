@@ -135,6 +135,54 @@ def test_state_for_other_settings_is_refused():
         other.set_state(state)
 
 
+def test_global_batches_do_not_depend_on_the_process_count(id_npz):
+    """Global batch k (the processes' rows, stacked in process order) is the one-process
+    batch k for P = 1, 2, 4, across epoch boundaries (101 examples, 24 per batch), and a
+    state saved by 2 processes resumes 4 at the next global batch."""
+    path, _ = id_npz
+    config = _config(f"npz:{path}")
+
+    def global_labels(process_count, count, state=None):
+        parts = []
+        for p in range(process_count):
+            it = data.create_dataset(
+                config,
+                "train",
+                batch_size=24 // process_count,
+                seed=5,
+                process_index=p,
+                process_count=process_count,
+            )
+            if state is not None:
+                it.set_state(state)
+            parts.append(np.stack([b["label"] for b in _take(it, count)]))
+        return np.concatenate(parts, axis=1), it.get_state()
+
+    one, _ = global_labels(1, 9)
+    expected = np.concatenate([pipeline.epoch_order(5, e, 101, True)[0] for e in range(3)])
+    np.testing.assert_array_equal(one.ravel(), expected[: 9 * 24])
+    for process_count in (2, 4):
+        np.testing.assert_array_equal(global_labels(process_count, 9)[0], one)
+    _, state = global_labels(2, 4)
+    resumed, _ = global_labels(4, 5, json.loads(json.dumps(state)))
+    np.testing.assert_array_equal(resumed, one[4:])
+
+
+def test_state_saved_before_the_elastic_stream():
+    """A one-process state of the per-process format (batch_size, process_count 1) is the
+    same stream and restores; a two-process one was another stream and is refused."""
+    old = {
+        **data.create_dataset(_config(), "train", batch_size=8, seed=0).get_state(),
+        "next_batch": 3,
+    }
+    old["batch_size"] = old.pop("global_batch_size")
+    iterator = data.create_dataset(_config(), "train", batch_size=8, seed=0)
+    iterator.set_state({**old, "process_index": 0, "process_count": 1})
+    assert iterator.get_state()["next_batch"] == 3
+    with pytest.raises(ValueError, match="process_count"):
+        iterator.set_state({**old, "batch_size": 4, "process_index": 0, "process_count": 2})
+
+
 def test_epochs_are_reshuffled_permutations(id_npz):
     path, _ = id_npz
     config = _config(f"npz:{path}")
@@ -389,7 +437,10 @@ def test_bad_create_arguments():
         data.create_dataset(get_config(), "valid", batch_size=4, seed=0)
     with pytest.raises(ValueError, match="process_index=2"):
         data.create_dataset(get_config(), "train", batch_size=4, seed=0, process_index=2)
-    with pytest.raises(ValueError, match="batch_size=600 exceeds"):
+    with pytest.raises(
+        ValueError,
+        match=r"batch_size=600 \(a global batch of 600 over 1 process\(es\)\) leaves process 0 no",
+    ):
         data.create_dataset(get_config(), "test", batch_size=600, seed=0, num_epochs=1)
 
 

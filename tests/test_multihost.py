@@ -91,45 +91,49 @@ def _saved_state(workdir, step: int) -> dict:
     return checkpointer.restore(path, target)
 
 
-def test_two_processes_stop_together_resume_and_match_one_process(tmp_path):
+def test_two_processes_stop_together_and_resume_on_one_then_two(tmp_path):
     """Two processes trained through main.py's --coordinator_address / --num_processes /
     --process_id (tests/two_processes.py). SIGTERM to one of them: both stop at the same
-    step, save that checkpoint together and exit 0; rerun, they resume it, and the finished
-    run equals one process training on the same global batches."""
+    step, save that checkpoint together and exit 0. One process alone (one device) resumes
+    it for a step or two and is preempted; two processes resume that and finish. The finished
+    run equals one uninterrupted process on the one-process data stream: the global batches
+    do not depend on the process count (elastic resume)."""
     port = str(_free_port())
     procs = [
-        _python("tests.two_processes", str(i), port, str(tmp_path), "--slow") for i in range(2)
+        _python("tests.two_processes", str(i), "2", port, str(tmp_path), "--slow") for i in range(2)
     ]
     _wait_for_checkpoint(tmp_path, procs, 2)
     procs[1].send_signal(signal.SIGTERM)  # process 0 gets no signal
     outs = _finish_all(procs)
     stops = [int(o.split("saved checkpoint at step ")[1].split(";")[0]) for o in outs]
-    assert stops[0] == stops[1] and 2 <= stops[0] < two_processes.NUM_STEPS, outs
+    assert stops[0] == stops[1] and 2 <= stops[0] < two_processes.NUM_STEPS - 1, outs
     assert all("preemption notice (SIGTERM), on every process" in o for o in outs)
     assert max(int(s) for s in os.listdir(tmp_path / "checkpoints")) == stops[0]
 
+    alone_steps = min(2, two_processes.NUM_STEPS - 1 - stops[0])
+    (alone,) = _finish_all(
+        [_python("tests.two_processes", "0", "1", "0", str(tmp_path), f"--preempt={alone_steps}")]
+    )
+    assert f"Resumed from checkpoint at step {stops[0]}" in alone, alone
+    assert "Devices: 1 (cpu), processes: 1; global batch 8, per device 8" in alone, alone
+    resumed_at = stops[0] + alone_steps
+    assert f"saved checkpoint at step {resumed_at};" in alone, alone
+
     port = str(_free_port())
-    procs = [_python("tests.two_processes", str(i), port, str(tmp_path)) for i in range(2)]
+    procs = [_python("tests.two_processes", str(i), "2", port, str(tmp_path)) for i in range(2)]
     outs = _finish_all(procs)
-    assert all(f"Resumed from checkpoint at step {stops[0]}" in o for o in outs), outs
+    assert all(f"Resumed from checkpoint at step {resumed_at}" in o for o in outs), outs
     assert all("Devices: 2 (cpu), processes: 2; global batch 8, per device 4" in o for o in outs)
 
-    # One process, one device, the same config and global batches: process p's 4 rows (its
-    # shard of the data stream) are rows 4p..4p+3. Same parameters up to the order of the
-    # gradient reduction (float32 rounding, well under 1e-5).
+    # One process, one device, the same config, the one-process data stream. Same parameters
+    # up to the order of the gradient reduction (float32 rounding, well under 1e-5); a step on
+    # another batch moves them by up to the learning rate, 2e-3 (Adam).
     config = two_processes.get_config()
     config.training.fsdp = 1
     objective, step_fn, state, mesh = step_parts(config, seed=config.seed)
-    shards = [
-        data.create_dataset(
-            config, "train", batch_size=4, seed=config.seed, process_index=p, process_count=2
-        )
-        for p in range(2)
-    ]
+    batches = data.create_dataset(config, "train", batch_size=8, seed=config.seed)
     for _ in range(two_processes.NUM_STEPS):
-        parts = [next(shard) for shard in shards]
-        batch = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
-        state, _ = step_fn(state, sharding.global_batch(batch, mesh), objective.frozen)
+        state, _ = step_fn(state, sharding.global_batch(next(batches), mesh), objective.frozen)
     saved = _saved_state(tmp_path, two_processes.NUM_STEPS)
     assert int(saved["step"]) == two_processes.NUM_STEPS
     expected = jax.device_get(state.params)

@@ -1,13 +1,14 @@
-"""Deterministic, sharded, resumable batches on grain.
+"""Deterministic, sharded, resumable batches on grain, the same whatever the process count.
 
 The example order is a pure function of (seed, epoch): epoch e visits the examples in the
-order `epoch_order(seed, e, n)`, and a process with index p of P takes every P-th slot of it
-(slots p, p + P, ...). The processes' shards are therefore disjoint and together cover the
-epoch; with drop_remainder the last n % P slots of each epoch are left out so that every
-process sees the same number of examples. Process p's stream of slots is cut into batches;
-batch k is a pure function of k, so the pipeline is a grain `MapDataset` over batch indices,
-read ahead by threads (and worker processes when config.data.num_workers > 0), and an
-iterator's state is just the index of its next batch.
+order `epoch_order(seed, e, n)`, and the global stream is epoch 0's order, then epoch 1's, ...
+Global batch k holds positions k*G .. k*G + G - 1 of it (G the global batch size), and process
+p of P reads rows p*B .. p*B + B - 1 (B = G / P), the rows that `sharding.global_batch` places
+on its devices. Global batch k is therefore a pure function of (seed, k), whatever P is: a run
+checkpointed with 2 processes resumes with 1 or 4 and sees exactly the examples an
+uninterrupted run would. A process's batch k is a pure function of k, so the pipeline is a
+grain `MapDataset` over batch indices, read ahead by threads (and worker processes when
+config.data.num_workers > 0), and an iterator's state is just the index of its next batch.
 """
 
 import dataclasses
@@ -30,19 +31,12 @@ def epoch_order(seed: int, epoch: int, n: int, shuffle: bool) -> tuple[np.ndarra
     return order, rng.random(n) < 0.5
 
 
-def shard_length(n: int, process_index: int, process_count: int, drop_remainder: bool) -> int:
-    """Examples per epoch of process `process_index`: slots p, p + P, ... below n (or n - n % P)."""
-    if drop_remainder:
-        return n // process_count
-    return len(range(process_index, n, process_count))
-
-
 @dataclasses.dataclass(frozen=True)
 class BatchPlan:
     """Which examples batch k of one process holds.
 
-    positions k*B .. k*B + B - 1 of the process's stream -> (epoch, j) -> slot j*P + p of
-    `epoch_order(seed, epoch)`. total: stream length (None = infinite).
+    Global positions k*G + p*B .. k*G + p*B + B - 1 (G = B * P) -> (epoch, slot) -> example
+    `epoch_order(seed, epoch)[slot]`. total: global stream length (None = infinite).
     """
 
     n: int
@@ -51,22 +45,28 @@ class BatchPlan:
     batch_size: int
     process_index: int
     process_count: int
-    per_epoch: int
     total: int | None
 
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.process_count
+
     def num_batches(self, drop_remainder: bool) -> int:
+        """This process's batches: with drop_remainder=False a final partial global batch
+        counts for the processes whose rows it reaches."""
         if self.total is None:
-            return sys.maxsize // self.batch_size
-        whole, rest = divmod(self.total, self.batch_size)
-        return whole + (1 if rest and not drop_remainder else 0)
+            return sys.maxsize // self.global_batch_size
+        whole, rest = divmod(self.total, self.global_batch_size)
+        reaches = rest > self.process_index * self.batch_size
+        return whole + (1 if reaches and not drop_remainder else 0)
 
     def examples(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids [b] int64, flips [b] bool) of batch k; b < B only for a final partial batch."""
-        stop = (k + 1) * self.batch_size
+        start = k * self.global_batch_size + self.process_index * self.batch_size
+        stop = start + self.batch_size
         if self.total is not None:
             stop = min(stop, self.total)
-        epochs, j = np.divmod(np.arange(k * self.batch_size, stop), self.per_epoch)
-        slots = j * self.process_count + self.process_index
+        epochs, slots = np.divmod(np.arange(start, stop), self.n)
         ids = np.empty(len(slots), np.int64)
         flips = np.empty(len(slots), bool)
         for epoch in np.unique(epochs):
@@ -98,10 +98,10 @@ class ReadBatch:
 class DataIterator:
     """Iterator over numpy batches with a JSON state: {"next_batch": k, ...settings}.
 
-    Restoring (set_state) checks that the settings (everything that shapes the stream except
-    process_index: source kind, number of examples, seed, batch size, ...) match, then
-    continues with batch k. next_batch is the same on every process, so the state saved by
-    process 0 restores all of them; a moved dataset directory still restores.
+    Restoring (set_state) checks that the settings (everything that shapes the global stream:
+    source kind, number of examples, seed, global batch size, ...) match, then continues with
+    batch k. next_batch is the same on every process, so the state saved by process 0 restores
+    all of them, and with any other process count; a moved dataset directory still restores.
     """
 
     def __init__(
@@ -149,8 +149,8 @@ class DataIterator:
         return {"next_batch": self._next_batch, **self._settings}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        saved = {k: v for k, v in state.items() if k not in ("next_batch", "process_index")}
-        current = {k: v for k, v in self._settings.items() if k != "process_index"}
+        saved = {k: v for k, v in _current_format(state).items() if k != "next_batch"}
+        current = self._settings
         if saved != current:
             diff = {
                 k: (saved.get(k), current.get(k))
@@ -168,6 +168,18 @@ class DataIterator:
         self._iterator = None
 
 
+def _current_format(state: dict[str, Any]) -> dict[str, Any]:
+    """A state saved before the stream was the same for every process count (it named the
+    per-process batch size and the process count): one process's stream was today's, so
+    such a state reads as today's; one of several processes keeps its process_count, which
+    no current state has, and is refused as other settings."""
+    if state.get("process_count") != 1:
+        return state
+    renamed = {k: v for k, v in state.items() if k not in ("process_index", "process_count")}
+    renamed["global_batch_size"] = renamed.pop("batch_size")
+    return renamed
+
+
 def create_dataset(
     config: ml_collections.ConfigDict,
     split: str,
@@ -180,14 +192,17 @@ def create_dataset(
     process_index: int = 0,
     process_count: int = 1,
 ) -> DataIterator:
-    """Batches of split "train" / "test" for process `process_index` of `process_count`.
+    """Process `process_index`'s rows of the global batches of split "train" / "test".
 
-    batch_size is per process. Yields {"image": float32 [batch_size, S, S, C] in [-1, 1],
-    "label": int32 [batch_size]} (labels 0 for an unconditional source), S =
-    config.data.image_size, C = config.data.channels; num_epochs None repeats forever. With
-    drop_remainder=False the final batch may be smaller and shards differ by at most one
-    example per epoch. The sequence depends only on the arguments and config.data (not on
-    num_workers). Random flips (config.data.random_flip) are drawn per (seed, epoch, slot).
+    batch_size is per process (the global batch is batch_size * process_count). Yields
+    {"image": float32 [batch_size, S, S, C] in [-1, 1], "label": int32 [batch_size]} (labels 0
+    for an unconditional source), S = config.data.image_size, C = config.data.channels;
+    num_epochs None repeats forever. A finite stream ends after num_epochs * n examples: with
+    drop_remainder=True at the last whole global batch, otherwise with a partial one whose rows
+    this process may get fewer of, or none (then it has one batch less). The global batches
+    depend only on the global batch size, seed, shuffle and config.data (not on the process
+    count or num_workers). Random flips (config.data.random_flip) are drawn per (seed, epoch,
+    slot).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size={batch_size} must be positive")
@@ -200,21 +215,17 @@ def create_dataset(
     data = config.data
     source = info.open_source(config, split)
     n = len(source)
-    per_epoch = shard_length(n, process_index, process_count, drop_remainder)
-    if per_epoch == 0:
+    total = None if num_epochs is None else n * num_epochs
+    plan = BatchPlan(n, seed, shuffle, batch_size, process_index, process_count, total)
+    if plan.num_batches(drop_remainder) == 0:
         raise ValueError(
-            f"{data.source} split {split!r} has {n} examples, fewer than "
-            f"process_count={process_count}"
+            f"batch_size={batch_size} (a global batch of {plan.global_batch_size} over "
+            f"{process_count} process(es)) leaves process {process_index} no batch of the "
+            f"{total} examples of {num_epochs} epoch(s) of {data.source} split {split!r}"
         )
-    total = None if num_epochs is None else per_epoch * num_epochs
-    plan = BatchPlan(n, seed, shuffle, batch_size, process_index, process_count, per_epoch, total)
-    num_batches = plan.num_batches(drop_remainder)
-    if num_batches == 0:
-        raise ValueError(
-            f"batch_size={batch_size} exceeds the {total} examples of {num_epochs} epoch(s) "
-            f"of this process's shard of {data.source} split {split!r}"
-        )
-    batches = grain.MapDataset.range(num_batches).map(ReadBatch(source, plan, data.random_flip))
+    batches = grain.MapDataset.range(plan.num_batches(drop_remainder)).map(
+        ReadBatch(source, plan, data.random_flip)
+    )
     # `prefetch` batches are read ahead, each by its own thread (PIL decodes without the GIL).
     read_options = grain.ReadOptions(num_threads=data.prefetch, prefetch_buffer_size=data.prefetch)
     settings = {
@@ -228,9 +239,7 @@ def create_dataset(
         "shuffle": shuffle,
         "num_epochs": num_epochs,
         "drop_remainder": drop_remainder,
-        "batch_size": batch_size,
-        "process_index": process_index,
-        "process_count": process_count,
+        "global_batch_size": plan.global_batch_size,
     }
     worker_options = grain.MultiprocessingOptions(
         num_workers=data.num_workers, per_worker_buffer_size=max(1, data.prefetch)
