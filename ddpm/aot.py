@@ -173,7 +173,7 @@ def sampler_program(
         )
     s = objective.config.sample
     num = min(s.batch_size, s.num_samples)
-    sample = objective.sampler(num)
+    sample = dataclasses.replace(objective, mesh=mesh).sampler(num)  # its rows split on `mesh`
     cond = conditioning.take(conditioning.grid_cond(objective.config)[0], 0, num)
     replicated = sharding.replicated(mesh)
     rng = _abstract(jax.eval_shape(lambda: jax.random.key(0)), replicated)

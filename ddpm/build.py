@@ -89,10 +89,13 @@ def sampler(
     apply_fn: Callable[..., jax.Array],
     noise_process: processes.Process,
     shape: tuple[int, ...],
+    mesh: jax.sharding.Mesh | None = None,
     **edit: Any,
 ) -> Callable[..., jax.Array]:
     """Jitted `fn(params, rng, cond, **arrays) -> [*shape] float32` with the method, steps and
     guidance of config.sample; `apply_fn(variables, x_t, t, cond, train=False)` is the model's.
+    On `mesh`, a batch that divides the device count is split over the devices
+    (`sharding.sample_sharding`), each device drawing its rows; the samples are the same.
 
     cond: the conditioning pytree of shape[0] examples (`ddpm.conditioning`), or None.
     `edit`: static editing options of `samplers.sample` (strength, jump_length, resample);
@@ -122,6 +125,7 @@ def sampler(
         dynamic_threshold=s.dynamic_threshold,
         variance="learned" if noise_process.learned_variance else s.variance,
         churn=s.churn,
+        batch_sharding=None if mesh is None else sharding.sample_sharding(mesh, shape[0]),
         **edit,
     )
     if embedded:

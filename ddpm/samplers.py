@@ -527,6 +527,7 @@ def sample(
     known: Array | None = None,
     mask: Array | None = None,
     init: Array | None = None,
+    batch_sharding: jax.sharding.Sharding | None = None,
     **options: Any,
 ) -> Array:
     """Draws x_0 by running `options.method` from x_T ~ N(0, I); pure, one `lax.scan`,
@@ -550,6 +551,10 @@ def sample(
         Before the first step and after every step the kept region of the state is replaced by
         q_sample(known) at the level the state has reached; at the end it equals `known`.
       init: SDEdit's input image (`shape`, or broadcastable), with options.strength < 1.
+      batch_sharding: under jit, the layout of x_T and so of the state and the network's batch
+        in every step (e.g. rows split over the devices); None: what XLA propagates from the
+        inputs, which for a replicated key is every device drawing the whole batch. The draws
+        do not depend on it (threefry is partitionable).
       **options: the static configuration, `Options` (method, num_steps, spacing, ...).
 
     Returns:
@@ -575,6 +580,8 @@ def sample(
     rows = grid(process, opts.num_steps, opts.spacing_for(process), opts.rho)
     noise_key, step_key = jax.random.split(rng)
     x = jax.random.normal(noise_key, shape, jnp.float32)
+    if batch_sharding is not None:
+        x = jax.lax.with_sharding_constraint(x, batch_sharding)
     if opts.strength < 1.0:  # SDEdit: start at a later row from the noised input
         keep = kept_steps(opts.num_steps, opts.strength)
         init = jnp.broadcast_to(jnp.asarray(init, jnp.float32), shape)
@@ -618,6 +625,7 @@ def make_sampler(
     shape: tuple[int, ...],
     *,
     guidance: bool = False,
+    batch_sharding: jax.sharding.Sharding | None = None,
     **options: Any,
 ) -> Callable[..., Array]:
     """A jitted `fn(params, rng, labels=None, guidance_scale=None, *, known=None, mask=None,
@@ -626,7 +634,8 @@ def make_sampler(
     `model_fn(params, x_t, t, labels) -> output`. params, rng, labels, guidance_scale and the
     editing arrays (known, mask: inpainting; init: SDEdit, see `sample`) are traced, so new
     values reuse the compiled sampler; the static configuration is `shape`, `guidance` (on:
-    guidance_scale is required and traced) and `options` (`Options`), validated here.
+    guidance_scale is required and traced) and `options` (`Options`), validated here;
+    `batch_sharding`: the samples' layout (see `sample`), e.g. split over a mesh's devices.
     """
     for name in ("guidance_scale", "labels", "known", "mask", "init"):
         if name in options:
@@ -657,7 +666,10 @@ def make_sampler(
             known=known,
             mask=mask,
             init=init,
+            batch_sharding=batch_sharding,
             **options,
         )
 
-    return jax.jit(run)
+    if batch_sharding is None:
+        return jax.jit(run)
+    return jax.jit(run, out_shardings=batch_sharding)

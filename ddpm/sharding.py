@@ -69,6 +69,12 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec((DATA_AXIS, FSDP_AXIS)))
 
 
+def sample_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
+    """A sampler's layout of `batch_size` samples: split like a training batch when the device
+    count divides it, otherwise replicated (every device draws the whole batch)."""
+    return batch_sharded(mesh) if batch_size % mesh.devices.size == 0 else replicated(mesh)
+
+
 def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> PartitionSpec:
     """How one parameter-shaped array is split over the `fsdp` axis.
 

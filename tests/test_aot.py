@@ -2,7 +2,8 @@
 on this CPU, the report checked against the compiled program and against figures counted by
 hand from the network's shapes; the collective parser on a hand-written HLO text.
 
-One compile of about ten seconds; the compile tests are skipped where libtpu is not installed.
+One compile of about ten seconds (the train step and the sampler); the compile tests are
+skipped where libtpu is not installed.
 """
 
 import importlib.util
@@ -63,7 +64,7 @@ def dit_forward_flops(d: int, depth: int, tokens: int, patch_in: int, freqs: int
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("aot")
-    return aot.compile_for_topology(tiny_dit(), str(workdir), TOPOLOGY), workdir
+    return aot.compile_for_topology(tiny_dit(), str(workdir), TOPOLOGY, sampler=True), workdir
 
 
 @needs_libtpu
@@ -107,6 +108,22 @@ def test_flops_and_roofline(result):
     bound = max(cost["flops"] / V5E_FLOPS, cost["bytes_accessed"] / V5E_BANDWIDTH)
     assert cost["time_lower_bound_s"] == pytest.approx(bound)
     assert cost["limited_by"] == "memory bandwidth"  # far below v5e's 240 FLOP/byte
+
+
+@needs_libtpu
+def test_sampler_splits_its_rows_over_the_devices(result):
+    """The tiny config's sampler: 20 samples, DDIM with guidance (the conditional and the
+    unconditional half in one call: 40 rows), split over the 4 devices as sampling on the
+    training mesh splits them: 10 rows per device per call. XLA's cost analysis counts the
+    scan's body (one step) once; on every device the whole batch would be 4x as much."""
+    result, _ = result
+    config = tiny_dit()
+    assert (config.sample.num_samples, config.sample.method) == (20, "ddim")
+    assert config.sample.guidance_scale != 1
+    flops = result.report["sampler"]["cost"]["flops"]
+    assert flops == result.sampler.compiled.cost_analysis()["flops"]
+    products = 2 * 20 // DEVICES * dit_forward_flops(WIDTH, 1, (SIZE // PATCH) ** 2, PATCH**2)
+    assert 1.0 <= flops / products <= 2.0
 
 
 @needs_libtpu

@@ -112,7 +112,7 @@ def test_exact_resume_after_sigkill_and_ctrl_c(tmp_path):
         np.testing.assert_array_equal(x, y)  # bitwise identical on CPU
 
 
-def test_four_devices_match_one_device():
+def test_four_devices_match_one_device_in_training_and_sampling():
     out = subprocess.run(
         [sys.executable, "-m", "tests.four_devices"],
         cwd=ROOT,
@@ -131,6 +131,16 @@ def test_four_devices_match_one_device():
     maxdiff = float(out.stdout.split("maxdiff ")[1].split()[0])
     assert maxdiff < 1e-5, out.stdout
     assert "state on devices: 1" in out.stdout and "state on devices: 4" in out.stdout
+    # The sampler on 4 devices: each draws 2 of the 8 samples (every activation has a quarter
+    # of the rows it has on one device), and the samples are the one-device ones to float32
+    # rounding (the same noise, threefry being partitionable; per-example convolutions and
+    # norms). Unclipped, 3 steps from initialisation: the values reach thousands.
+    rows = out.stdout.split("sampler rows per device: one ")[1].split()
+    assert int(rows[0]) == 4 * int(rows[2]), out.stdout
+    sample_diff, scale = (
+        float(out.stdout.split(k)[1].split()[0]) for k in ("sample maxdiff", "scale")
+    )
+    assert sample_diff < 1e-6 * scale, out.stdout
     assert (
         "config.training.batch_size=6 must be a positive multiple of the device count (4"
         in out.stdout

@@ -4,6 +4,7 @@ Adding one is a module with an `Objective` subclass (`ddpm.objectives.base`) and
 `_FACTORIES`. `create(config, ...)` is what the modes call.
 """
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -40,6 +41,7 @@ def create(
     diffusion may estimate its scale factor (elsewhere it must be saved) and distillation
     loads its teacher (sampling does not need it)."""
     speed = build.run_runtime(config)
-    return _FACTORIES[config.objective](
+    objective = _FACTORIES[config.objective](
         config, speed, workdir=workdir, mesh=mesh, training=training
     )
+    return dataclasses.replace(objective, mesh=mesh)

@@ -37,13 +37,15 @@ class Objective(abc.ABC):
     """config: the run's config, completed where the objective decides a value (latent
     diffusion's scale factor), as saved in the workdir; model: the trained network;
     input_shape: one example as the network sees it; speed: the resolved `config.runtime`;
-    frozen: parameters held fixed (None if nothing is), replicated."""
+    frozen: parameters held fixed (None if nothing is), replicated; mesh: the devices the
+    run trains and samples on (None: the sampler leaves the layout to XLA, replicated)."""
 
     config: ml_collections.ConfigDict
     model: nn.Module
     input_shape: tuple[int, ...]
     speed: runtime.Runtime
     frozen: Any = None
+    mesh: jax.sharding.Mesh | None = None
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, speed: runtime.Runtime, **fields):

@@ -47,7 +47,7 @@ class Diffusion(Objective):
 
     def sampler(self, num: int, **edit: Any) -> Callable[..., Array]:
         return build.sampler(
-            self.config, self.apply, self.process, (num, *self.input_shape), **edit
+            self.config, self.apply, self.process, (num, *self.input_shape), self.mesh, **edit
         )
 
     def training_grid(self, rng: Array) -> tuple[Callable[[Any, int], Array], int]:
