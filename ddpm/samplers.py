@@ -50,6 +50,7 @@ from ddpm.diffusion import (
     x0_to_eps,
 )
 from ddpm.processes import Level, Process, karras_sigmas, vp_of_ve
+from ddpm.processes.base import respaced_beta
 from ddpm.processes.discrete import KARRAS_METHODS, sigma_to_t, t_to_sigma, timesteps
 from ddpm.schedules import Schedule
 
@@ -59,7 +60,7 @@ DenoiseFn = Callable[[Array, Array, Array | None], Array]
 # predict(x [B, ...], t, alpha, sigma) -> (x_0, eps, variance channels | None).
 Predict = Callable[[Array, Array, Array, Array], tuple[Array, Array, Array | None]]
 
-METHODS = ("ddpm", "ddim", "dpm++2m", "dpm++2s", "euler", "heun")
+METHODS = ("ddpm", "ddim", "dpm++2m", "dpm++2s", "euler", "heun", "consistency")
 SPACINGS = ("leading", "trailing", "linspace", "karras")
 # Public names of the grids' levels (tests, distillation and benchmarks use them).
 __all__ = ["karras_sigmas", "sigma_to_t", "t_to_sigma", "timesteps"]
@@ -75,7 +76,8 @@ class Options:
 
     method: one of `METHODS`. ddpm: ancestral, respaced to num_steps as in improved DDPM;
       ddim: eta in [0, 1]; dpm++2m / dpm++2s: DPM-Solver++ second order; euler / heun: the
-      probability-flow ODE (EDM), with optional churn.
+      probability-flow ODE (EDM), with optional churn; consistency: multistep consistency
+      sampling (Song et al., 2023, alg. 1), for a model that predicts the ODE's end point.
     num_steps: steps; in [1, T] on a discrete schedule's timesteps. Model calls: num_steps,
       except dpm++2s and heun: 2 num_steps - 1 (a doubled batch with guidance).
     eta: DDIM noise (0 = deterministic; 1 with all T steps = DDPM ancestral).
@@ -88,6 +90,8 @@ class Options:
       labels, a pytree of fill values, one per leaf.
     guidance_interval: (s_lo, s_hi): guide only where the VE level sigma / alpha lies in it.
     rho: the Karras sigmas' exponent.
+    ve_levels: the steps' VE levels sigma / alpha, descending (num_steps of them), in place of
+      the spacing's.
     churn, churn_tmin, churn_tmax, churn_noise: euler / heun (EDM's S_churn, S_tmin, S_tmax,
       S_noise); churn > 0 is an error for other methods and for a non-VE ODE (a flow's).
     jump_length, resample: RePaint (with a mask): each block of jump_length steps runs
@@ -114,6 +118,7 @@ class Options:
     jump_length: int = 10
     resample: int = 1
     strength: float = 1.0
+    ve_levels: tuple[float, ...] | None = None
 
     def spacing_for(self, process: Process) -> str:
         """The spacing, None resolved to the process's default for the method."""
@@ -133,8 +138,10 @@ class Options:
                 f"spacing={self.spacing!r}: a {process.name} process's levels are "
                 f"{' or '.join(process.spacings)}"
             )
-        high = process.max_steps(self.spacing_for(process))
+        high = None if self.ve_levels else process.max_steps(self.spacing_for(process))
         n = self.num_steps
+        if self.ve_levels is not None and len(self.ve_levels) != n:
+            raise ValueError(f"ve_levels={self.ve_levels!r} must hold num_steps={n} levels")
         if not isinstance(n, int | np.integer) or n < 1 or (high is not None and n > high):
             bound = f"in [1, {high}] (the schedule's num_timesteps)" if high else ">= 1"
             raise ValueError(f"num_steps={n!r} must be an integer {bound}")
@@ -188,10 +195,22 @@ class Row(NamedTuple):
     last: Array
 
 
-def grid(process: ProcessLike, num_steps: int, spacing: str, rho: float = 7.0) -> Row:
-    """The `num_steps` rows of the process's levels for `spacing` (`Process.sampling_levels`)."""
+def grid(
+    process: ProcessLike,
+    num_steps: int,
+    spacing: str,
+    rho: float = 7.0,
+    ve_levels: tuple[float, ...] | None = None,
+) -> Row:
+    """The `num_steps` rows of the process's levels for `spacing` (`Process.sampling_levels`),
+    or of the given descending VE levels."""
     process = processes.as_process(process)
-    levels = process.sampling_levels(num_steps, spacing, rho)
+    if ve_levels is None:
+        levels = process.sampling_levels(num_steps, spacing, rho)
+    else:
+        s = jnp.asarray(ve_levels, jnp.float32)
+        alpha, sigma = vp_of_ve(s)
+        levels = processes.StepLevels(process.level_of_ve(s), alpha, sigma, respaced_beta(alpha))
     index = jnp.arange(num_steps, dtype=jnp.int32)
     return Row(
         index=index,
@@ -336,6 +355,18 @@ def _ode_step(heun: bool) -> Callable[..., tuple[Array, Any]]:
     return step
 
 
+def consistency_step(ctx: _Context, x: Array, history: Any, row: Row, key: Array):
+    """Multistep consistency sampling (Song et al., 2023, alg. 1): the model's x_0 is the
+    trajectory's point at the lowest level s_min (`ddpm.consistency`); it is noised afresh to
+    the next level s', x' = alpha' (x_0 + sqrt(s'^2 - s_min^2) z). The last step returns x_0."""
+    x0, _, _ = ctx.predict(x, *row.now)
+    s_min = ctx.process.ve_range()[0]
+    to = row.to
+    std = jnp.sqrt(jnp.maximum(jnp.square(to.sigma) - jnp.square(s_min * to.alpha), 0.0))
+    noise = jnp.where(row.last, 0.0, std) * jax.random.normal(key, x.shape, x.dtype)
+    return to.alpha * x0 + noise, history
+
+
 def _no_history(x: Array) -> tuple[()]:
     return ()
 
@@ -352,6 +383,7 @@ STEPS = {
     "dpm++2s": (dpmpp_2s_step, _no_history),
     "euler": (_ode_step(heun=False), _no_history),
     "heun": (_ode_step(heun=True), _no_history),
+    "consistency": (consistency_step, _no_history),
 }
 
 
@@ -577,7 +609,7 @@ def sample(
     ctx = _Context(_make_predict(denoise_fn, labels, scale, opts), process, opts)
     step, first_history = STEPS[opts.method]
 
-    rows = grid(process, opts.num_steps, opts.spacing_for(process), opts.rho)
+    rows = grid(process, opts.num_steps, opts.spacing_for(process), opts.rho, opts.ve_levels)
     noise_key, step_key = jax.random.split(rng)
     x = jax.random.normal(noise_key, shape, jnp.float32)
     if batch_sharding is not None:
