@@ -21,14 +21,17 @@ with (alpha, sigma), x's coefficient sd^2 alpha / ((sigma - s_min alpha)^2 + sd^
 stays finite at a flow's t = 1 (alpha = 0), where f = D.
 """
 
+import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from ddpm.diffusion import expand
-from ddpm.processes import Level, Process, karras_sigmas, vp_of_ve
+from ddpm.diffusion import expand, predict_x0_eps
+from ddpm.processes import Level, Process, StepLevels, karras_sigmas, vp_of_ve
+from ddpm.processes.base import NetFn, respaced_beta
 
 Array = jax.Array
 # denoise(x [B, ...], level) -> x_0 prediction [B, ...] at per-example levels (t, alpha, sigma).
@@ -128,8 +131,63 @@ def distance(a: Array, b: Array, kind: str) -> Array:
     raise ValueError(f"distance={kind!r} is not one of {', '.join(DISTANCES)}")
 
 
-def sampling_ve_levels(s_min: float, s_max: float, num_steps: int, rho: float = 7.0) -> Array:
-    """The VE levels multistep consistency sampling (Song et al., 2023, alg. 1) denoises at:
-    s_max, then num_steps - 1 levels of Karras et al.'s rho-spacing of num_steps + 1 points
-    on [s_min, s_max] (s_min itself, where f is the identity, left out).  -> [n] float32."""
-    return karras_sigmas(s_min, s_max, num_steps + 1, rho)[:num_steps]
+@dataclasses.dataclass(frozen=True)
+class ConsistencyProcess(Process):
+    """A diffusion process read through a consistency model of it, for the samplers: the
+    inner process's levels and scales; `denoiser` is the consistency function of the inner
+    process's denoiser (x_0 prediction); `sampling_levels` are those multistep consistency
+    sampling (method "consistency") denoises at: s_max, then num_steps - 1 levels of Karras
+    et al.'s rho-spacing of num_steps + 1 points on [s_min, s_max] (s_min itself, where f
+    is the identity, left out). [s_min, s_max] is the inner process's `ve_range`."""
+
+    inner: Process
+    sigma_data: float = 0.5
+
+    name = "consistency"
+    spacings = ("karras",)
+
+    def vp(self, level: Array) -> tuple[Array, Array]:
+        return self.inner.vp(level)
+
+    def level_of_ve(self, s: Array) -> Array:
+        return self.inner.level_of_ve(s)
+
+    def ve_range(self) -> tuple[Any, Any]:
+        return self.inner.ve_range()
+
+    def sampling_levels(self, num_steps: int, spacing: str, rho: float) -> StepLevels:
+        del spacing
+        s_min, s_max = self.ve_range()
+        s = karras_sigmas(s_min, s_max, num_steps + 1, rho)[:num_steps]
+        alpha, sigma = vp_of_ve(s)
+        return StepLevels(self.level_of_ve(s), alpha, sigma, respaced_beta(alpha))
+
+    def loss(self, params, apply_fn, x0, rng):
+        """Not a denoising loss: a consistency model trains on pairs of levels
+        (`ddpm.objectives.consistency`)."""
+        raise ValueError("a consistency model's loss is ddpm.objectives.consistency's")
+
+    def consistency(self, net_fn: NetFn) -> Callable[[Any, Array, Level, Any], Array]:
+        """fn(params, x [B, ...], level (per example), cond) -> f(x, level): the consistency
+        function over the inner process's x_0 prediction of `net_fn` (`consistency_fn`)."""
+        inner = self.inner.denoiser(net_fn)
+
+        def fn(params: Any, x: Array, level: Level, cond: Any) -> Array:
+            def denoise(x: Array, level: Level) -> Array:
+                out = inner(params, x, level.t, cond)[..., : x.shape[-1]]
+                a, s = expand(level.alpha, x.ndim), expand(level.sigma, x.ndim)
+                return predict_x0_eps(out, x, a, s, self.inner.prediction)[0]
+
+            s_min = self.ve_range()[0]
+            return consistency_fn(denoise, s_min, self.sigma_data)(x, level)
+
+        return fn
+
+    def denoiser(self, net_fn: NetFn) -> NetFn:
+        """fn(params, x, t [B] model time, cond) -> f(x, level of t): an x_0 prediction."""
+        f = self.consistency(net_fn)
+
+        def fn(params: Any, x: Array, t: Array, cond: Any) -> Array:
+            return f(params, x, Level(t, *self.vp(t)), cond)
+
+        return fn

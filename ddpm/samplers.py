@@ -50,7 +50,6 @@ from ddpm.diffusion import (
     x0_to_eps,
 )
 from ddpm.processes import Level, Process, karras_sigmas, vp_of_ve
-from ddpm.processes.base import respaced_beta
 from ddpm.processes.discrete import KARRAS_METHODS, sigma_to_t, t_to_sigma, timesteps
 from ddpm.schedules import Schedule
 
@@ -77,7 +76,8 @@ class Options:
     method: one of `METHODS`. ddpm: ancestral, respaced to num_steps as in improved DDPM;
       ddim: eta in [0, 1]; dpm++2m / dpm++2s: DPM-Solver++ second order; euler / heun: the
       probability-flow ODE (EDM), with optional churn; consistency: multistep consistency
-      sampling (Song et al., 2023, alg. 1), for a model that predicts the ODE's end point.
+      sampling (Song et al., 2023, alg. 1) of a consistency model, on its process's levels
+      (`ddpm.consistency.ConsistencyProcess`).
     num_steps: steps; in [1, T] on a discrete schedule's timesteps. Model calls: num_steps,
       except dpm++2s and heun: 2 num_steps - 1 (a doubled batch with guidance).
     eta: DDIM noise (0 = deterministic; 1 with all T steps = DDPM ancestral).
@@ -90,8 +90,6 @@ class Options:
       labels, a pytree of fill values, one per leaf.
     guidance_interval: (s_lo, s_hi): guide only where the VE level sigma / alpha lies in it.
     rho: the Karras sigmas' exponent.
-    ve_levels: the steps' VE levels sigma / alpha, descending (num_steps of them), in place of
-      the spacing's.
     churn, churn_tmin, churn_tmax, churn_noise: euler / heun (EDM's S_churn, S_tmin, S_tmax,
       S_noise); churn > 0 is an error for other methods and for a non-VE ODE (a flow's).
     jump_length, resample: RePaint (with a mask): each block of jump_length steps runs
@@ -118,7 +116,6 @@ class Options:
     jump_length: int = 10
     resample: int = 1
     strength: float = 1.0
-    ve_levels: tuple[float, ...] | None = None
 
     def spacing_for(self, process: Process) -> str:
         """The spacing, None resolved to the process's default for the method."""
@@ -138,10 +135,8 @@ class Options:
                 f"spacing={self.spacing!r}: a {process.name} process's levels are "
                 f"{' or '.join(process.spacings)}"
             )
-        high = None if self.ve_levels else process.max_steps(self.spacing_for(process))
+        high = process.max_steps(self.spacing_for(process))
         n = self.num_steps
-        if self.ve_levels is not None and len(self.ve_levels) != n:
-            raise ValueError(f"ve_levels={self.ve_levels!r} must hold num_steps={n} levels")
         if not isinstance(n, int | np.integer) or n < 1 or (high is not None and n > high):
             bound = f"in [1, {high}] (the schedule's num_timesteps)" if high else ">= 1"
             raise ValueError(f"num_steps={n!r} must be an integer {bound}")
@@ -195,22 +190,10 @@ class Row(NamedTuple):
     last: Array
 
 
-def grid(
-    process: ProcessLike,
-    num_steps: int,
-    spacing: str,
-    rho: float = 7.0,
-    ve_levels: tuple[float, ...] | None = None,
-) -> Row:
-    """The `num_steps` rows of the process's levels for `spacing` (`Process.sampling_levels`),
-    or of the given descending VE levels."""
+def grid(process: ProcessLike, num_steps: int, spacing: str, rho: float = 7.0) -> Row:
+    """The `num_steps` rows of the process's levels for `spacing` (`Process.sampling_levels`)."""
     process = processes.as_process(process)
-    if ve_levels is None:
-        levels = process.sampling_levels(num_steps, spacing, rho)
-    else:
-        s = jnp.asarray(ve_levels, jnp.float32)
-        alpha, sigma = vp_of_ve(s)
-        levels = processes.StepLevels(process.level_of_ve(s), alpha, sigma, respaced_beta(alpha))
+    levels = process.sampling_levels(num_steps, spacing, rho)
     index = jnp.arange(num_steps, dtype=jnp.int32)
     return Row(
         index=index,
@@ -609,7 +592,7 @@ def sample(
     ctx = _Context(_make_predict(denoise_fn, labels, scale, opts), process, opts)
     step, first_history = STEPS[opts.method]
 
-    rows = grid(process, opts.num_steps, opts.spacing_for(process), opts.rho, opts.ve_levels)
+    rows = grid(process, opts.num_steps, opts.spacing_for(process), opts.rho)
     noise_key, step_key = jax.random.split(rng)
     x = jax.random.normal(noise_key, shape, jnp.float32)
     if batch_sharding is not None:

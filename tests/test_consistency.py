@@ -66,16 +66,18 @@ def _s_min(process) -> float:
 
 @pytest.mark.parametrize("name", PROCESSES)
 def test_boundary_condition_holds_whatever_the_network(name):
-    """At s_min the network's weight 1 - c_skip is exactly 0: two wildly different
-    denoisers give bitwise the same f, x / alpha to float32 rounding."""
+    """At s_min the network's weight 1 - c_skip is exactly 0: two wildly different networks
+    read through the process (`ConsistencyProcess.consistency`) give bitwise the same f,
+    x / alpha to float32 rounding."""
     process = PROCESSES[name]
     x = jax.random.normal(jax.random.key(0), (8, 4, 4, 1))
     level = _levels(process, _s_min(process), 8)
     c_skip, _ = consistency.skip_coefficients(level, _s_min(process), 0.5)
     assert np.all(np.asarray(c_skip) == 1.0)
+    nets = (lambda p, x, t, c: 1e6 * jnp.ones_like(x), lambda p, x, t, c: jnp.tanh(x) - 3.0)
     outputs = [
-        consistency.consistency_fn(d, _s_min(process), 0.5)(x, level)
-        for d in (lambda x, level: 1e6 * jnp.ones_like(x), lambda x, level: jnp.tanh(x) - 3.0)
+        consistency.ConsistencyProcess(process).consistency(net)(None, x, level, None)
+        for net in nets
     ]
     np.testing.assert_array_equal(outputs[0], outputs[1])
     np.testing.assert_allclose(outputs[0], x / level.alpha[:, None, None, None], rtol=1e-6)
@@ -149,22 +151,19 @@ def test_distillation_loss_is_minimised_by_the_consistency_function(name):
 @pytest.mark.parametrize("num_steps", [1, 2, 4])
 def test_multistep_sampling_of_the_exact_function_gives_the_data(name, num_steps):
     """`samplers.sample(method="consistency")` with f* as the model, at the levels of
-    `sampling_ve_levels`: 4,096 x 8 samples whose mean and standard deviation are the data's
+    `ConsistencyProcess`: 4,096 x 8 samples whose mean and standard deviation are the data's
     within 4 standard errors (plus the prior's own offset, alpha(s_max) MEAN STD <= 0.002)."""
     process = PROCESSES[name]
-    s_min, s_max = _s_min(process), float(process.ve_range()[1])
-    f = exact_consistency(s_min)
+    f = exact_consistency(_s_min(process))
     denoise = lambda x, t, labels: f(x, Level(t, *process.vp(t)))  # noqa: E731
-    levels = consistency.sampling_ve_levels(s_min, s_max, num_steps)
     x = samplers.sample(
         denoise,
-        process,
+        consistency.ConsistencyProcess(process),
         (4096, 8),
         jax.random.key(3),
         method="consistency",
         num_steps=num_steps,
         prediction="x0",
-        ve_levels=tuple(float(v) for v in levels),
     )
     x = np.asarray(x)
     n = x.size
