@@ -12,7 +12,7 @@ from ml_collections.config_dict import placeholder
 
 from ddpm import processes
 
-OBJECTIVES = ("diffusion", "autoencoder", "latent", "distill")
+OBJECTIVES = ("diffusion", "autoencoder", "latent", "distill", "consistency")
 
 
 def _common_model_fields(model: ml_collections.ConfigDict) -> None:
@@ -114,7 +114,8 @@ def get_config() -> ml_collections.ConfigDict:
     # What is trained: "diffusion" (a denoiser on data), "autoencoder" (latent diffusion's
     # stage 1, model.name="autoencoder"), "latent" (a denoiser on the latents of the frozen
     # autoencoder in latent.autoencoder_workdir), "distill" (a few-step student of the diffusion
-    # run in distill.teacher_workdir). See ddpm.objectives.
+    # run in distill.teacher_workdir), "consistency" (a consistency model, distilled or trained:
+    # config.consistency). See ddpm.objectives.
     config.objective = "diffusion"
 
     # Input pipeline (ddpm.data).
@@ -249,6 +250,30 @@ def get_config() -> ml_collections.ConfigDict:
     config.distill.guided_steps = 1000
     config.distill.guidance_min = 1.0
     config.distill.guidance_max = 5.0
+
+    # Consistency models (ddpm.objectives.consistency; Song et al. 2023, improved CT 2023) of
+    # config.diffusion.process: distillation (CD) from the diffusion run in teacher_workdir
+    # (same model, data and diffusion sections), or training (CT) with no teacher, from scratch
+    # or from the weights of the diffusion run in init_workdir. Sample with
+    # sample.method="consistency", 1-4 steps.
+    config.consistency = ml_collections.ConfigDict()
+    cm = config.consistency
+    cm.teacher_workdir = placeholder(str)  # CD; None: CT
+    cm.init_workdir = placeholder(str)  # CT only: start from this diffusion run's EMA weights
+    cm.teacher_solver = "heun"  # CD: heun | euler, one step of the teacher's ODE per pair
+    cm.teacher_guidance = 1.0  # CD: the teacher's classifier-free guidance scale
+    cm.curriculum = "fixed"  # fixed: num_levels levels | ict: start_levels doubling to end_levels
+    cm.num_levels = 18  # fixed: Karras levels (rho) on the process's VE range
+    cm.start_levels = 10  # ict
+    cm.end_levels = 1280  # ict
+    cm.rho = 7.0
+    cm.level_sampling = "uniform"  # pairs: uniform | lognormal (p_mean, p_std of ln s)
+    cm.p_mean = -1.1
+    cm.p_std = 2.0
+    cm.distance = "l2"  # l2 | pseudo_huber
+    cm.weighting = "uniform"  # uniform | inverse_gap (1 / (s_n+1 - s_n), improved CT)
+    cm.target_ema = 0.95  # the target network's EMA decay; 0: the student, no gradient
+    cm.sigma_data = 0.5  # the skip coefficient's sigma_data
 
     # Editing with a trained run (ddpm.editing): --mode=inpaint / --mode=img2img.
     config.edit = ml_collections.ConfigDict()

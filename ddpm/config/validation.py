@@ -10,13 +10,14 @@ The math and model modules check their own arguments (their errors name those); 
 here run first, so a user sees config paths.
 """
 
+import math
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import ml_collections
 
-from ddpm import data, diffusion, likelihood, processes, samplers, schedules
+from ddpm import consistency, data, diffusion, likelihood, processes, samplers, schedules
 from ddpm.config import runs, schema
 from ddpm.errors import UserError
 from ddpm.models.dit import POS_EMBED_LAYOUTS
@@ -117,6 +118,7 @@ def validate(
     _validate_training(config)
     _validate_latent(config)
     _validate_distill(config)
+    _validate_consistency(config)
     run = runs.derive(config)  # latent diffusion: reads (and checks) its stage-1 run
     _validate_derived(config, run)
     {"unet": _validate_unet, "dit": _validate_dit, "autoencoder": _validate_autoencoder}[
@@ -282,6 +284,50 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
     number(config, "training.ema_decay", 0, 1)
     number(config, "training.label_dropout", 0, 1)
     number(config, "training.adam_b2", 0, 1)
+
+
+def _validate_consistency(config: ml_collections.ConfigDict) -> None:
+    """config.consistency (objective "consistency"), and sample.method "consistency", which
+    only a consistency model samples with."""
+    c, method = config.consistency, config.sample.method
+    if (config.objective == "consistency") != (method == "consistency"):
+        raise UserError(
+            f"config.sample.method={method!r} with config.objective={config.objective!r}: a "
+            "consistency model samples with method 'consistency', and only it does"
+        )
+    if config.objective != "consistency":
+        return
+    if config.sample.spacing not in (None, "karras"):
+        raise UserError(
+            f"config.sample.spacing={config.sample.spacing!r}: consistency sampling has its "
+            "own levels (None or 'karras')"
+        )
+    if c.teacher_workdir is not None and c.init_workdir is not None:
+        raise UserError(
+            "config.consistency.teacher_workdir (distillation) and init_workdir (training from "
+            "a diffusion run's weights) exclude each other: a distilled student starts from "
+            "its teacher"
+        )
+    choice(config, "consistency.teacher_solver", ("heun", "euler"))
+    choice(config, "consistency.curriculum", ("fixed", "ict"))
+    choice(config, "consistency.level_sampling", ("uniform", "lognormal"))
+    choice(config, "consistency.distance", consistency.DISTANCES)
+    choice(config, "consistency.weighting", ("uniform", "inverse_gap"))
+    number(config, "consistency.num_levels", 2, integer=True)
+    number(config, "consistency.start_levels", 1, integer=True)
+    number(config, "consistency.end_levels", c.start_levels, integer=True)
+    for field in ("rho", "p_std", "sigma_data"):
+        number(config, f"consistency.{field}", 0, low_inclusive=False)
+    number(config, "consistency.p_mean", -math.inf)
+    number(config, "consistency.target_ema", 0, 1, high_inclusive=False)
+    number(config, "consistency.teacher_guidance", 0)
+    if c.teacher_guidance != 1.0 and (
+        c.teacher_workdir is None or config.model.get("num_classes") is None
+    ):
+        raise UserError(
+            f"config.consistency.teacher_guidance={c.teacher_guidance} guides a teacher's "
+            "labels: it needs config.consistency.teacher_workdir and a class-conditional model"
+        )
 
 
 def _validate_distill(config: ml_collections.ConfigDict) -> None:
@@ -580,7 +626,7 @@ def validate_edit_section(config: ml_collections.ConfigDict, mode: str) -> None:
         number(config, "edit.resample", 1, integer=True)
     else:
         number(config, "edit.strength", 0, 1, low_inclusive=False, high_inclusive=True)
-    if config.objective not in ("diffusion", "distill"):
+    if config.objective not in ("diffusion", "distill", "consistency"):
         raise UserError(
             f"--mode={mode} edits with a diffusion model in data space; config.objective="
             f"{config.objective!r} is not supported"

@@ -11,14 +11,23 @@ import jax
 import ml_collections
 
 from ddpm import build
-from ddpm.objectives import distill, latent
+from ddpm.objectives import consistency, distill, latent
 from ddpm.objectives.autoencoder import Autoencoder
 from ddpm.objectives.base import Objective
+from ddpm.objectives.consistency import Consistency
 from ddpm.objectives.diffusion import Diffusion
 from ddpm.objectives.distill import Distillation
 from ddpm.objectives.latent import LatentDiffusion
 
-__all__ = ["Autoencoder", "Diffusion", "Distillation", "LatentDiffusion", "Objective", "create"]
+__all__ = [
+    "Autoencoder",
+    "Consistency",
+    "Diffusion",
+    "Distillation",
+    "LatentDiffusion",
+    "Objective",
+    "create",
+]
 
 
 _FACTORIES: dict[str, Callable[..., Objective]] = {
@@ -26,6 +35,7 @@ _FACTORIES: dict[str, Callable[..., Objective]] = {
     "autoencoder": lambda config, speed, **_: Autoencoder.from_config(config, speed),
     "latent": latent.create,
     "distill": distill.create,
+    "consistency": consistency.create,
 }
 
 

@@ -29,6 +29,7 @@ from ddpm import (
     diffusion,
     distillation,
     models,
+    processes,
     runtime,
     samplers,
     sharding,
@@ -49,6 +50,32 @@ _SHARED_DIFFUSION = (
     "prediction",
     "zero_terminal_snr",
 )
+
+
+def teacher_predictor(
+    config: ml_collections.ConfigDict,
+    process: processes.Process,
+    apply_fn: Callable[..., Any],
+    params: Any,
+    cond: Any,
+    scale: Array | None = None,
+) -> distillation.TeacherFn:
+    """predict(x_t, t, alpha, sigma) -> (x_0, eps) of a network (per-example levels [B]) of
+    `process`, with classifier-free guidance at per-example scales `scale` [B] (two calls in
+    one batch): the samplers' own model wrapper (`samplers.make_predict`) with the process's
+    parameterization and config.sample's x_0 clipping or thresholding."""
+    model_fn = process.denoiser(lambda p, x, t, y: apply_fn({"params": p}, x, t, y, train=False))
+    predict = samplers.make_predict(
+        lambda x, t, y: model_fn(params, x, t, y),
+        cond,
+        scale,
+        prediction=process.prediction,
+        clip_x0=config.sample.clip_x0,
+        dynamic_threshold=config.sample.dynamic_threshold,
+        null_label=models.null_label(config),
+        variance="learned" if process.learned_variance else "fixed_small",
+    )
+    return lambda x, t, alpha, sigma: predict(x, t, alpha, sigma)[:2]
 
 
 def graft(source: Any, target: Any) -> Any:
@@ -134,25 +161,7 @@ class Distillation(Diffusion):
     def _predictor(
         self, apply_fn: Callable[..., Any], params: Any, cond: Any, scale: Array | None = None
     ) -> distillation.TeacherFn:
-        """predict(x_t, t, alpha, sigma) -> (x_0, eps) of a network (per-example levels [B]),
-        with classifier-free guidance at per-example scales `scale` [B] (two calls in one
-        batch): the samplers' own model wrapper (`samplers.make_predict`) with the teacher's
-        parameterization and config.sample's x_0 clipping or thresholding."""
-        c = self.config
-        model_fn = self.process.denoiser(
-            lambda p, x, t, y: apply_fn({"params": p}, x, t, y, train=False)
-        )
-        predict = samplers.make_predict(
-            lambda x, t, y: model_fn(params, x, t, y),
-            cond,
-            scale,
-            prediction=self.process.prediction,
-            clip_x0=c.sample.clip_x0,
-            dynamic_threshold=c.sample.dynamic_threshold,
-            null_label=models.null_label(c),
-            variance="learned" if self.process.learned_variance else "fixed_small",
-        )
-        return lambda x, t, alpha, sigma: predict(x, t, alpha, sigma)[:2]
+        return teacher_predictor(self.config, self.process, apply_fn, params, cond, scale)
 
     def loss(
         self, params: Any, frozen: Any, batch: Batch, rng: Array, carry: Any = None
@@ -250,17 +259,19 @@ class Distillation(Diffusion):
         return grid, cols
 
 
-def _check_teacher(
+def check_teacher(
+    field: str,
     config: ml_collections.ConfigDict,
     as_teacher: ml_collections.ConfigDict,
     teacher: ml_collections.ConfigDict,
 ) -> None:
     """The student (`config`; `as_teacher`: it without the guidance input, as a diffusion
-    run) must share the teacher's network, data shape and diffusion fields."""
-    path = config.distill.teacher_workdir
+    run) must share the network, data shape and diffusion fields of the teacher in the
+    workdir `config.<field>` (`teacher`: its config)."""
+    path = config[field]
     if teacher.objective != "diffusion":
         raise UserError(
-            f"config.distill.teacher_workdir={path!r} holds a {teacher.objective!r} run; the "
+            f"config.{field}={path!r} holds a {teacher.objective!r} run; the "
             "teacher must be a diffusion run (objective 'diffusion', trained or imported)"
         )
     differences = runs.incompatibilities(teacher, as_teacher)
@@ -269,6 +280,10 @@ def _check_teacher(
         for k in _SHARED_DIFFUSION
         if teacher.diffusion[k] != config.diffusion[k]
     ]
+    process = config.diffusion.process
+    if process != "ddpm" and process == teacher.diffusion.process:  # a continuous one's section
+        old, new = teacher.diffusion[process].to_dict(), config.diffusion[process].to_dict()
+        differences += [(f"diffusion.{process}", old, new)] if old != new else []
     if differences:
         field, old, new = differences[0]
         raise UserError(
@@ -297,7 +312,7 @@ def create(
     frozen = None
     if training:
         saved = runs.load_config(d.teacher_workdir)
-        _check_teacher(config, teacher_config, saved)
+        check_teacher("distill.teacher_workdir", config, teacher_config, saved)
         shape = runs.input_shape(config)
         frozen, step = build.restore_ema(saved, d.teacher_workdir, teacher_net, shape, mesh)
         frozen = jax.device_put(frozen, sharding.replicated(mesh))
