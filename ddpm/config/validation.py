@@ -189,11 +189,6 @@ def _validate_process(config: ml_collections.ConfigDict) -> None:
             f"config.model.learn_sigma=True: a learned variance belongs to the ddpm process, "
             f"not to config.diffusion.process={process!r}"
         )
-    if config.objective == "distill":
-        raise UserError(
-            f"config.diffusion.process={process!r}: distillation (config.objective='distill') "
-            "runs on a ddpm teacher and DDIM student; use process 'ddpm'"
-        )
     try:  # each continuous process checks the fields of its section, naming the field
         processes.REGISTRY[process](**config.diffusion[process].to_dict())
     except ValueError as e:
@@ -352,14 +347,8 @@ def _validate_distill(config: ml_collections.ConfigDict) -> None:
             f"config.distill.teacher_steps={d.teacher_steps} must be final_steps="
             f"{d.final_steps} times a power of two >= 2 (each round halves the steps)"
         )
-    number(
-        config,
-        "distill.teacher_steps",
-        2,
-        config.diffusion.num_timesteps,
-        integer=True,
-        high_inclusive=True,
-    )
+    high = processes.create(config.diffusion).max_steps("trailing")  # ddpm: num_timesteps
+    number(config, "distill.teacher_steps", 2, high, integer=True, high_inclusive=True)
     if d.guided:
         number(config, "distill.guided_steps", 1, integer=True)
         number(config, "distill.guidance_min", 0)
