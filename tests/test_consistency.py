@@ -220,7 +220,7 @@ def test_distillation_run_resumes_exactly_and_samples(teacher, tmp_path, capsys,
         preempt_at(2, patch)
         train.train_and_evaluate(_student(teacher, num_steps=4), str(part))
     out = capsys.readouterr().out
-    assert "Starting from the EMA parameters of step 2" in out
+    assert "Starting from config.consistency.teacher_workdir: EMA parameters of step 2" in out
     assert "SIGTERM: saved checkpoint at step 2;" in out, out
     train.train_and_evaluate(_student(teacher, num_steps=4), str(part))
     assert "Resumed from checkpoint at step 2" in capsys.readouterr().out

@@ -465,7 +465,7 @@ def test_run_resumes_mid_round_exactly_and_samples_with_one_call(
         preempt_at(3, patch)
         train.train_and_evaluate(_student_config(teacher_workdir, num_steps=6), str(part))
     out = capsys.readouterr().out
-    assert "Teacher: EMA parameters of step 2" in out
+    assert "Starting from config.distill.teacher_workdir: EMA parameters of step 2" in out
     assert "SIGTERM: saved checkpoint at step 3;" in out, out
     train.train_and_evaluate(_student_config(teacher_workdir, num_steps=6), str(part))
     assert "Resumed from checkpoint at step 3" in capsys.readouterr().out

@@ -24,11 +24,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ddpm import build, conditioning, consistency, runtime, sharding
-from ddpm.config import runs
+from ddpm import build, conditioning, consistency, runtime
 from ddpm.objectives.base import Array, Batch
 from ddpm.objectives.diffusion import Diffusion
-from ddpm.objectives.distill import check_teacher, graft, teacher_predictor
+from ddpm.objectives.distill import graft, load_teacher, teacher_predictor
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -172,11 +171,5 @@ def create(
     teacher_net = build.model(teacher_config)
     frozen = None
     if training and field is not None:
-        path = config[field]
-        saved = runs.load_config(path)
-        check_teacher(field, config, teacher_config, saved)
-        shape = runs.input_shape(config)
-        frozen, step = build.restore_ema(saved, path, teacher_net, shape, mesh)
-        frozen = jax.device_put(frozen, sharding.replicated(mesh))
-        print(f"Starting from the EMA parameters of step {step} of {path}", flush=True)
+        frozen = load_teacher(field, config, teacher_config, teacher_net, mesh)
     return Consistency.from_config(config, speed, frozen=frozen, teacher=teacher_net)

@@ -293,6 +293,24 @@ def check_teacher(
         )
 
 
+def load_teacher(
+    field: str,
+    config: ml_collections.ConfigDict,
+    as_teacher: ml_collections.ConfigDict,
+    net: nn.Module,
+    mesh: jax.sharding.Mesh,
+) -> Any:
+    """The EMA parameters of the diffusion run in the workdir `config.<field>`, checked to
+    match the student (`check_teacher`; `as_teacher` and `net`: the student as a diffusion
+    run and its network), replicated on `mesh`."""
+    path = config[field]
+    saved = runs.load_config(path)
+    check_teacher(field, config, as_teacher, saved)
+    params, step = build.restore_ema(saved, path, net, runs.input_shape(config), mesh)
+    print(f"Starting from config.{field}: EMA parameters of step {step} of {path}", flush=True)
+    return jax.device_put(params, sharding.replicated(mesh))
+
+
 def create(
     config: ml_collections.ConfigDict,
     speed: runtime.Runtime,
@@ -311,12 +329,7 @@ def create(
     teacher_net = build.model(teacher_config)
     frozen = None
     if training:
-        saved = runs.load_config(d.teacher_workdir)
-        check_teacher("distill.teacher_workdir", config, teacher_config, saved)
-        shape = runs.input_shape(config)
-        frozen, step = build.restore_ema(saved, d.teacher_workdir, teacher_net, shape, mesh)
-        frozen = jax.device_put(frozen, sharding.replicated(mesh))
-        print(f"Teacher: EMA parameters of step {step} of {d.teacher_workdir}", flush=True)
+        frozen = load_teacher("distill.teacher_workdir", config, teacher_config, teacher_net, mesh)
     trained = None
     if workdir is not None and os.path.isdir(os.path.join(workdir, "checkpoints")):
         ckpt = checkpoint.Checkpointer(workdir, keep=config.training.keep_checkpoints, create=False)
