@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from configs import mnist, mnist_cd
 from ddpm import consistency, generate, samplers, sharding, train
 from ddpm.config import validation
 from ddpm.errors import UserError
@@ -277,3 +278,14 @@ def test_bad_consistency_fields_name_the_field(teacher, change, message):
     diffusion_run.sample.method = "consistency"
     with pytest.raises(UserError, match="only it does"):
         validation.validate(diffusion_run)
+
+
+def test_recipe_validates_and_distils_the_default_run():
+    """configs/mnist_cd.py validates as it is: the default run's network and flow process, its
+    guidance distilled into the student, 2-step consistency sampling without guidance."""
+    config = mnist_cd.get_config()
+    validation.validate(config)
+    default = mnist.get_config()
+    assert config.model == default.model and config.diffusion == default.diffusion
+    assert config.consistency.teacher_guidance == default.sample.guidance_scale != 1.0
+    assert (config.sample.method, config.sample.guidance_scale) == ("consistency", 1.0)
