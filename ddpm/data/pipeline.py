@@ -217,15 +217,14 @@ def create_dataset(
     n = len(source)
     total = None if num_epochs is None else n * num_epochs
     plan = BatchPlan(n, seed, shuffle, batch_size, process_index, process_count, total)
-    if plan.num_batches(drop_remainder) == 0:
+    num_batches = plan.num_batches(drop_remainder)
+    if num_batches == 0:
         raise ValueError(
             f"batch_size={batch_size} (a global batch of {plan.global_batch_size} over "
             f"{process_count} process(es)) leaves process {process_index} no batch of the "
             f"{total} examples of {num_epochs} epoch(s) of {data.source} split {split!r}"
         )
-    batches = grain.MapDataset.range(plan.num_batches(drop_remainder)).map(
-        ReadBatch(source, plan, data.random_flip)
-    )
+    batches = grain.MapDataset.range(num_batches).map(ReadBatch(source, plan, data.random_flip))
     # `prefetch` batches are read ahead, each by its own thread (PIL decodes without the GIL).
     read_options = grain.ReadOptions(num_threads=data.prefetch, prefetch_buffer_size=data.prefetch)
     settings = {

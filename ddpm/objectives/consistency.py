@@ -19,7 +19,6 @@ config.sample.num_steps (method "consistency").
 import dataclasses
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,10 +33,9 @@ from ddpm.objectives.distill import graft, load_teacher, teacher_predictor
 class Consistency(Diffusion):
     """process: the run's diffusion process read as a consistency model
     (`ConsistencyProcess`); frozen: the teacher's (CD) or the initial run's (CT from a
-    diffusion run) EMA parameters, None otherwise; teacher: the network of `frozen`."""
+    diffusion run) EMA parameters, None otherwise, for the student's own network (`apply`)."""
 
     process: consistency.ConsistencyProcess
-    teacher: nn.Module | None = None
 
     @classmethod
     def from_config(cls, config, speed, **fields):
@@ -124,9 +122,7 @@ class Consistency(Diffusion):
             scale = None
             if cc.teacher_guidance != 1.0:
                 scale = jnp.full((x0.shape[0],), cc.teacher_guidance, jnp.float32)
-            predict = teacher_predictor(
-                c, self.process.inner, self._teacher_apply, frozen, cond, scale
-            )
+            predict = teacher_predictor(c, self.process.inner, self.apply, frozen, cond, scale)
             x_low = consistency.teacher_step(
                 self.process.inner, predict, x_high, high, low, cc.teacher_solver == "heun"
             )
@@ -140,10 +136,6 @@ class Consistency(Diffusion):
         weight = 1.0 / (s_high - s_low) if cc.weighting == "inverse_gap" else 1.0
         stats = {"num_levels": carry["num_levels"].astype(jnp.float32)}
         return jnp.mean(weight * dist), stats
-
-    @property
-    def _teacher_apply(self):
-        return runtime.wrap(self.teacher.apply, self.speed)
 
 
 def _frozen_run(config: ml_collections.ConfigDict) -> str | None:
@@ -166,10 +158,5 @@ def create(
     parameters replicated on `mesh` as the frozen parameters, checked to match this config."""
     del workdir
     field = _frozen_run(config)
-    teacher_config = config.copy_and_resolve_references()  # the student as a diffusion run
-    teacher_config.objective = "diffusion"
-    teacher_net = build.model(teacher_config)
-    frozen = None
-    if training and field is not None:
-        frozen = load_teacher(field, config, teacher_config, teacher_net, mesh)
-    return Consistency.from_config(config, speed, frozen=frozen, teacher=teacher_net)
+    frozen = load_teacher(field, config, mesh) if training and field is not None else None
+    return Consistency.from_config(config, speed, frozen=frozen)

@@ -293,18 +293,21 @@ def check_teacher(
         )
 
 
-def load_teacher(
-    field: str,
-    config: ml_collections.ConfigDict,
-    as_teacher: ml_collections.ConfigDict,
-    net: nn.Module,
-    mesh: jax.sharding.Mesh,
-) -> Any:
+def as_diffusion_run(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Any]:
+    """(the student `config` as a diffusion run without a guidance input, its network): what
+    a teacher run must match, and the network its weights are read into."""
+    run = config.copy_and_resolve_references()
+    run.objective = "diffusion"
+    run.model.guidance_embed = False
+    return run, build.model(run)
+
+
+def load_teacher(field: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Any:
     """The EMA parameters of the diffusion run in the workdir `config.<field>`, checked to
-    match the student (`check_teacher`; `as_teacher` and `net`: the student as a diffusion
-    run and its network), replicated on `mesh`."""
+    match the student `config` (`check_teacher`), replicated on `mesh`."""
     path = config[field]
     saved = runs.load_config(path)
+    as_teacher, net = as_diffusion_run(config)
     check_teacher(field, config, as_teacher, saved)
     params, step = build.restore_ema(saved, path, net, runs.input_shape(config), mesh)
     print(f"Starting from config.{field}: EMA parameters of step {step} of {path}", flush=True)
@@ -323,13 +326,8 @@ def create(
     (replicated on `mesh`) as its frozen parameters, checked to match this config; with the
     step of `workdir`'s latest checkpoint, whose step count its sampler expects."""
     d = config.distill
-    teacher_config = config.copy_and_resolve_references()  # the student as its teacher
-    teacher_config.objective = "diffusion"
-    teacher_config.model.guidance_embed = False
-    teacher_net = build.model(teacher_config)
-    frozen = None
-    if training:
-        frozen = load_teacher("distill.teacher_workdir", config, teacher_config, teacher_net, mesh)
+    _, teacher_net = as_diffusion_run(config)
+    frozen = load_teacher("distill.teacher_workdir", config, mesh) if training else None
     trained = None
     if workdir is not None and os.path.isdir(os.path.join(workdir, "checkpoints")):
         ckpt = checkpoint.Checkpointer(workdir, keep=config.training.keep_checkpoints, create=False)
