@@ -41,6 +41,7 @@ LONGEST_FIRST = (
     "test_autoencoder.py",
     "test_evaluate.py",
     "test_distill.py",
+    "test_consistency.py",
     "test_processes.py",
     "test_multihost.py",
     "test_samplers.py",
