@@ -15,7 +15,16 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ddpm import checkpoint, conditioning, models, processes, runtime, samplers, sharding
+from ddpm import (
+    checkpoint,
+    conditioning,
+    models,
+    posthoc_ema,
+    processes,
+    runtime,
+    samplers,
+    sharding,
+)
 from ddpm.config import runs
 from ddpm.errors import UserError
 
@@ -137,6 +146,18 @@ def sampler(
     return lambda params, rng, cond, **arrays: sample(params, rng, cond, scale, **arrays)
 
 
+def placed_params(
+    config: ml_collections.ConfigDict, net: nn.Module, shape: tuple[int, ...], where
+) -> Any:
+    """The float32 parameters' `jax.ShapeDtypeStruct`s with the shardings training gives them
+    on `where` (replicated, or split over config.training.fsdp devices)."""
+    target = abstract_params(config, net, shape)
+    shardings = sharding.state_shardings(target, where, config.training.fsdp_min_size)
+    return jax.tree.map(
+        lambda s, w: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=w), target, shardings
+    )
+
+
 def restore_ema(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -148,13 +169,12 @@ def restore_ema(
     training lays them out (replicated, or split over config.training.fsdp devices).
 
     Only the EMA subtree is read (an orbax partial restore), so neither the optimizer section
-    nor the devices need to match the run that wrote it. No checkpoint: a UserError.
+    nor the devices need to match the run that wrote it. No checkpoint: a UserError. With
+    config.phema.sigma_rel: that post-hoc EMA at the latest snapshot (`ddpm.posthoc_ema`).
     """
-    target = abstract_params(config, net, shape)
-    shardings = sharding.state_shardings(target, where, config.training.fsdp_min_size)
-    target = jax.tree.map(
-        lambda s, w: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=w), target, shardings
-    )
+    target = placed_params(config, net, shape, where)
+    if config.phema.sigma_rel is not None:
+        return posthoc_ema.restore(workdir, config.phema.sigma_rel, target)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.training.keep_checkpoints, create=False)
     try:
         step = ckpt.latest_step()

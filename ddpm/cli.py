@@ -23,6 +23,7 @@ MODES = (
     "train_classifier",
     "import",
     "compile",
+    "phema",
 )
 USER_ERROR_STATUS = 2
 
@@ -110,6 +111,10 @@ def _run_mode(mode: str, config, workdir: str) -> None:
         aot.compile_for_topology(
             config, workdir, _TOPOLOGY.value, fit=_FIT.value, sampler=_COMPILE_SAMPLER.value
         )
+    elif mode == "phema":
+        from ddpm import generate
+
+        generate.write_posthoc_ema(config, workdir)
     elif mode == "train_classifier":
         from ddpm import classifier
 

@@ -1,4 +1,5 @@
-"""`main.py --mode=sample`: restore the EMA parameters of a workdir and draw samples."""
+"""`main.py --mode=sample`: restore the EMA parameters of a workdir and draw samples;
+`--mode=phema`: store a post-hoc EMA of it."""
 
 import os
 from collections.abc import Callable
@@ -9,8 +10,9 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from ddpm import build, conditioning, images, objectives, sharding, signals
+from ddpm import build, conditioning, images, objectives, posthoc_ema, sharding, signals
 from ddpm.config import runs, validation
+from ddpm.errors import UserError
 from ddpm.objectives import Objective
 
 
@@ -29,6 +31,21 @@ def restore(objective: Objective, workdir: str, mesh: jax.sharding.Mesh) -> tupl
     return build.restore_ema(
         objective.config, workdir, objective.model, objective.input_shape, mesh
     )
+
+
+def write_posthoc_ema(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """--mode=phema: the post-hoc EMA of config.phema.sigma_rel, reconstructed from the run's
+    snapshots and stored in the workdir (`ddpm.posthoc_ema`), where every mode that reads the
+    EMA finds it. -> its path."""
+    sigma_rel = config.phema.sigma_rel
+    if sigma_rel is None:
+        raise UserError(
+            "--mode=phema needs config.phema.sigma_rel, the width to reconstruct, e.g. "
+            "--config.phema.sigma_rel=0.08"
+        )
+    objective, mesh = prepare(config, workdir)
+    target = build.placed_params(objective.config, objective.model, objective.input_shape, mesh)
+    return posthoc_ema.write(workdir, sigma_rel, target)
 
 
 def save_samples(stem: str, samples: np.ndarray, labels: np.ndarray, num_cols: int) -> str:

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)  # gamma = 0: the uniform average of the whole run
+
 
 def sigma_rel_of(gamma: float) -> float:
     """sigma_rel of exponent gamma > -1 (0.05 <-> gamma ~ 16.97, 0.10 <-> gamma ~ 6.94)."""
@@ -31,7 +33,7 @@ def sigma_rel_of(gamma: float) -> float:
 def gamma_of(sigma_rel: float) -> float:
     """The exponent gamma of `sigma_rel` in (0, sqrt(1/12) ~ 0.289): the largest real root of
     (gamma + 2)^2 (gamma + 3) = (gamma + 1) / sigma_rel^2, a cubic."""
-    if not 0.0 < sigma_rel < math.sqrt(1.0 / 12.0):
+    if not 0.0 < sigma_rel < MAX_SIGMA_REL:
         raise ValueError(f"sigma_rel={sigma_rel!r} must lie in (0, 0.2887) (sqrt(1/12): gamma=0)")
     k = sigma_rel**-2
     roots = np.roots([1.0, 7.0, 16.0 - k, 12.0 - k])
@@ -82,3 +84,21 @@ def reconstruction_weights(
     b = profile_inner_products(steps, gammas, np.full_like(targets, target_step), targets)
     x = np.linalg.solve(a, b)
     return x / np.sum(x, axis=0, keepdims=True)
+
+
+def profile_fit_error(
+    snapshot_steps: np.ndarray,
+    snapshot_gammas: np.ndarray,
+    weights: np.ndarray,
+    target_step: float,
+    target_gamma: float,
+) -> float:
+    """||sum_i w_i p_i - p_target|| / ||p_target|| in L2 over training time: how far the
+    snapshots' combination (`reconstruction_weights`) is from the requested profile."""
+    steps = np.asarray(snapshot_steps, np.float64)
+    gammas = np.asarray(snapshot_gammas, np.float64)
+    w = np.asarray(weights, np.float64)
+    a = profile_inner_products(steps[:, None], gammas[:, None], steps[None], gammas[None])
+    b = profile_inner_products(steps, gammas, target_step, target_gamma)
+    c = profile_inner_products(target_step, target_gamma, target_step, target_gamma)
+    return float(np.sqrt(max(w @ a @ w - 2.0 * w @ b + c, 0.0) / c))

@@ -21,7 +21,7 @@ import ml_collections
 import optax
 from jax.experimental import multihost_utils
 
-from ddpm import build, checkpoint, data, objectives, sharding
+from ddpm import build, checkpoint, data, objectives, phema, posthoc_ema, sharding
 from ddpm.config import runs, validation
 from ddpm.errors import UserError
 from ddpm.objectives import Objective
@@ -38,7 +38,9 @@ class TrainState:
 
     step: [] int32, number of updates done. rng: [2] uint32, base key data; step s draws with
     fold_in(rng, s). ema_params: float32 exponential moving average of params. carry: what the
-    objective carries between steps (`Objective.init_carry`; None for most).
+    objective carries between steps (`Objective.init_carry`; None for most). phema: the
+    float32 power-function EMAs of config.phema.track, a tuple of params-like trees (None
+    when none are tracked).
     """
 
     step: jax.Array
@@ -47,6 +49,7 @@ class TrainState:
     opt_state: Any
     rng: jax.Array
     carry: Any = None
+    phema: Any = None
 
 
 def create_train_state(
@@ -60,13 +63,16 @@ def create_train_state(
     """
     init_rng, train_rng = jax.random.split(rng)
     params = objective.init_params(init_rng)
+    ema = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+    track = objective.config.phema.track
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        ema_params=jax.tree.map(lambda p: p.astype(jnp.float32), params),
+        ema_params=ema,
         opt_state=tx.init(params),
         rng=jax.random.key_data(train_rng),
         carry=objective.init_carry(params),
+        phema=tuple(ema for _ in track) if track else None,
     )
 
 
@@ -136,11 +142,22 @@ def train_step(
     params = optax.apply_updates(state.params, updates)
 
     decay = ema_decay_at(state.step, training.ema_decay, training.ema_warmup)
-    if training.grad_accum_steps > 1:  # average only the params of real updates
-        decay = jnp.where(tx.has_updated(opt_state), decay, 1.0)
-    ema_params = jax.tree.map(
-        lambda e, p: decay * e + (1.0 - decay) * p.astype(jnp.float32), state.ema_params, params
-    )
+    updated = tx.has_updated(opt_state) if training.grad_accum_steps > 1 else True
+
+    def average(ema: Any, decay: jax.Array) -> Any:
+        decay = jnp.where(updated, decay, 1.0)  # average only the params of real updates
+        return jax.tree.map(
+            lambda e, p: decay * e + (1.0 - decay) * p.astype(jnp.float32), ema, params
+        )
+
+    ema_params = average(state.ema_params, decay)
+    power_emas = state.phema
+    if power_emas is not None:
+        updates_before = state.step // training.grad_accum_steps
+        power_emas = tuple(
+            average(ema, phema.beta(phema.gamma_of(width), updates_before))
+            for ema, width in zip(power_emas, objective.config.phema.track, strict=True)
+        )
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = TrainState(
         step=state.step + 1,
@@ -149,6 +166,7 @@ def train_step(
         opt_state=opt_state,
         rng=state.rng,
         carry=state.carry,
+        phema=power_emas,
     )
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     metrics = {
@@ -305,6 +323,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _StopRequest) 
     logger = RunLogger(
         workdir, training.num_steps, step, log_every=training.log_every, enabled=is_main
     )
+    snapshots = (
+        posthoc_ema.SnapshotWriter(workdir, config.phema.track, config.phema.snapshot_every, step)
+        if state.phema is not None
+        else None
+    )
     config_json = json.loads(config.to_json_best_effort())
     pending: collections.deque = collections.deque()  # (step, device metrics) not yet read
     last_metrics: dict[str, float] = {}
@@ -344,6 +367,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _StopRequest) 
                 last_metrics = read_metrics() or last_metrics
             if save:
                 ckpt.save(step, state, data_iter.get_state(), config_json)
+            if snapshots is not None:
+                snapshots.maybe_save(step, state.phema, last=done)
             if grid:
                 images = sharding.to_host(grid_images(state.ema_params, step), mesh)
                 logger.write_grid(step, images, grid_cols)
@@ -353,4 +378,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _StopRequest) 
     finally:
         ckpt.close()
         logger.close()
+        if snapshots is not None:
+            snapshots.close()
     return last_metrics

@@ -1,14 +1,23 @@
 """Power-function EMA and post-hoc reconstruction (`ddpm.phema`): sigma_rel and gamma, the
 profiles' inner products against numerical integration, the tracked EMA's weights in closed
-form, and reconstructions on a synthetic parameter trajectory against EMAs tracked directly."""
+form, and reconstructions on a synthetic parameter trajectory against EMAs tracked directly;
+then the power EMAs of the train step, their snapshots and --mode=phema on tiny runs."""
 
 import math
+import os
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from scipy.integrate import quad
 
-from ddpm import phema
+from ddpm import build, data, generate, objectives, phema, posthoc_ema, sharding, train
+from ddpm.config import validation
+from ddpm.errors import UserError
+from tests.tiny import step_parts, tiny_config
+
+TRACK = (0.05, 0.10)
 
 
 @pytest.mark.parametrize("sigma_rel", [0.01, 0.05, 0.1, 0.2, 0.28])
@@ -107,3 +116,85 @@ def test_reconstruction_of_an_untracked_profile_matches_tracking_it(sigma_rel):
     error = np.linalg.norm(reconstructed - direct)
     effect = np.linalg.norm(direct - thetas[-1])
     assert error < 0.005 * effect, (error, effect)
+
+
+def _tracking_config(**training):
+    config = tiny_config(**training)
+    config.phema.track, config.phema.snapshot_every = TRACK, 2
+    return config
+
+
+def test_train_step_keeps_the_power_emas_of_its_parameter_trajectory():
+    """After T train steps each tracked EMA is sum_i w_i theta_i over the parameters after
+    steps 1..T, w_i = (1 - (1 - 1/i)^(g+1)) (i/T)^(g+1): the recurrence's closed form,
+    computed here in float64 from the trajectory (float32 rounding of 6 updates: 1e-6)."""
+    objective, step_fn, state, mesh = step_parts(_tracking_config())
+    batches = data.create_dataset(objective.config, "train", batch_size=8, seed=0)
+    trajectory = []
+    for _ in range(6):
+        state, _ = step_fn(state, sharding.global_batch(next(batches), mesh), objective.frozen)
+        trajectory.append(jax.tree.map(lambda p: np.asarray(p, np.float64), state.params))
+    assert len(state.phema) == len(TRACK)
+    steps = np.arange(1, 7, dtype=np.float64)
+    for width, tracked in zip(TRACK, state.phema, strict=True):
+        g = phema.gamma_of(width)
+        weights = (1 - (1 - 1 / steps) ** (g + 1)) * (steps / 6) ** (g + 1)
+        assert weights.sum() == pytest.approx(1.0, abs=1e-12)
+        expected = jax.tree.map(
+            lambda *ps, w=weights: sum(wi * p for wi, p in zip(w, ps, strict=True)), *trajectory
+        )
+        for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(tracked), strict=True):
+            np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+    # The narrower profile weighs the last step more than the wider one does.
+    last = [jax.tree.leaves(t)[0] for t in state.phema]
+    closest = [np.abs(x - jax.tree.leaves(trajectory[-1])[0]).max() for x in last]
+    assert closest[0] < closest[1]
+
+
+def test_snapshots_reconstruct_tracked_widths_and_serve_every_reader(tmp_path, capsys):
+    """A tiny run tracking sigma_rel 0.05 and 0.10 stores snapshots at steps 2, 4, 6. The
+    reconstruction of a tracked width is its own snapshot (float tolerance); an untracked
+    width is a normalised combination that lies between them; --mode=phema's stored set is
+    what the sample / eval path restores."""
+    config = _tracking_config(num_steps=6, checkpoint_every=6)
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "phema", "snapshots"))) == ["2", "4", "6"]
+    objective, mesh = generate.prepare(config, workdir)
+    target = build.placed_params(config, objective.model, objective.input_shape, mesh)
+    snapshot = ocp.StandardCheckpointer().restore(
+        os.path.join(workdir, "phema", "snapshots", "6", "default")
+    )
+    for i, width in enumerate(TRACK):
+        params, step, fit = posthoc_ema.reconstruct(workdir, width, target)
+        assert step == 6 and fit < 1e-6
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(snapshot[i]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+    config.phema.sigma_rel = 0.07
+    path = generate.write_posthoc_ema(config, workdir)
+    assert path == os.path.join(workdir, "phema", "sigma_rel_0.0700", "6")
+    assert "profile fit" in capsys.readouterr().out
+    restored, step = generate.restore(objective, workdir, mesh)  # config says 0.07
+    assert step == 6 and "reconstructed" not in capsys.readouterr().out  # the stored set
+    rebuilt, _, fit = posthoc_ema.reconstruct(workdir, 0.07, target)
+    assert fit < 0.05
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(rebuilt), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # A combination that is neither tracked EMA (the parameters moved in 6 steps).
+    mid = np.asarray(jax.tree.leaves(restored)[0])
+    assert all(np.abs(mid - jax.tree.leaves(s)[0]).max() > 1e-6 for s in snapshot)
+
+    config.phema.sigma_rel = 0.2  # never written: reconstructed on the fly, with a note
+    generate.restore(objectives.create(config, workdir=workdir, mesh=mesh), workdir, mesh)
+    assert "reconstructed from the snapshots" in capsys.readouterr().out
+
+
+def test_post_hoc_width_on_a_run_without_snapshots_is_one_line(tmp_path):
+    config = tiny_config(num_steps=2, checkpoint_every=2)
+    config.phema.sigma_rel = 0.1
+    with pytest.raises(UserError, match=r"config.phema.sigma_rel: .* has no power-EMA snapshots"):
+        posthoc_ema.reconstruct(str(tmp_path), 0.1, None)
+    config.phema.track = (0.05, 0.5)
+    with pytest.raises(UserError, match=r"config.phema.track=0.5: a power EMA's sigma_rel"):
+        validation.validate(config)

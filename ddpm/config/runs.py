@@ -28,6 +28,7 @@ _COMPARED = (
     "data.channels",
     "data.length",
     "text",
+    "phema.track",  # the power EMAs in the train state
 )
 
 

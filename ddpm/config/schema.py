@@ -202,6 +202,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.fsdp = 1
     config.training.fsdp_min_size = 2**14
 
+    # Post-hoc EMA (ddpm.posthoc_ema; Karras et al. 2024, EDM2): track keeps power-function
+    # EMAs of these sigma_rel (the profile's width relative to the run's length, each in
+    # (0, 0.2887)) beside training.ema_decay's, and stores them every snapshot_every steps in
+    # workdir/phema/. sigma_rel: sample / eval / edit / distil with the EMA of this profile,
+    # reconstructed from the snapshots (--mode=phema writes it), instead of ema_decay's.
+    config.phema = ml_collections.ConfigDict()
+    config.phema.track = ()  # e.g. (0.05, 0.10); () = off
+    config.phema.snapshot_every = 100
+    config.phema.sigma_rel = placeholder(float)
+
     # Generation (ddpm.samplers).
     config.sample = ml_collections.ConfigDict()
     config.sample.method = "ddim"  # ddpm | ddim | dpm++2m | dpm++2s | euler | heun

@@ -17,7 +17,16 @@ from pathlib import Path
 
 import ml_collections
 
-from ddpm import consistency, data, diffusion, likelihood, processes, samplers, schedules
+from ddpm import (
+    consistency,
+    data,
+    diffusion,
+    likelihood,
+    phema,
+    processes,
+    samplers,
+    schedules,
+)
 from ddpm.config import runs, schema
 from ddpm.errors import UserError
 from ddpm.models.dit import POS_EMBED_LAYOUTS
@@ -119,6 +128,7 @@ def validate(
     _validate_latent(config)
     _validate_distill(config)
     _validate_consistency(config)
+    _validate_phema(config)
     run = runs.derive(config)  # latent diffusion: reads (and checks) its stage-1 run
     _validate_derived(config, run)
     {"unet": _validate_unet, "dit": _validate_dit, "autoencoder": _validate_autoencoder}[
@@ -279,6 +289,23 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
     number(config, "training.ema_decay", 0, 1)
     number(config, "training.label_dropout", 0, 1)
     number(config, "training.adam_b2", 0, 1)
+
+
+def _validate_phema(config: ml_collections.ConfigDict) -> None:
+    """config.phema: the tracked and the requested power-EMA widths (`ddpm.phema`)."""
+    p = config.phema
+    number(config, "phema.snapshot_every", 1, integer=True)
+    widths = [("phema.track", v) for v in p.track]
+    if p.sigma_rel is not None:
+        widths.append(("phema.sigma_rel", p.sigma_rel))
+    for field, value in widths:
+        if not isinstance(value, (int, float)) or not 0.0 < value < phema.MAX_SIGMA_REL:
+            raise UserError(
+                f"config.{field}={value!r}: a power EMA's sigma_rel lies in (0, "
+                f"{phema.MAX_SIGMA_REL:.4f}); EDM2 uses 0.05 and 0.10"
+            )
+    if len(set(p.track)) != len(p.track):
+        raise UserError(f"config.phema.track={tuple(p.track)!r} names a width twice")
 
 
 def _validate_consistency(config: ml_collections.ConfigDict) -> None:
