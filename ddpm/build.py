@@ -6,6 +6,7 @@ benchmarks), so none of them imports the trainer. Objectives (`ddpm.objectives`)
 these parts into a loss and a sampler.
 """
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -93,16 +94,30 @@ def optimizer(
     return tx, lr_fn
 
 
+@dataclasses.dataclass(frozen=True)
+class Guide:
+    """The weaker model of autoguidance (config.sample.guide, loaded by `ddpm.autoguide`):
+    its `apply(variables, x_t, t, cond, train=False)`, its noise process (the run's, maybe
+    with another network) and its EMA parameters, laid out like the run's."""
+
+    apply: Callable[..., jax.Array]
+    process: processes.Process
+    params: Any
+
+
 def sampler(
     config: ml_collections.ConfigDict,
     apply_fn: Callable[..., jax.Array],
     noise_process: processes.Process,
     shape: tuple[int, ...],
     mesh: jax.sharding.Mesh | None = None,
+    guide: Guide | None = None,
     **edit: Any,
 ) -> Callable[..., jax.Array]:
     """Jitted `fn(params, rng, cond, **arrays) -> [*shape] float32` with the method, steps and
     guidance of config.sample; `apply_fn(variables, x_t, t, cond, train=False)` is the model's.
+    With `guide` (config.sample.guide, `ddpm.autoguide`), guidance_scale is autoguidance's
+    scale: the weaker model replaces the unconditional branch.
     On `mesh`, a batch that divides the device count is split over the devices
     (`sharding.sample_sharding`), each device drawing its rows; the samples are the same.
 
@@ -114,10 +129,14 @@ def sampler(
     null = models.null_label(config)
     # A guidance-distilled network takes the scale as an input: one call per step.
     embedded = config.model.get("guidance_embed", False)
-    guidance = null is not None and s.guidance_scale != 1.0 and not embedded
+    guidance = (null is not None or guide is not None) and s.guidance_scale != 1.0
+    guidance = guidance and not embedded
 
     def net_fn(params, inputs, time, cond):
         return apply_fn({"params": params}, inputs, time, cond, train=False)
+
+    def guide_fn(params, inputs, time, cond):
+        return guide.apply({"params": params}, inputs, time, cond, train=False)
 
     sample = samplers.make_sampler(
         noise_process.denoiser(net_fn),
@@ -135,8 +154,14 @@ def sampler(
         variance="learned" if noise_process.learned_variance else s.variance,
         churn=s.churn,
         batch_sharding=None if mesh is None else sharding.sample_sharding(mesh, shape[0]),
+        guide_model_fn=guide.process.denoiser(guide_fn) if guidance and guide else None,
         **edit,
     )
+    if guidance and guide is not None:
+        scale = jnp.float32(s.guidance_scale)
+        return lambda params, rng, cond, **arrays: sample(
+            (params, guide.params), rng, cond, scale, **arrays
+        )
     if embedded:
         scale = jnp.float32(s.guidance_scale)
         return lambda params, rng, cond, **arrays: sample(
@@ -164,25 +189,35 @@ def restore_ema(
     net: nn.Module,
     shape: tuple[int, ...],
     where: jax.sharding.Mesh,
+    step: int | None = None,
 ) -> tuple[Any, int]:
-    """(EMA parameters, step) of the latest checkpoint of `workdir`, laid out on `where` as
-    training lays them out (replicated, or split over config.training.fsdp devices).
+    """(EMA parameters, step) of the latest checkpoint of `workdir` (or of checkpoint `step`),
+    laid out on `where` as training lays them out (replicated, or split over
+    config.training.fsdp devices).
 
     Only the EMA subtree is read (an orbax partial restore), so neither the optimizer section
     nor the devices need to match the run that wrote it. No checkpoint: a UserError. With
-    config.phema.sigma_rel: that post-hoc EMA at the latest snapshot (`ddpm.posthoc_ema`).
+    config.phema.sigma_rel (and no `step`): that post-hoc EMA at the latest snapshot
+    (`ddpm.posthoc_ema`).
     """
     target = placed_params(config, net, shape, where)
-    if config.phema.sigma_rel is not None:
+    if config.phema.sigma_rel is not None and step is None:
         return posthoc_ema.restore(workdir, config.phema.sigma_rel, target)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.training.keep_checkpoints, create=False)
     try:
-        step = ckpt.latest_step()
-        if step is None:
+        latest = ckpt.latest_step()
+        if latest is None:
             raise UserError(
                 f"no checkpoint in {ckpt.directory}; train first: python main.py "
                 f"--config=<config> --workdir={workdir}"
             )
+        if step is not None and step not in ckpt.all_steps():
+            raise UserError(
+                f"no checkpoint of step {step} in {ckpt.directory}; it holds steps "
+                f"{', '.join(map(str, ckpt.all_steps()))} (training.keep_checkpoints keeps the "
+                "latest ones)"
+            )
+        step = latest if step is None else step
         return ckpt.restore_ema(step, target), step
     finally:
         ckpt.close()

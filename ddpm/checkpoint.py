@@ -27,6 +27,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
     def save(self, step: int, state: Any, data_state: dict, config_json: dict) -> None:
         """Starts saving `state` at `step` (returns before an async save finishes)."""
         self._manager.save(

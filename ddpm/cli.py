@@ -87,7 +87,7 @@ def _run_mode(mode: str, config, workdir: str) -> None:
 
         editing.edit_from_workdir(config, workdir, mode)
     elif mode == "sweep":
-        from ddpm import sweep, train
+        from ddpm import evaluate, sweep, train
 
         sweep.run_sweep(
             config_flags.get_config_filename(flags.FLAGS["config"]),
@@ -96,6 +96,7 @@ def _run_mode(mode: str, config, workdir: str) -> None:
             backend=_SWEEP_BACKEND.value,
             ray_address=_RAY_ADDRESS.value,
             train_fn=train.train_and_evaluate,
+            evaluate_fn=evaluate.evaluate,
         )
     elif mode == "eval":
         from ddpm import evaluate

@@ -32,6 +32,7 @@ repeats blocks of rows with a jump back up between them.
 """
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -459,12 +460,18 @@ def _threshold_x0(x0: Array, opts: Options) -> Array:
 
 
 def _make_predict(
-    denoise_fn: DenoiseFn, labels: Array | None, scale: Array | None, opts: Options
+    denoise_fn: DenoiseFn,
+    labels: Array | None,
+    scale: Array | None,
+    opts: Options,
+    guide_fn: DenoiseFn | None = None,
 ) -> Predict:
     """predict(x, t, alpha, sigma) -> (x_0, eps, variance channels | None); t, alpha, sigma
     (and the guidance scale) are scalars, or per-example [B]. With guidance (scale not None)
-    cond and uncond go through one batched call: out = uncond + s (cond - uncond) on the
-    model output (the variance channels: cond's)."""
+    out = uncond + s (cond - uncond) on the model output (the variance channels: cond's),
+    where cond and uncond (the null label) go through one batched call; with `guide_fn`
+    (autoguidance, Karras et al. 2024), uncond is instead guide_fn(x, t, labels), a weaker
+    model given the same conditioning."""
     learned = opts.variance == "learned"
 
     def call(x: Array, t: Array, sigma_ve: Array) -> Array:
@@ -472,14 +479,18 @@ def _make_predict(
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
         if scale is None:
             return denoise_fn(x, t, labels).astype(jnp.float32)
-        # labels may be a pytree (text conditioning): null_label holds one fill value per leaf.
-        null = jax.tree.map(jnp.full_like, labels, opts.null_label)
-        both = denoise_fn(
-            jnp.concatenate([x, x]),
-            jnp.concatenate([t, t]),
-            jax.tree.map(lambda c, n: jnp.concatenate([c, n]), labels, null),
-        ).astype(jnp.float32)
-        cond, uncond = both[:batch], both[batch:]
+        if guide_fn is not None:
+            cond = denoise_fn(x, t, labels).astype(jnp.float32)
+            uncond = guide_fn(x, t, labels).astype(jnp.float32)
+        else:
+            # labels may be a pytree (text conditioning): null_label holds one value per leaf.
+            null = jax.tree.map(jnp.full_like, labels, opts.null_label)
+            both = denoise_fn(
+                jnp.concatenate([x, x]),
+                jnp.concatenate([t, t]),
+                jax.tree.map(lambda c, n: jnp.concatenate([c, n]), labels, null),
+            ).astype(jnp.float32)
+            cond, uncond = both[:batch], both[batch:]
         s = scale
         if opts.guidance_interval is not None:
             lo, hi = opts.guidance_interval
@@ -543,6 +554,7 @@ def sample(
     mask: Array | None = None,
     init: Array | None = None,
     batch_sharding: jax.sharding.Sharding | None = None,
+    guide_fn: DenoiseFn | None = None,
     **options: Any,
 ) -> Array:
     """Draws x_0 by running `options.method` from x_T ~ N(0, I); pure, one `lax.scan`,
@@ -570,6 +582,10 @@ def sample(
         in every step (e.g. rows split over the devices); None: what XLA propagates from the
         inputs, which for a replicated key is every device drawing the whole batch. The draws
         do not depend on it (threefry is partitionable).
+      guide_fn: autoguidance (Karras et al., 2024): a weaker model of the same process and
+        conditioning, `guide_fn(x_t, t, labels)` like denoise_fn; with guidance on, the
+        guided output is guide + s (model - guide) instead of classifier-free guidance's
+        uncond + s (cond - uncond). Needs no null label; labels may be None (unconditional).
       **options: the static configuration, `Options` (method, num_steps, spacing, ...).
 
     Returns:
@@ -581,7 +597,7 @@ def sample(
     if (known is None) != (mask is None):
         raise ValueError("inpainting needs both known (the image) and mask (1 = keep)")
     guided = _guidance_on(guidance_scale)
-    if guided and (labels is None or opts.null_label is None):
+    if guided and guide_fn is None and (labels is None or opts.null_label is None):
         raise ValueError(
             "guidance_scale != 1 needs labels and null_label (the label fed to the "
             "unconditional half)"
@@ -589,7 +605,7 @@ def sample(
     if labels is not None and not isinstance(labels, dict):  # a dict: text conditioning
         labels = jnp.asarray(labels, jnp.int32)
     scale = jnp.asarray(guidance_scale, jnp.float32) if guided else None
-    ctx = _Context(_make_predict(denoise_fn, labels, scale, opts), process, opts)
+    ctx = _Context(_make_predict(denoise_fn, labels, scale, opts, guide_fn), process, opts)
     step, first_history = STEPS[opts.method]
 
     rows = grid(process, opts.num_steps, opts.spacing_for(process), opts.rho)
@@ -641,6 +657,7 @@ def make_sampler(
     *,
     guidance: bool = False,
     batch_sharding: jax.sharding.Sharding | None = None,
+    guide_model_fn: Callable[[Any, Array, Array, Array | None], Array] | None = None,
     **options: Any,
 ) -> Callable[..., Array]:
     """A jitted `fn(params, rng, labels=None, guidance_scale=None, *, known=None, mask=None,
@@ -651,6 +668,8 @@ def make_sampler(
     values reuse the compiled sampler; the static configuration is `shape`, `guidance` (on:
     guidance_scale is required and traced) and `options` (`Options`), validated here;
     `batch_sharding`: the samples' layout (see `sample`), e.g. split over a mesh's devices.
+    `guide_model_fn(guide_params, x_t, t, labels)`: autoguidance by a weaker model (`sample`'s
+    guide_fn); fn's params are then the pair (params, guide_params).
     """
     for name in ("guidance_scale", "labels", "known", "mask", "init"):
         if name in options:
@@ -671,6 +690,10 @@ def make_sampler(
     ) -> Array:
         if guidance == (guidance_scale is None):
             raise ValueError(f"make_sampler(guidance={guidance}): guidance_scale={guidance_scale}")
+        guide_fn = None
+        if guide_model_fn is not None:
+            params, guide_params = params
+            guide_fn = functools.partial(guide_model_fn, guide_params)
         return sample(
             lambda x, t, y: model_fn(params, x, t, y),
             process,
@@ -682,6 +705,7 @@ def make_sampler(
             mask=mask,
             init=init,
             batch_sharding=batch_sharding,
+            guide_fn=guide_fn,
             **options,
         )
 

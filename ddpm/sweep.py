@@ -18,6 +18,13 @@ and returns; while no handler of the trainer's is installed, the sweep's interru
 marked done, no further trial starts, and `run_sweep` raises `SweepStopped`, a SystemExit with
 status 143 / 130. Rerunning the same command resumes the stopped trial from its checkpoint.
 
+Post-hoc sweeps: when every trial overrides only fields that act after training
+(`POST_HOC_FIELDS`: the post-hoc EMA width, sampling, evaluation), the base config is trained
+once, in `workdir/trained`, and each trial is an evaluation of that run with its overrides
+(`evaluate_fn(config, workdir)`, the CLI's `ddpm.evaluate.evaluate`): its eval files move to
+the trial's folder, its result.json holds the eval figures, and results.png plots the first
+sample-quality figure (FD, else the first) against the first swept field.
+
 Backends: "local" runs the trials one after another in this process; "ray" runs each as a
 Ray task (`ray.init(address)`, a new local Ray instance when the address is None), one GPU
 per trial when the cluster has GPUs. Ray is imported only for that backend.
@@ -36,6 +43,7 @@ import os
 import re
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +57,10 @@ RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict]
+EvaluateFn = Callable[[ml_collections.ConfigDict, str], dict]
+# Fields a trial may vary without retraining (a trailing dot: the whole section).
+POST_HOC_FIELDS = ("phema.sigma_rel", "sample.", "eval.")
+TRAINED = "trained"  # a post-hoc sweep's one training run
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -208,6 +220,7 @@ def run_sweep(
     workdir: str,
     *,
     train_fn: TrainFn,
+    evaluate_fn: EvaluateFn | None = None,
     backend: str = "local",
     ray_address: str | None = None,
 ) -> list[dict[str, Any]]:
@@ -219,12 +232,15 @@ def run_sweep(
     "failed", "stopped" or "not run"), the overrides, "step", the final metrics}. Raises
     RuntimeError after writing them if any trial failed, and `SweepStopped` if SIGTERM /
     SIGINT stopped the sweep: the running trial is left unfinished (rerunning resumes it) and
-    no other trial starts.
+    no other trial starts. A post-hoc sweep (module docstring) needs `evaluate_fn` and runs
+    here whatever the backend.
     """
     if backend not in BACKENDS:
         raise ValueError(f"sweep backend {backend!r} is not one of {', '.join(BACKENDS)}")
     trials = expand_trials(load_sweep(sweep_path))
     configs = {t.name: trial_config(base, t.overrides) for t in trials}  # errors before training
+    if evaluate_fn is not None and is_post_hoc(trials):
+        return _run_post_hoc(sweep_path, base, trials, configs, workdir, train_fn, evaluate_fn)
     dirs = {t.name: os.path.join(workdir, t.name) for t in trials}
     todo = [t for t in trials if not is_finished(dirs[t.name], configs[t.name].training.num_steps)]
     print(
@@ -277,6 +293,121 @@ def run_sweep(
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(trials)} trials failed: {', '.join(failed)}")
     return rows
+
+
+def is_post_hoc(trials: list[Trial]) -> bool:
+    """Whether the trials vary only `POST_HOC_FIELDS` (and vary something)."""
+    paths = [path for t in trials for path in t.overrides]
+    return bool(paths) and all(
+        any(path == f or (f.endswith(".") and path.startswith(f)) for f in POST_HOC_FIELDS)
+        for path in paths
+    )
+
+
+def _run_post_hoc(
+    sweep_path: str,
+    base: ml_collections.ConfigDict,
+    trials: list[Trial],
+    configs: dict[str, ml_collections.ConfigDict],
+    workdir: str,
+    train_fn: TrainFn,
+    evaluate_fn: EvaluateFn,
+) -> list[dict[str, Any]]:
+    """`run_sweep` for trials that vary only post-hoc fields: trains `base` once (resuming;
+    skipped once finished) in workdir/trained, then evaluates each unfinished trial on it."""
+    trained = os.path.join(workdir, TRAINED)
+    num_steps = base.training.num_steps
+    dirs = {t.name: os.path.join(workdir, t.name) for t in trials}
+    todo = [t for t in trials if not is_finished(dirs[t.name], num_steps)]
+    print(
+        f"Sweep {sweep_path}: {len(trials)} post-hoc trials of one run ({trained}), "
+        f"{len(trials) - len(todo)} finished, evaluating {len(todo)}",
+        flush=True,
+    )
+    outcome: dict[str, dict[str, Any]] = {}
+    stop_line = None
+    with _StopSignals() as stop:
+        if not is_finished(trained, num_steps):
+            done, stop_line = _run_here(
+                [Trial(TRAINED, {})], {TRAINED: base}, {TRAINED: trained}, train_fn, stop
+            )
+            if done[TRAINED]["status"] == "failed":
+                raise RuntimeError(f"training {trained} failed:\n{done[TRAINED]['error']}")
+            if done[TRAINED]["status"] == "stopped":
+                stop_line = (
+                    f"sweep: stopped while training {trained} at step {done[TRAINED]['step']}/"
+                    f"{num_steps}; rerun the same command to resume"
+                )
+        for t in todo if stop_line is None else []:
+            if stop.poll() is not None:
+                stop_line = (
+                    f"sweep: stopped before trial {t.name}; rerun the same command to resume"
+                )
+                break
+            try:
+                outcome[t.name] = _evaluate_trial(
+                    configs[t.name], trained, dirs[t.name], stop.guarded(evaluate_fn)
+                )
+            except _Interrupted:
+                stop_line = (
+                    f"sweep: stopped during trial {t.name}; rerun the same command to resume"
+                )
+                break
+        signum = stop.poll()
+    rows = []
+    for t in trials:
+        if t.name in outcome:
+            result = outcome[t.name]
+        elif t in todo:
+            result = {"status": "not run"}
+        else:
+            with open(os.path.join(dirs[t.name], RESULT_FILE)) as f:
+                result = {"status": "skipped (finished)", **json.load(f)}
+        metrics = {k: v for k, v in result.items() if k not in ("status", "error")}
+        rows.append({"trial": t.name, "status": result["status"], **t.overrides, **metrics})
+    write_table(rows, workdir)
+    plot_figure(rows, trials, workdir)
+    failed = {name: r["error"] for name, r in outcome.items() if r["status"] == "failed"}
+    for name, error in failed.items():
+        print(f"Trial {name} failed:\n{error}", flush=True)
+    if stop_line:
+        print(stop_line, flush=True)
+        raise SweepStopped(1 if signum is None else 128 + signum, stop_line, rows)
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(trials)} trials failed: {', '.join(failed)}")
+    return rows
+
+
+def _evaluate_trial(
+    config: ml_collections.ConfigDict, trained: str, trial_dir: str, evaluate_fn: EvaluateFn
+) -> dict[str, Any]:
+    """One post-hoc trial: `evaluate_fn(config, trained)`, its eval/<step>* files moved to
+    trial_dir/eval (the reference statistics stay shared), its figures in result.json:
+    {"status": "done", "step", "seconds", <figure>: float, ...} (one guidance scale: the
+    figures as named; several: suffixed _g<scale>), or {"status": "failed", "error"}."""
+    start = time.perf_counter()
+    try:
+        results = evaluate_fn(config, trained)
+    except Exception:  # one failed trial must not stop the sweep
+        return {"status": "failed", "error": traceback.format_exc()}
+    step = results["step"]
+    figures: dict[str, Any] = {"step": step, "seconds": round(time.perf_counter() - start, 1)}
+    figures.update({k: v for k, v in results.items() if isinstance(v, float)})
+    rows = results.get("guidance", [])
+    for row in rows:
+        suffix = "" if len(rows) == 1 else f"_g{row['guidance_scale']:g}"
+        figures.update({k + suffix: v for k, v in row.items() if k != "guidance_scale"})
+    out = os.path.join(trial_dir, "eval")
+    os.makedirs(out, exist_ok=True)
+    source = os.path.join(trained, "eval")
+    for name in os.listdir(source):
+        if name.startswith(f"{step}.") or name.startswith(f"{step}_"):
+            os.replace(os.path.join(source, name), os.path.join(out, name))
+    tmp = os.path.join(trial_dir, RESULT_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(figures, f, indent=1)
+    os.replace(tmp, os.path.join(trial_dir, RESULT_FILE))
+    return {"status": "done", **figures}
 
 
 def _run_here(
@@ -464,31 +595,63 @@ def plot_losses(curves: dict[str, list[dict[str, float]]], workdir: str) -> str 
 
     curves: trial name -> its metrics.jsonl lines ({"step", "loss", ...}).
     """
-    curves = {name: lines for name, lines in curves.items() if lines}
-    if not curves:
+    lines = {
+        name: ([r["step"] for r in records], [r["loss"] for r in records])
+        for name, records in curves.items()
+        if records
+    }
+    return _plot(lines, "step", "loss", os.path.join(workdir, "results.png"))
+
+
+def plot_figure(rows: list[dict[str, Any]], trials: list[Trial], workdir: str) -> str | None:
+    """A post-hoc sweep's `results.png`: its first sample-quality figure (fd, else fid,
+    accuracy, bpd_ode: the first the rows have) against the first swept numeric field, one
+    line per value of the other overrides. None if there is nothing to draw."""
+    done = [(t, r) for t, r in zip(trials, rows, strict=True) if r["status"] != "not run"]
+    fields = [p for p in trials[0].overrides if isinstance(trials[0].overrides[p], (int, float))]
+    names = [n for n in ("fd", "fid", "accuracy", "bpd_ode") if any(n in r for _, r in done)]
+    if not done or not fields or not names:
+        return None
+    x_field, figure = fields[0], names[0]
+    lines: dict[str, tuple[list, list]] = {}
+    for t, r in sorted(done, key=lambda tr: tr[0].overrides[x_field]):
+        if figure in r:
+            rest = ",".join(f"{k}={v}" for k, v in t.overrides.items() if k != x_field)
+            xs, ys = lines.setdefault(rest or figure, ([], []))
+            xs.append(t.overrides[x_field])
+            ys.append(r[figure])
+    return _plot(lines, x_field, figure, os.path.join(workdir, "results.png"), points=True)
+
+
+def _plot(
+    lines: dict[str, tuple[list, list]], x_label: str, y_label: str, path: str, points=False
+) -> str | None:
+    """Draws named (xs, ys) lines (with their points marked if `points`) into the PNG at
+    `path`, a legend under the axes. None if there are none."""
+    if not lines:
         return None
     width, height, margin = 640, 400, 50
-    steps = np.array([line["step"] for lines in curves.values() for line in lines], float)
-    losses = np.array([line["loss"] for lines in curves.values() for line in lines], float)
-    s_lo, s_hi = steps.min(), max(steps.max(), steps.min() + 1)
-    l_lo, l_hi = losses.min(), max(losses.max(), losses.min() + 1e-6)
-    image = Image.new("RGB", (width, height + 16 * len(curves)), "white")
+    xs = np.array([x for line in lines.values() for x in line[0]], float)
+    ys = np.array([y for line in lines.values() for y in line[1]], float)
+    x_lo, x_hi = xs.min(), max(xs.max(), xs.min() + 1e-9)
+    y_lo, y_hi = ys.min(), max(ys.max(), ys.min() + 1e-6)
+    image = Image.new("RGB", (width, height + 16 * len(lines)), "white")
     draw = ImageDraw.Draw(image)
     draw.rectangle([margin, 10, width - 10, height - margin], outline="black")
-    draw.text((margin, height - margin + 5), f"step {s_lo:g}", fill="black")
-    draw.text((width - 90, height - margin + 5), f"{s_hi:g}", fill="black")
-    draw.text((5, 10), f"{l_hi:.3g}", fill="black")
-    draw.text((5, height - margin - 12), f"{l_lo:.3g}", fill="black")
-    draw.text((5, height // 2), "loss", fill="black")
-    for i, (name, lines) in enumerate(curves.items()):
+    draw.text((margin, height - margin + 5), f"{x_label} {x_lo:g}", fill="black")
+    draw.text((width - 90, height - margin + 5), f"{x_hi:g}", fill="black")
+    draw.text((5, 10), f"{y_hi:.3g}", fill="black")
+    draw.text((5, height - margin - 12), f"{y_lo:.3g}", fill="black")
+    draw.text((5, height // 2), y_label, fill="black")
+    for i, (name, (line_x, line_y)) in enumerate(lines.items()):
         color = tuple(int(255 * c) for c in _PALETTE[i % len(_PALETTE)])
-        x = [
-            margin + (line["step"] - s_lo) / (s_hi - s_lo) * (width - 10 - margin) for line in lines
-        ]
-        y = [10 + (l_hi - line["loss"]) / (l_hi - l_lo) * (height - margin - 10) for line in lines]
+        x = [margin + (v - x_lo) / (x_hi - x_lo) * (width - 10 - margin) for v in line_x]
+        y = [10 + (y_hi - v) / (y_hi - y_lo) * (height - margin - 10) for v in line_y]
         draw.line(list(zip(x, y, strict=True)), fill=color, width=2)
+        if points:
+            for u, v in zip(x, y, strict=True):
+                draw.ellipse([u - 3, v - 3, u + 3, v + 3], fill=color)
         draw.text((margin, height + 16 * i), name, fill=color)
-    path = os.path.join(workdir, "results.png")
     image.save(path)
     return path
 

@@ -12,12 +12,25 @@ import orbax.checkpoint as ocp
 import pytest
 from scipy.integrate import quad
 
-from ddpm import build, data, generate, objectives, phema, posthoc_ema, sharding, train
-from ddpm.config import validation
+from ddpm import (
+    build,
+    data,
+    evaluate,
+    generate,
+    objectives,
+    phema,
+    posthoc_ema,
+    sharding,
+    sweep,
+    train,
+)
+from ddpm.config import runs, validation
 from ddpm.errors import UserError
+from tests import tiny_phema_sweep
 from tests.tiny import step_parts, tiny_config
 
-TRACK = (0.05, 0.10)
+TRACK = tiny_phema_sweep.TRACK
+PHEMA_SWEEP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_phema_sweep.py")
 
 
 @pytest.mark.parametrize("sigma_rel", [0.01, 0.05, 0.1, 0.2, 0.28])
@@ -118,17 +131,25 @@ def test_reconstruction_of_an_untracked_profile_matches_tracking_it(sigma_rel):
     assert error < 0.005 * effect, (error, effect)
 
 
-def _tracking_config(**training):
-    config = tiny_config(**training)
-    config.phema.track, config.phema.snapshot_every = TRACK, 2
-    return config
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory) -> tuple[str, list[dict]]:
+    """tests/tiny_phema_sweep.py run once: (sweep workdir, rows)."""
+    workdir = str(tmp_path_factory.mktemp("phema_sweep"))
+    rows = sweep.run_sweep(
+        PHEMA_SWEEP,
+        tiny_phema_sweep.get_config(),
+        workdir,
+        train_fn=train.train_and_evaluate,
+        evaluate_fn=evaluate.evaluate,
+    )
+    return workdir, rows
 
 
 def test_train_step_keeps_the_power_emas_of_its_parameter_trajectory():
     """After T train steps each tracked EMA is sum_i w_i theta_i over the parameters after
     steps 1..T, w_i = (1 - (1 - 1/i)^(g+1)) (i/T)^(g+1): the recurrence's closed form,
     computed here in float64 from the trajectory (float32 rounding of 6 updates: 1e-6)."""
-    objective, step_fn, state, mesh = step_parts(_tracking_config())
+    objective, step_fn, state, mesh = step_parts(tiny_phema_sweep.get_config())
     batches = data.create_dataset(objective.config, "train", batch_size=8, seed=0)
     trajectory = []
     for _ in range(6):
@@ -151,14 +172,13 @@ def test_train_step_keeps_the_power_emas_of_its_parameter_trajectory():
     assert closest[0] < closest[1]
 
 
-def test_snapshots_reconstruct_tracked_widths_and_serve_every_reader(tmp_path, capsys):
+def test_snapshots_reconstruct_tracked_widths_and_serve_every_reader(swept, capsys):
     """A tiny run tracking sigma_rel 0.05 and 0.10 stores snapshots at steps 2, 4, 6. The
     reconstruction of a tracked width is its own snapshot (float tolerance); an untracked
-    width is a normalised combination that lies between them; --mode=phema's stored set is
-    what the sample / eval path restores."""
-    config = _tracking_config(num_steps=6, checkpoint_every=6)
-    workdir = str(tmp_path / "run")
-    train.train_and_evaluate(config, workdir)
+    width is a normalised combination that is neither; --mode=phema's stored set is what
+    the sample / eval path restores."""
+    config = tiny_phema_sweep.get_config()
+    workdir = os.path.join(swept[0], sweep.TRAINED)
     assert sorted(os.listdir(os.path.join(workdir, "phema", "snapshots"))) == ["2", "4", "6"]
     objective, mesh = generate.prepare(config, workdir)
     target = build.placed_params(config, objective.model, objective.input_shape, mesh)
@@ -175,7 +195,8 @@ def test_snapshots_reconstruct_tracked_widths_and_serve_every_reader(tmp_path, c
     path = generate.write_posthoc_ema(config, workdir)
     assert path == os.path.join(workdir, "phema", "sigma_rel_0.0700", "6")
     assert "profile fit" in capsys.readouterr().out
-    restored, step = generate.restore(objective, workdir, mesh)  # config says 0.07
+    objective = objectives.create(config, workdir=workdir, mesh=mesh)  # phema.sigma_rel 0.07
+    restored, step = generate.restore(objective, workdir, mesh)
     assert step == 6 and "reconstructed" not in capsys.readouterr().out  # the stored set
     rebuilt, _, fit = posthoc_ema.reconstruct(workdir, 0.07, target)
     assert fit < 0.05
@@ -198,3 +219,65 @@ def test_post_hoc_width_on_a_run_without_snapshots_is_one_line(tmp_path):
     config.phema.track = (0.05, 0.5)
     with pytest.raises(UserError, match=r"config.phema.track=0.5: a power EMA's sigma_rel"):
         validation.validate(config)
+
+
+def test_post_hoc_sweep_trains_once_and_evaluates_each_width(swept, capsys):
+    """Trials that vary only phema.sigma_rel share one training run (workdir/trained): no
+    trial folder holds a checkpoint, each holds its own eval files and a result with FD. A
+    rerun trains and evaluates nothing."""
+    workdir, rows = swept
+    assert [(r["phema.sigma_rel"], r["status"], r["step"]) for r in rows] == [
+        (0.05, "done", 6),
+        (0.2, "done", 6),
+    ]
+    assert rows[0]["fd"] > 0 and rows[1]["fd"] > 0 and rows[0]["fd"] != rows[1]["fd"]
+    names = sorted(os.listdir(workdir))
+    assert names == sorted(
+        [sweep.TRAINED, "phema.sigma_rel=0.05", "phema.sigma_rel=0.2", "results.csv", "results.png"]
+    )
+    for row in rows:
+        trial = os.path.join(workdir, row["trial"])
+        assert sorted(os.listdir(trial)) == ["eval", sweep.RESULT_FILE]
+        assert "6.json" in os.listdir(os.path.join(trial, "eval"))
+    assert "6.json" not in os.listdir(os.path.join(workdir, sweep.TRAINED, "eval"))
+    with open(os.path.join(workdir, "results.csv")) as f:
+        assert "phema.sigma_rel" in f.readline()
+    again = sweep.run_sweep(
+        PHEMA_SWEEP,
+        tiny_phema_sweep.get_config(),
+        workdir,
+        train_fn=train.train_and_evaluate,
+        evaluate_fn=evaluate.evaluate,
+    )
+    assert [r["status"] for r in again] == ["skipped (finished)"] * 2
+    assert [r["fd"] for r in again] == [r["fd"] for r in rows]
+    assert "2 finished, evaluating 0" in capsys.readouterr().out
+
+
+def test_autoguidance_by_an_earlier_checkpoint_of_the_run(swept, tmp_path):
+    """config.sample.guide="step:N" through the objective's sampler (sample / eval / edit
+    modes): the run's own last checkpoint as guide is the unguided sampler (the two branches
+    are equal); an earlier one changes the samples. Bad guides: one line each."""
+    config = tiny_phema_sweep.get_config()
+    workdir = os.path.join(swept[0], sweep.TRAINED)
+    labels = jax.numpy.arange(8, dtype=jax.numpy.int32) % 10
+
+    def draw(guide: str | None, scale: float) -> np.ndarray:
+        config.sample.guide, config.sample.guidance_scale = guide, scale
+        objective, mesh = generate.prepare(config, workdir)
+        params, _ = generate.restore(objective, workdir, mesh)
+        return np.asarray(objective.sampler(8)(params, jax.random.key(0), labels))
+
+    plain = draw(None, 1.0)
+    np.testing.assert_allclose(draw("step:6", 2.0), plain, rtol=0, atol=1e-5)
+    assert np.abs(draw("step:2", 2.0) - plain).max() > 1e-3
+
+    with pytest.raises(UserError, match=r"no checkpoint of step 3 .* it holds steps 2, 4, 6"):
+        draw("step:3", 2.0)
+    with pytest.raises(UserError, match=r"config.sample.guide='step:two': 'step:N' names"):
+        draw("step:two", 2.0)
+    other = tiny_phema_sweep.get_config()
+    other.diffusion.process = "flow"
+    runs.write_config(other, str(tmp_path))
+    with pytest.raises(UserError, match=r"its diffusion is .* the same process"):
+        draw(str(tmp_path), 2.0)

@@ -23,9 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_tiny(workdir, overrides, *, slow=False) -> subprocess.Popen:
-    """`python main.py --config=tests/run_tiny.py --workdir=WORKDIR --config.training.K=V`
-    for each K: V of `overrides` (tests/run_tiny.py), slowed down if `slow`."""
-    fields = [f"--config.training.{k}={v}" for k, v in overrides.items()]
+    """`python main.py --config=tests/run_tiny.py --workdir=WORKDIR --config.K=V` for each
+    K: V of `overrides` (tests/run_tiny.py), slowed down if `slow`."""
+    fields = [f"--config.{k}={v}" for k, v in overrides.items()]
     args = ["-m", "tests.run_tiny", "--config=tests/run_tiny.py", f"--workdir={workdir}", *fields]
     return subprocess.Popen(
         [sys.executable, *args, *(["--slow"] if slow else [])],
@@ -77,8 +77,14 @@ def test_exact_resume_after_sigkill_and_ctrl_c(tmp_path):
     again and interrupted with Ctrl-C (SIGINT): it saves a checkpoint at the step it reached
     and exits 0 (a single process handles Ctrl-C as a preemption; SIGTERM to a process of a
     2-process job: test_multihost). The same command then resumes from exactly that step, and
-    the finished run is bitwise the uninterrupted one."""
-    overrides = {"num_steps": 40, "checkpoint_every": 10}
+    the finished run is bitwise the uninterrupted one, its post-hoc EMA snapshots (every 5
+    steps, between checkpoints) included."""
+    overrides = {
+        "training.num_steps": 40,
+        "training.checkpoint_every": 10,
+        "phema.track": "(0.05,0.1)",
+        "phema.snapshot_every": 5,
+    }
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     uninterrupted = _run_tiny(reference, overrides)
 
@@ -107,9 +113,18 @@ def test_exact_resume_after_sigkill_and_ctrl_c(tmp_path):
     assert [r["step"] for r in records] == list(range(5, 41, 5)), records
     _finish(uninterrupted)
     a, b = _saved_state(reference, 40), _saved_state(resumed, 40)
-    assert int(b["step"]) == 40
+    assert int(b["step"]) == 40 and len(b["phema"]) == 2
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)  # bitwise identical on CPU
+    snapshots = [os.path.join(run, "phema", "snapshots") for run in (reference, resumed)]
+    steps = sorted(os.listdir(snapshots[1]), key=int)
+    assert steps == [str(s) for s in range(5, 41, 5)] == sorted(os.listdir(snapshots[0]), key=int)
+    for step in steps:
+        x, y = (
+            ocp.StandardCheckpointer().restore(os.path.join(d, step, "default")) for d in snapshots
+        )
+        for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
+            np.testing.assert_array_equal(u, v)
 
 
 def test_four_devices_match_one_device_in_training_and_sampling():

@@ -224,6 +224,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.dynamic_threshold = placeholder(float)  # Imagen quantile, e.g. 0.995 (pixels)
     config.sample.churn = 0.0  # euler / heun: EDM S_churn
     config.sample.guidance_scale = 1.0
+    # Autoguidance (ddpm.autoguide): guide with this weaker model instead of the null label:
+    # "step:N" (checkpoint N of the run) or another diffusion run's workdir. None: classifier-
+    # free guidance. guidance_scale is then autoguidance's.
+    config.sample.guide = placeholder(str)
     config.sample.num_samples = 64
     config.sample.batch_size = 64
     config.sample.labels = placeholder(int)  # None = all classes in rows; else one class id

@@ -18,6 +18,7 @@ from pathlib import Path
 import ml_collections
 
 from ddpm import (
+    autoguide,
     consistency,
     data,
     diffusion,
@@ -262,6 +263,14 @@ def _validate_sample(config: ml_collections.ConfigDict) -> None:
         raise UserError(
             f"config.sample.prompt={s.prompt!r} needs a text model (config.text.source is None)"
         )
+    if s.guide is not None:
+        autoguide.guide_step(s.guide)  # a malformed "step:N"
+        if config.objective != "diffusion" or config.model.get("guidance_embed", False):
+            raise UserError(
+                f"config.sample.guide={s.guide!r}: autoguidance guides a diffusion run "
+                f"(config.objective='diffusion', no guidance input); this is "
+                f"{config.objective!r}"
+            )
 
 
 def _validate_training(config: ml_collections.ConfigDict) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import jax
 import ml_collections
 
-from ddpm import build
+from ddpm import autoguide, build
 from ddpm.objectives import consistency, distill, latent
 from ddpm.objectives.autoencoder import Autoencoder
 from ddpm.objectives.base import Objective
@@ -30,8 +30,17 @@ __all__ = [
 ]
 
 
+def _diffusion(config, speed, *, workdir: str | None, mesh, training: bool) -> Diffusion:
+    """Diffusion; sampling a trained run (not the trainer's grids) with config.sample.guide
+    loads the autoguidance model."""
+    guide = None
+    if config.sample.guide is not None and not training:
+        guide = autoguide.load(config, workdir, mesh)
+    return Diffusion.from_config(config, speed, guide=guide)
+
+
 _FACTORIES: dict[str, Callable[..., Objective]] = {
-    "diffusion": lambda config, speed, **_: Diffusion.from_config(config, speed),
+    "diffusion": lambda config, speed, **run: _diffusion(config, speed, **run),
     "autoencoder": lambda config, speed, **_: Autoencoder.from_config(config, speed),
     "latent": latent.create,
     "distill": distill.create,

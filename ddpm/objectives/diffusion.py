@@ -15,9 +15,11 @@ from ddpm.objectives.base import Array, Batch, Objective
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Diffusion(Objective):
-    """process: the noise process of `config.diffusion` (`build.process`)."""
+    """process: the noise process of `config.diffusion` (`build.process`); guide: the weaker
+    model of autoguidance (config.sample.guide, `ddpm.autoguide`), None without it."""
 
     process: processes.Process
+    guide: build.Guide | None = None
 
     @classmethod
     def from_config(cls, config, speed, **fields):
@@ -47,7 +49,13 @@ class Diffusion(Objective):
 
     def sampler(self, num: int, **edit: Any) -> Callable[..., Array]:
         return build.sampler(
-            self.config, self.apply, self.process, (num, *self.input_shape), self.mesh, **edit
+            self.config,
+            self.apply,
+            self.process,
+            (num, *self.input_shape),
+            self.mesh,
+            guide=self.guide,
+            **edit,
         )
 
     def training_grid(self, rng: Array) -> tuple[Callable[[Any, int], Array], int]:
