@@ -53,13 +53,17 @@ class Checkpointer:
         try:
             restored = self._restore(step, abstract)
         except ValueError as e:
-            # Checkpoints written before the train state had `carry` (empty then, as it is
-            # for most objectives now) restore into the state without it.
-            if "carry" not in str(e) or getattr(target_state, "carry", 0) is not None:
+            # Checkpoints written before the train state had `carry` or `phema` (None then,
+            # as they are for most runs now) restore into the state without them.
+            absent = [
+                name
+                for name in ("carry", "phema")
+                if getattr(abstract, name, 0) is None and f"{name}:" in str(e)
+            ]
+            if not absent:
                 raise
             fields = {f.name: getattr(abstract, f.name) for f in dataclasses.fields(abstract)}
-            del fields["carry"]
-            restored = self._restore(step, fields)
+            restored = self._restore(step, {k: v for k, v in fields.items() if k not in absent})
             return dataclasses.replace(abstract, **restored.state), restored.data
         return restored.state, restored.data
 

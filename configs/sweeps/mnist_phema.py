@@ -11,11 +11,11 @@ sigma_rel. A trained default run can be reused: copy or link it to runs/mnist_ph
 
 import ml_collections
 
-from configs import mnist
+from ddpm.config import presets
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = mnist.get_config()
+    config = presets.mnist()
     config.eval.metrics = ("fd", "accuracy")
     return config
 
