@@ -207,7 +207,7 @@ def _stats_key(config, split: str, network_sha256: str) -> dict[str, Any]:
     return json.loads(json.dumps(key))  # as it reads back from the .npz
 
 
-def _reference_stats(
+def reference_stats(
     config, workdir: str, name: str, features_fn, network_sha256: str
 ) -> tuple[metrics.FeatureStats, np.ndarray]:
     """Feature statistics of the reference split (cached in workdir/eval/stats/ with their
@@ -261,7 +261,7 @@ def sample_metrics(
         extractors["inception"] = lambda x: (inception_fn(x),)  # apply_in_batches: tuples
         digests["inception"] = metrics.tree_digest(params_inception)
     references = {
-        name: _reference_stats(config, workdir, name, fn, digests[name])
+        name: reference_stats(config, workdir, name, fn, digests[name])
         for name, fn in extractors.items()
     }
 

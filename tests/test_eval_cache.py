@@ -1,4 +1,4 @@
-"""The reference-statistics cache of `evaluate._reference_stats`: reused only for the same
+"""The reference-statistics cache of `evaluate.reference_stats`: reused only for the same
 feature network parameters and the same data, recomputed otherwise.
 
 Tiny random feature functions over tiny random images (`classifier.load_split` replaced by a
@@ -86,7 +86,7 @@ def _features_fn(params):
 
 def _stats(config, workdir, params):
     fn = _features_fn(params)
-    return evaluate._reference_stats(config, workdir, "classifier", fn, metrics.tree_digest(params))
+    return evaluate.reference_stats(config, workdir, "classifier", fn, metrics.tree_digest(params))
 
 
 def _fresh_mean(config, params) -> np.ndarray:
