@@ -23,6 +23,7 @@ from ddpm.config import presets
 def get_config(teacher_workdir: str | None = None) -> ml_collections.ConfigDict:
     config = presets.mnist()  # the teacher's data, network and process
     config.objective = "consistency"
+    config.phema.track = ()  # the student keeps the ordinary EMA only
     c = config.consistency
     c.teacher_workdir = teacher_workdir or "runs/mnist"
     c.teacher_guidance = config.sample.guidance_scale

@@ -283,7 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train(config: ml_collections.ConfigDict, workdir: str, stop: _StopRequest) -> dict:
     info = validation.validate(config)
-    runs.check_resumable(config, workdir)
+    runs.check_resumable(config, workdir, training=True)
     mesh = build.mesh(config)
     global_batch = config.training.batch_size
     per_device = sharding.per_device_batch_size(global_batch, mesh, "config.training.batch_size")

@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import mnist, mnist_cd
+from configs import mnist, mnist_cd, mnist_ct
 from ddpm import consistency, generate, samplers, sharding, train
 from ddpm.config import validation
 from ddpm.errors import UserError
@@ -289,3 +289,15 @@ def test_recipe_validates_and_distils_the_default_run():
     assert config.model == default.model and config.diffusion == default.diffusion
     assert config.consistency.teacher_guidance == default.sample.guidance_scale != 1.0
     assert (config.sample.method, config.sample.guidance_scale) == ("consistency", 1.0)
+
+
+def test_ct_recipe_validates_and_tunes_the_default_run():
+    """configs/mnist_ct.py validates as it is: improved CT's settings on the default run's
+    network and process, starting from its weights; from scratch with init_workdir None."""
+    config = mnist_ct.get_config()
+    validation.validate(config)
+    assert config.model == mnist.get_config().model
+    c = config.consistency
+    assert (c.teacher_workdir, c.init_workdir, c.curriculum) == (None, "runs/mnist", "ict")
+    assert (c.distance, c.level_sampling, c.target_ema) == ("pseudo_huber", "lognormal", 0.0)
+    validation.validate(mnist_ct.get_config(None))

@@ -281,3 +281,14 @@ def test_autoguidance_by_an_earlier_checkpoint_of_the_run(swept, tmp_path):
     runs.write_config(other, str(tmp_path))
     with pytest.raises(UserError, match=r"its diffusion is .* the same process"):
         draw(str(tmp_path), 2.0)
+
+
+def test_training_on_with_other_tracked_widths_is_refused_reading_is_not(swept):
+    """The power EMAs are part of the train state: resuming with another phema.track is one
+    line before any work; sampling or evaluating with it reads the EMA as usual."""
+    workdir = os.path.join(swept[0], sweep.TRAINED)
+    config = tiny_phema_sweep.get_config()
+    config.phema.track = ()
+    with pytest.raises(UserError, match=r"config.phema.track: workdir has \(0.05, 0.1\), new"):
+        train.train_and_evaluate(config, workdir)
+    generate.prepare(config, workdir)

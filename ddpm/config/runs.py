@@ -28,7 +28,6 @@ _COMPARED = (
     "data.channels",
     "data.length",
     "text",
-    "phema.track",  # the power EMAs in the train state
 )
 
 
@@ -132,15 +131,21 @@ def incompatibilities(
     return differences
 
 
-def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+def check_resumable(
+    config: ml_collections.ConfigDict, workdir: str, *, training: bool = False
+) -> None:
     """A workdir holding a run with other parameter/data shapes is a UserError, not an
-    overwrite. A workdir path that is a file is one too."""
+    overwrite. A workdir path that is a file is one too. `training`: the train state must
+    match as well (its power EMAs, config.phema.track); reading the EMA does not need it."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"--workdir={workdir!r} is a file, not a directory")
     saved = read_saved(workdir)
     if saved is None:
         return
-    differences = incompatibilities(from_json(saved), config)
+    old = from_json(saved)
+    differences = incompatibilities(old, config)
+    if training and tuple(old.phema.track) != tuple(config.phema.track):
+        differences.append(("phema.track", tuple(old.phema.track), tuple(config.phema.track)))
     if differences:
         text = "; ".join(
             f"config.{f}: workdir has {o!r}, new config {n!r}" for f, o, n in differences
