@@ -270,6 +270,31 @@ def run_sweep(
         if result["status"] == "stopped"
     ] + ([stopped_before] if stopped_before else [])
 
+    return _report(
+        trials,
+        todo,
+        dirs,
+        outcome,
+        stop_lines,
+        signum,
+        workdir,
+        lambda rows: plot_losses({t.name: _read_metrics(dirs[t.name]) for t in trials}, workdir),
+    )
+
+
+def _report(
+    trials: list[Trial],
+    todo: list[Trial],
+    dirs: dict[str, str],
+    outcome: dict[str, dict[str, Any]],
+    stop_lines: list[str],
+    signum: int | None,
+    workdir: str,
+    plot: Callable[[list[dict[str, Any]]], Any],
+) -> list[dict[str, Any]]:
+    """The rows of every trial (its outcome now, "not run", or the result it finished with
+    earlier), written as results.csv and the printed table, and `plot(rows)`; then
+    `SweepStopped` if `stop_lines`, RuntimeError if a trial failed."""
     rows = []
     for t in trials:
         if t.name in outcome:
@@ -279,11 +304,10 @@ def run_sweep(
         else:
             with open(os.path.join(dirs[t.name], RESULT_FILE)) as f:
                 result = {"status": "skipped (finished)", **json.load(f)}
-        status = result["status"]
         metrics = {k: v for k, v in result.items() if k not in ("status", "error")}
-        rows.append({"trial": t.name, "status": status, **t.overrides, **metrics})
+        rows.append({"trial": t.name, "status": result["status"], **t.overrides, **metrics})
     write_table(rows, workdir)
-    plot_losses({t.name: _read_metrics(dirs[t.name]) for t in trials}, workdir)
+    plot(rows)
     failed = {name: r["error"] for name, r in outcome.items() if r["status"] == "failed"}
     for name, error in failed.items():
         print(f"Trial {name} failed:\n{error}", flush=True)
@@ -331,11 +355,12 @@ def _run_post_hoc(
             done, stop_line = _run_here(
                 [Trial(TRAINED, {})], {TRAINED: base}, {TRAINED: trained}, train_fn, stop
             )
-            if done[TRAINED]["status"] == "failed":
-                raise RuntimeError(f"training {trained} failed:\n{done[TRAINED]['error']}")
-            if done[TRAINED]["status"] == "stopped":
+            result = done.get(TRAINED, {"status": "not run"})
+            if result["status"] == "failed":
+                raise RuntimeError(f"training {trained} failed:\n{result['error']}")
+            if result["status"] == "stopped":
                 stop_line = (
-                    f"sweep: stopped while training {trained} at step {done[TRAINED]['step']}/"
+                    f"sweep: stopped while training {trained} at step {result['step']}/"
                     f"{num_steps}; rerun the same command to resume"
                 )
         for t in todo if stop_line is None else []:
@@ -354,28 +379,16 @@ def _run_post_hoc(
                 )
                 break
         signum = stop.poll()
-    rows = []
-    for t in trials:
-        if t.name in outcome:
-            result = outcome[t.name]
-        elif t in todo:
-            result = {"status": "not run"}
-        else:
-            with open(os.path.join(dirs[t.name], RESULT_FILE)) as f:
-                result = {"status": "skipped (finished)", **json.load(f)}
-        metrics = {k: v for k, v in result.items() if k not in ("status", "error")}
-        rows.append({"trial": t.name, "status": result["status"], **t.overrides, **metrics})
-    write_table(rows, workdir)
-    plot_figure(rows, trials, workdir)
-    failed = {name: r["error"] for name, r in outcome.items() if r["status"] == "failed"}
-    for name, error in failed.items():
-        print(f"Trial {name} failed:\n{error}", flush=True)
-    if stop_line:
-        print(stop_line, flush=True)
-        raise SweepStopped(1 if signum is None else 128 + signum, stop_line, rows)
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(trials)} trials failed: {', '.join(failed)}")
-    return rows
+    return _report(
+        trials,
+        todo,
+        dirs,
+        outcome,
+        [stop_line] if stop_line else [],
+        signum,
+        workdir,
+        lambda rows: plot_figure(rows, trials, workdir),
+    )
 
 
 def _evaluate_trial(

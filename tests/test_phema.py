@@ -135,14 +135,17 @@ def test_reconstruction_of_an_untracked_profile_matches_tracking_it(sigma_rel):
 def swept(tmp_path_factory) -> tuple[str, list[dict]]:
     """tests/tiny_phema_sweep.py run once: (sweep workdir, rows)."""
     workdir = str(tmp_path_factory.mktemp("phema_sweep"))
-    rows = sweep.run_sweep(
+    return workdir, _run_phema_sweep(workdir)
+
+
+def _run_phema_sweep(workdir: str) -> list[dict]:
+    return sweep.run_sweep(
         PHEMA_SWEEP,
         tiny_phema_sweep.get_config(),
         workdir,
         train_fn=train.train_and_evaluate,
         evaluate_fn=evaluate.evaluate,
     )
-    return workdir, rows
 
 
 def test_train_step_keeps_the_power_emas_of_its_parameter_trajectory():
@@ -242,13 +245,7 @@ def test_post_hoc_sweep_trains_once_and_evaluates_each_width(swept, capsys):
     assert "6.json" not in os.listdir(os.path.join(workdir, sweep.TRAINED, "eval"))
     with open(os.path.join(workdir, "results.csv")) as f:
         assert "phema.sigma_rel" in f.readline()
-    again = sweep.run_sweep(
-        PHEMA_SWEEP,
-        tiny_phema_sweep.get_config(),
-        workdir,
-        train_fn=train.train_and_evaluate,
-        evaluate_fn=evaluate.evaluate,
-    )
+    again = _run_phema_sweep(workdir)
     assert [r["status"] for r in again] == ["skipped (finished)"] * 2
     assert [r["fd"] for r in again] == [r["fd"] for r in rows]
     assert "2 finished, evaluating 0" in capsys.readouterr().out

@@ -21,4 +21,4 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def get_sweep() -> dict:
-    return {"grid": {"phema.sigma_rel": [0.02, 0.035, 0.05, 0.07, 0.1, 0.15, 0.2]}}
+    return {"grid": {"phema.sigma_rel": [0.02, 0.05, 0.08, 0.12, 0.2]}}
