@@ -7,10 +7,10 @@ python -m bench.posthoc [--root=runs/bench_posthoc] [--samples=1000]
    tracks power EMAs of sigma_rel 0.05 and 0.10) trains once, then FD and class accuracy of
    `--samples` samples (the recipe's DPM++2M-20 at guidance 1.5, 40 network calls) for each
    sigma_rel; and the same for the run's ordinary EMA (training.ema_decay).
-2. Autoguidance: a guide with a quarter of the channels (8/16/32), trained for 300 steps in
-   ROOT/guide; the main run guided by it at several scales (40 calls, as classifier-free
-   guidance's), class-conditional; then unconditional (every label the null one), unguided
-   at 20 and 40 steps against autoguided.
+2. Autoguidance: a guide with half the channels (8/16/32, a quarter of the parameters),
+   trained for 300 steps in ROOT/guide; the main run guided by it at several scales (40
+   calls, as classifier-free guidance's), class-conditional; then unconditional (every label
+   the null one), unguided at 20 and 40 steps against autoguided.
 One JSON line per figure, with the seconds each evaluation took. A workdir already trained
 or evaluated is reused (the sweep skips what it finished).
 """
