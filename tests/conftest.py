@@ -33,24 +33,32 @@ for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitter
 os.environ["XLA_FLAGS"] = flags
 
 
-# Test files by the time they took (--durations, longest first). pytest-xdist's `--dist
-# loadfile` hands files to the workers in collection order; starting with the longest keeps
-# one worker from finishing a long file alone while the other idles.
+# Test files by the time they took (--durations summed per file, longest first; every file
+# over 15 s). pytest-xdist's `--dist loadfile` hands files to the workers in collection order;
+# starting with the longest keeps one worker from finishing a long file alone while the other
+# idles (a 100 s file left to the end cost the suite about that).
 LONGEST_FIRST = (
     "test_train.py",
-    "test_autoencoder.py",
     "test_evaluate.py",
     "test_distill.py",
+    "test_multihost.py",
+    "test_autoencoder.py",
     "test_consistency.py",
     "test_processes.py",
-    "test_multihost.py",
-    "test_samplers.py",
+    "test_phema.py",
+    "test_package.py",
     "test_pretrained.py",
     "test_sweep.py",
+    "test_samplers.py",
+    "test_vlb.py",
     "test_unet.py",
-    "test_diffusion.py",
-    "test_editing.py",
     "test_entrypoints.py",
+    "test_signals.py",
+    "test_diffusion.py",
+    "test_text.py",
+    "test_autoguide.py",
+    "test_editing.py",
+    "test_dit.py",
 )
 
 

@@ -22,7 +22,7 @@ def _eval_config(**eval_fields):
     e.metrics = ("bpd", "fd", "accuracy", "pr")
     e.num_samples, e.batch_size = 20, 10
     e.bpd_examples, e.bpd_importance_examples, e.bpd_importance_draws = 10, 10, 8
-    e.bpd_ode_examples, e.bpd_ode_tolerance = 10, 1e-3
+    e.bpd_ode_examples, e.bpd_ode_tolerance = 4, 1e-2
     e.classifier_steps = 60
     e.guidance_scales = (0.0, 2.0)
     e.update(eval_fields)
