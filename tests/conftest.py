@@ -34,9 +34,10 @@ os.environ["XLA_FLAGS"] = flags
 
 
 # Test files by the time they took (--durations summed per file, longest first; every file
-# over 15 s). pytest-xdist's `--dist loadfile` hands files to the workers in collection order;
-# starting with the longest keeps one worker from finishing a long file alone while the other
-# idles (a 100 s file left to the end cost the suite about that).
+# over 15 s). pytest-xdist's `--dist loadfile --no-loadscope-reorder` (README's test command)
+# hands files to the workers in collection order; starting with the longest keeps one worker
+# from finishing a long file alone while the other idles. Without the flag xdist orders files
+# by their number of tests, and two-test files such as test_multihost.py run last.
 LONGEST_FIRST = (
     "test_train.py",
     "test_evaluate.py",
