@@ -207,11 +207,16 @@ def run_trial(
             f"but {path} has no metrics records",
         }
     result = lines[-1]
+    _write_result(workdir, result)
+    return {"status": "done", **result}
+
+
+def _write_result(workdir: str, result: dict[str, Any]) -> None:
+    """workdir/result.json, written whole or not at all (a temporary file renamed)."""
     tmp = os.path.join(workdir, RESULT_FILE + ".tmp")
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
-    os.replace(tmp, os.path.join(workdir, RESULT_FILE))  # never a half-written result
-    return {"status": "done", **result}
+    os.replace(tmp, os.path.join(workdir, RESULT_FILE))
 
 
 def run_sweep(
@@ -416,10 +421,7 @@ def _evaluate_trial(
     for name in os.listdir(source):
         if name.startswith(f"{step}.") or name.startswith(f"{step}_"):
             os.replace(os.path.join(source, name), os.path.join(out, name))
-    tmp = os.path.join(trial_dir, RESULT_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(figures, f, indent=1)
-    os.replace(tmp, os.path.join(trial_dir, RESULT_FILE))
+    _write_result(trial_dir, figures)
     return {"status": "done", **figures}
 
 
