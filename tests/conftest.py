@@ -16,7 +16,13 @@ import os
 import shutil
 import tempfile
 
-import jax
+# The tests run on the host's CPU. Where libtpu is installed (requirements-dev.txt, for
+# tests/test_aot.py, which compiles for TPU topologies without a TPU backend), JAX would
+# otherwise look for a TPU in every process first: 0.2-0.6 s each, and the suite starts
+# dozens of subprocesses, which inherit the variable.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
 
 # Processes that inherit the variable share the cache; the one that made it removes it.
 if "DDPM_TEST_JAX_CACHE" not in os.environ:

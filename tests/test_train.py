@@ -86,13 +86,14 @@ def test_exact_resume_after_sigkill_and_ctrl_c(tmp_path):
         "phema.snapshot_every": 5,
     }
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    uninterrupted = _run_tiny(reference, overrides)
-
     killed = _run_tiny(resumed, overrides, slow=True)
     _wait_for_checkpoint(resumed, killed, 10)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert max(_steps(resumed)) < 40
+    # Started once the killed run compiled: the other runs read its programs from the suite's
+    # compilation cache instead of compiling them at the same time.
+    uninterrupted = _run_tiny(reference, overrides)
 
     # Signal only once this run wrote a checkpoint of its own (its handler is in place then;
     # the killed run may have written more than step 10 before the kill landed).
