@@ -36,7 +36,7 @@ def tiny_autoencoder_config(**training):
 
 
 def tiny_ldm_config(autoencoder_workdir: str, **training):
-    """tests/tiny.py's class-conditional U-Net (levels 4, 2) on the tiny autoencoder's latents."""
+    """tests/tiny.py's class-conditional U-Net (one level) on the tiny autoencoder's latents."""
     config = tiny_config(**training)
     config.objective = "latent"
     config.latent.autoencoder_workdir = str(autoencoder_workdir)

@@ -251,13 +251,13 @@ def _fd_low_rank(stats1, stats2) -> float:
 def test_fid_eval_matches_inception_features_and_rekeys_the_reference_cache(
     trained_workdir, tmp_path, monkeypatch, real_sqrtm
 ):
-    """--mode=eval with metrics=("fid",) and random Inception weights on 8 samples against 8
+    """--mode=eval with metrics=("fid",) and random Inception weights on 4 samples against 4
     reference images (an npz: source of 16x16x1 uint8): the row's fid is the Fréchet distance
     of Inception features computed here on the very samples (captured from generate_samples)
     and on the reference images; the cached reference statistics are those features' and are
     keyed by the weights' digest, so other weights recompute them.
 
-    Speed: Inception runs on 8-row batches (apply_in_batches would pad 8 rows to 250),
+    Speed: Inception runs on 4-row batches (apply_in_batches would pad 4 rows to 250),
     and by default the Fréchet distance of the 2048-d statistics is computed by a low-rank
     exact route instead of scipy's sqrtm (a minute per call on a busy 2-core CPU; sqrtm's
     own tests are in test_metrics.py); the slow variant keeps sqrtm.
@@ -268,15 +268,15 @@ def test_fid_eval_matches_inception_features_and_rekeys_the_reference_cache(
     from ddpm.data.transforms import to_float
 
     rng = np.random.default_rng(0)
-    reference = rng.integers(0, 256, (8, 16, 16, 1), dtype=np.uint8)
+    reference = rng.integers(0, 256, (4, 16, 16, 1), dtype=np.uint8)
     data_path = str(tmp_path / "reference.npz")
-    np.savez(data_path, images=reference, labels=(np.arange(8) % 10).astype(np.int32))
+    np.savez(data_path, images=reference, labels=np.arange(4, dtype=np.int32))
     weights = [
         _write_random_inception_weights(str(tmp_path / f"inception{s}.npz"), s) for s in (0, 1)
     ]
 
     real_apply = classifier.apply_in_batches
-    monkeypatch.setattr(classifier, "apply_in_batches", functools.partial(real_apply, batch_size=8))
+    monkeypatch.setattr(classifier, "apply_in_batches", functools.partial(real_apply, batch_size=4))
     samples = []
     real_generate = evaluate.generate_samples
 
@@ -294,16 +294,16 @@ def test_fid_eval_matches_inception_features_and_rekeys_the_reference_cache(
 
     monkeypatch.setattr(metrics, "frechet_distance_of", fd)
 
-    def features(fn, images):  # the same 8-row shape as the eval's: one compile
-        return np.concatenate([np.asarray(fn(images[i : i + 8])) for i in range(0, len(images), 8)])
+    def features(fn, images):  # the same 4-row shape as the eval's: one compile
+        return np.concatenate([np.asarray(fn(images[i : i + 4])) for i in range(0, len(images), 4)])
 
     stats_path = os.path.join(trained_workdir, "eval", "stats", "inception_train.npz")
     cached_means, fids = [], []
     for round_, path in enumerate(weights):
         config = _eval_config(
             metrics=("fid",),
-            num_samples=8,
-            batch_size=8,
+            num_samples=4,
+            batch_size=4,
             guidance_scales=(1.0,),
             inception_weights=path,
         )
@@ -312,7 +312,7 @@ def test_fid_eval_matches_inception_features_and_rekeys_the_reference_cache(
         (row,) = results["guidance"]
         assert len(samples) == round_ + 1 and len(fd_calls) == round_ + 1
         generated = samples[-1]
-        assert generated.shape == (8, 16, 16, 1)
+        assert generated.shape == (4, 16, 16, 1)
         np.testing.assert_array_equal(to_float(np.round((generated + 1) * 127.5)), generated)
 
         params = inception.load_fid_inception_params(path)
