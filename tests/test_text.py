@@ -213,7 +213,7 @@ def test_tiny_text_unet_trains_resumes_and_samples_a_prompt(tmp_path, capsys):
     """Captions measured from each digit condition the U-Net through the standard train step;
     resume; then sample mode draws `config.sample.prompt` with guidance."""
     config = tiny_run_config(num_steps=6, log_every=3, checkpoint_every=6, learning_rate=3e-3)
-    config.model.num_classes, config.model.attention_resolutions = None, (8,)
+    config.model.num_classes, config.model.attention_resolutions = None, (16,)
     config.text.update(dict(source="captions", max_length=8, width=16, depth=1, num_heads=2))
     config.sample.num_samples = 4  # the training grid's sampler serves sample mode too
     train.train_and_evaluate(config, str(tmp_path))
