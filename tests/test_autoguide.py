@@ -33,17 +33,25 @@ def _draw(denoise, n, guide=None, scale=None, labels=None, seed=0, **kw):
     return np.asarray(fn(jax.random.key(seed), scale), np.float64)
 
 
-def _closed_form(n: int, w: float, seed: int = 0) -> np.ndarray:
-    """The guided probability-flow ODE from the sampler's x_T, exactly. In VE coordinates
-    y = x / alpha at level r, a Gaussian N(mu, s^2)'s denoiser is mu + k_s(r) (y - mu) with
+# (a, b) of the DDPM schedule's last step, where its samplers start: x_t = a x_0 + b eps.
+DDPM_START = (float(SCHEDULE.sqrt_alpha_bars[-1]), float(SCHEDULE.sqrt_one_minus_alpha_bars[-1]))
+
+
+def _closed_form(n: int, w: float, start=DDPM_START, seed: int = 0) -> np.ndarray:
+    """The guided probability-flow ODE from the sampler's x_T = z sqrt(a0^2 + b0^2) at the
+    first level, (a0, b0) = `start`, exactly, for any process. In VE coordinates y = x / a at
+    level r = b / a, a Gaussian N(mu, s^2)'s denoiser is mu + k_s(r) (y - mu) with
     k_s = s^2 / (s^2 + r^2), and dy/dr = (y - D(y)) / r. With D = D_g + w (D_m - D_g),
     1 - k = (1 - k_g) + w ((1 - k_m) - (1 - k_g)), so from r_T to 0
-        y_0 - mu = (y_T - mu) R_g^((1 - w) / 2) R_m^(w / 2),   R_s = s^2 / (s^2 + r_T^2)."""
-    x_T = np.asarray(jax.random.normal(jax.random.split(jax.random.key(seed))[0], (n, 2)))
-    alpha = float(SCHEDULE.sqrt_alpha_bars[-1])
-    r_T = float(SCHEDULE.sqrt_one_minus_alpha_bars[-1]) / alpha
-    ratio_m, ratio_g = (s**2 / (s**2 + r_T**2) for s in (STD, GUIDE_STD))
-    return MEAN + (x_T / alpha - MEAN) * ratio_g ** ((1 - w) / 2) * ratio_m ** (w / 2)
+        y_0 - mu = (y_T - mu) R_g^((1 - w) / 2) R_m^(w / 2),   R_s = s^2 / (s^2 + r_T^2).
+    Multiplied through by a0 (R_s = s^2 a0^2 / (s^2 a0^2 + b0^2)), a0 cancels, which keeps it
+    finite at a flow's t = 1 (a0 = 0)."""
+    a0, b0 = start
+    z = jax.random.normal(jax.random.split(jax.random.key(seed))[0], (n, 2))
+    x_T = np.asarray(z, np.float64) * np.hypot(a0, b0)
+    scale = GUIDE_STD ** (1 - w) * STD**w
+    spread = (GUIDE_STD**2 * a0**2 + b0**2) ** ((1 - w) / 2) * (STD**2 * a0**2 + b0**2) ** (w / 2)
+    return MEAN + (x_T - a0 * MEAN) * scale / spread
 
 
 def test_autoguided_ode_matches_its_closed_form_on_gaussians():
@@ -116,8 +124,7 @@ def test_make_sampler_takes_the_guide_parameters_and_traces_once():
 def test_autoguidance_follows_the_same_closed_form_on_edm_and_flow(process):
     """The closed form in VE coordinates does not depend on the process: Heun, 64 steps, on
     EDM's sigma grid and on the flow's t, from the sampler's x_T (x = z sqrt(a^2 + b^2) at the
-    first level), lands on it at w = 2.5 within 5e-3 RMS, 0.1 away from the w = 1 map. With
-    y_T - mu = (x - a0 mu) / a0 and R_s = s^2 a0^2 / (s^2 a0^2 + b0^2), a0 cancels."""
+    first level), lands on it at w = 2.5 within 5e-3 RMS, 0.1 away from the w = 1 map."""
     n, w, key = 512, 2.5, jax.random.key(0)
 
     def x0_of(var):  # the exact x_0 predictor of N(MEAN, var) on the sampler's scaled input
@@ -141,17 +148,9 @@ def test_autoguidance_follows_the_same_closed_form_on_edm_and_flow(process):
         prediction="x0",
     )
     tau0 = process.levels(64, process.default_spacing("heun"), 7.0)[0]
-    a0, b0 = (float(v[0]) for v in process.coefficients(jnp.asarray([tau0])))
-    z = np.asarray(jax.random.normal(jax.random.split(key)[0], (n, 2)), np.float64)
-    x = z * np.hypot(a0, b0)
+    start = tuple(float(v[0]) for v in process.coefficients(jnp.asarray([tau0])))
 
-    def closed_form(w):  # the VE form with a0 cancelled: finite at a flow's t = 1 (a0 = 0)
-        scale = GUIDE_STD ** (1 - w) * STD**w
-        spread = (GUIDE_STD**2 * a0**2 + b0**2) ** ((1 - w) / 2) * (STD**2 * a0**2 + b0**2) ** (
-            w / 2
-        )
-        return MEAN + (x - a0 * MEAN) * scale / spread
-
-    error = np.sqrt(np.mean((np.asarray(got, np.float64) - closed_form(w)) ** 2))
+    exact = _closed_form(n, w, start)
+    error = np.sqrt(np.mean((np.asarray(got, np.float64) - exact) ** 2))
     assert error < 5e-3, error
-    assert np.sqrt(np.mean((closed_form(w) - closed_form(1.0)) ** 2)) > 0.1
+    assert np.sqrt(np.mean((exact - _closed_form(n, 1.0, start)) ** 2)) > 0.1
