@@ -77,34 +77,62 @@ def cond_arguments(labels, tokens, context, context_mask, guidance) -> tuple:
     return labels, tokens, context, context_mask, guidance
 
 
-class TextEncoder(nn.Module):
-    """Token embedding + learned positions -> `depth` pre-LN transformer layers (self-attention
-    over the unmasked tokens, GELU MLP) -> LayerNorm.
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # CLIP ViT-L/14's (SD 1.x)
+}
 
-    tokens: [B, L] int32, mask: [B, L] bool. Returns [B, L, dim] in `dtype`.
+
+class TextEncoder(nn.Module):
+    """Token embedding + learned positions -> `depth` pre-LN transformer layers (self-attention,
+    an MLP) -> LayerNorm: the small text encoder trained with a denoiser (`ContextSpec`'s
+    fields, the other defaults) and, with CLIP's options (`causal`, `activation`, `mlp_dim`,
+    `norm_eps`), the CLIP text model of Stable Diffusion (`ddpm.pretrained.clip_text`).
+
+    tokens: [B, L] int32 (L <= length); mask: [B, L] bool, keys a position may attend to
+    (None: all). `skip_last` > 0 returns layer depth - skip_last's output through the final
+    norm (diffusers' clip_skip; the later layers are computed for nothing and compiled away).
+    Returns [B, L, width] in `dtype`.
     """
 
-    spec: ContextSpec
+    vocab_size: int
+    width: int
+    length: int
+    depth: int = 2
+    num_heads: int = 4
+    mlp_dim: int | None = None  # None: 4 * width
+    activation: str = "gelu_tanh"  # a key of ACTIVATIONS
+    causal: bool = False
+    norm_eps: float = 1e-6
+    skip_last: int = 0
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens: Array, mask: Array) -> Array:
-        d, common = self.spec.dim, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.Embed(self.spec.vocab_size, d, embedding_init=_normal, name="embed", **common)(
-            tokens
-        )
-        pos = self.param("pos_embed", _normal, (self.spec.length, d), self.param_dtype)
+    def __call__(self, tokens: Array, mask: Array | None = None) -> Array:
+        d, common = self.width, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = lambda name: nn.LayerNorm(epsilon=self.norm_eps, name=name, **common)
+        act = ACTIVATIONS[self.activation]
+        h = nn.Embed(self.vocab_size, d, embedding_init=_normal, name="embed", **common)(tokens)
+        pos = self.param("pos_embed", _normal, (self.length, d), self.param_dtype)
         h = h + pos[: tokens.shape[1]].astype(self.dtype)
+        if mask is None:
+            mask = jnp.ones(tokens.shape, bool)
         # Rows without tokens attend to themselves (any output; the null context replaces them).
         keys = mask | ~jnp.any(mask, axis=-1, keepdims=True)
-        for i in range(self.spec.depth):
-            y = nn.LayerNorm(name=f"layer{i}_norm1", **common)(h)
-            h = h + CrossAttention(self.spec.num_heads, name=f"layer{i}_attn", **common)(y, y, keys)
-            y = nn.LayerNorm(name=f"layer{i}_norm2", **common)(h)
-            y = nn.gelu(nn.Dense(4 * d, name=f"layer{i}_mlp_in", **common)(y))
+        hidden = [h]
+        for i in range(self.depth):
+            attn = CrossAttention(
+                self.num_heads, causal=self.causal, name=f"layer{i}_attn", **common
+            )
+            y = norm(f"layer{i}_norm1")(h)
+            h = h + attn(y, y, keys)
+            y = norm(f"layer{i}_norm2")(h)
+            y = act(nn.Dense(self.mlp_dim or 4 * d, name=f"layer{i}_mlp_in", **common)(y))
             h = h + nn.Dense(d, name=f"layer{i}_mlp_out", **common)(y)
-        return nn.LayerNorm(name="norm_out", **common)(h)
+            hidden.append(h)
+        return norm("norm_out")(hidden[self.depth - self.skip_last])
 
 
 class ContextEncoder(nn.Module):
@@ -129,9 +157,17 @@ class ContextEncoder(nn.Module):
         spec = self.spec
         if tokens is not None:
             mask = jnp.asarray(tokens) != 0
-            context = TextEncoder(spec, self.dtype, self.param_dtype, name="text_encoder")(
-                jnp.asarray(tokens, jnp.int32), mask
+            encoder = TextEncoder(
+                spec.vocab_size,
+                spec.dim,
+                spec.length,
+                spec.depth,
+                spec.num_heads,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="text_encoder",
             )
+            context = encoder(jnp.asarray(tokens, jnp.int32), mask)
         elif context is not None:
             context = jnp.asarray(context).astype(self.dtype)
             mask = (

@@ -256,6 +256,7 @@ class CrossAttention(nn.Module):
 
     num_heads: int = 1
     kernel_init: nn.initializers.Initializer = default_init
+    causal: bool = False  # position i of x also attends only to context positions <= i
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
 
@@ -273,7 +274,9 @@ class CrossAttention(nn.Module):
         q = dense(c, "q")(x).reshape(b, t, heads, c // heads)
         kv = dense(2 * c, "kv")(context.astype(self.dtype))
         k, v = jnp.split(kv.reshape(b, context.shape[1], 2, heads, c // heads), 2, axis=2)
-        y = jax.nn.dot_product_attention(q, k[:, :, 0], v[:, :, 0], mask=mask[:, None, None, :])
+        y = jax.nn.dot_product_attention(
+            q, k[:, :, 0], v[:, :, 0], mask=mask[:, None, None, :], is_causal=self.causal
+        )
         return dense(c, "proj")(y.reshape(b, t, c))
 
 

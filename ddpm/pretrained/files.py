@@ -54,7 +54,7 @@ def require_fixed(cfg: dict, fixed: dict[str, tuple], source: str) -> None:
             raise refuse(source, field, value, f"is not supported (accepted: {accepted})")
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
     try:
         with open(path) as f:
             value = json.load(f)
@@ -96,7 +96,7 @@ def _scheduler_config(path: str, folder: str) -> dict | None:
     ]
     for candidate in candidates:
         if os.path.isfile(candidate):
-            return _read_json(candidate)
+            return read_json(candidate)
     return None
 
 
@@ -106,22 +106,27 @@ def read_model_dir(path: str) -> ModelFiles:
     if not os.path.isdir(path):
         raise UserError(f"config.pretrained.path={path!r} is not a directory")
     folder = _model_folder(path)
-    config = _read_json(os.path.join(folder, "config.json"))
+    config = read_json(os.path.join(folder, "config.json"))
     class_name = config.get("_class_name")
     if not isinstance(class_name, str):
         raise UserError(f"{os.path.join(folder, 'config.json')} has no _class_name field")
     weights = os.path.join(folder, WEIGHTS)
     if not os.path.isfile(weights):
-        pickled = [f for f in os.listdir(folder) if f.endswith((".bin", ".ckpt", ".pt"))]
-        hint = (
-            f" (only PyTorch pickles: {', '.join(pickled)}; convert them once where torch is "
-            "installed: `DiffusionPipeline.from_pretrained(DIR).save_pretrained(DIR, "
-            "safe_serialization=True)`)"
-            if pickled
-            else ""
-        )
-        raise UserError(f"{weights} does not exist{hint}")
+        raise missing_weights(folder, weights)
     return ModelFiles(folder, class_name, config, _scheduler_config(path, folder))
+
+
+def missing_weights(folder: str, weights: str) -> UserError:
+    """The error for a model folder without its safetensors file `weights`."""
+    pickled = [f for f in os.listdir(folder) if f.endswith((".bin", ".ckpt", ".pt"))]
+    hint = (
+        f" (only PyTorch pickles: {', '.join(pickled)}; convert them once where torch is "
+        "installed: `DiffusionPipeline.from_pretrained(DIR).save_pretrained(DIR, "
+        "safe_serialization=True)`)"
+        if pickled
+        else ""
+    )
+    return UserError(f"{weights} does not exist{hint}")
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:

@@ -10,6 +10,7 @@ decides the leaves and their layout, once, here:
   patch_conv  weight [out, in, p, p] -> kernel [p * p * in, out] (a patch embedding);  bias
   embed  weight [n, d] -> embedding [n, d]
   label_embed  like embed, plus a zero row for our null label (classifier-free guidance)
+  param  weight -> the parameter `ours` itself (a module's raw parameter: a position table)
 
 A rule with several prefixes concatenates their converted leaves along the output axis (our
 fused q/k/v projection from diffusers' to_q, to_k, to_v). `convert` checks the result against
@@ -74,6 +75,7 @@ KINDS = {
     "norm": {"scale": ("weight", _same), "bias": ("bias", _same)},
     "embed": {"embedding": ("weight", _same)},
     "label_embed": {"embedding": ("weight", _with_null_row)},
+    "param": {"": ("weight", _same)},
 }
 
 
@@ -89,7 +91,7 @@ def convert(tensors: Tensors, rules: list[Rule], target: Any, source: str) -> di
     used: set[str] = set()
     for r in rules:
         for leaf, (their_leaf, layout) in KINDS[r.kind].items():
-            path = f"{r.ours}/{leaf}"
+            path = f"{r.ours}/{leaf}" if leaf else r.ours
             if (
                 path not in wanted
                 and leaf == "bias"
