@@ -24,8 +24,9 @@ project requirements; the tests then run without them. Writes:
              DDIM pipeline at guidance 7.5 from fixed latents (its final latents and images),
              and the U-Net output with a random LoRA applied
   DIR/*/pytorch_lora_weights.safetensors  that LoRA, as `save_lora_weights` writes it
-  DIR/full_size.json  parameter counts of SD 1.5's and SD 2.1's U-Net and text encoder
-             configs (built on the meta device, without weights)
+  DIR/full_size.json  SD 1.5's and SD 2.1's U-Net configs (with diffusers' defaults filled
+             in) and text encoder configs, and their parameter counts (built on the meta
+             device, without weights)
 
 `python tools/make_sd_goldens.py --check-lora PIPELINE_DIR LORA_FILE GOLDEN_NPZ` loads a LoRA
 exported by this project into diffusers and compares the U-Net's outputs with ours.
@@ -373,7 +374,7 @@ def _full_size(out: str) -> None:
             unet = UNet2DConditionModel(**fields["unet"])
             text = CLIPTextModel(CLIPTextConfig(**fields["text"]))
         counts[release] = {
-            "unet_config": fields["unet"],
+            "unet_config": {k: v for k, v in unet.config.items() if not k.startswith("_")},
             "text_config": fields["text"],
             "unet_parameters": sum(p.numel() for p in unet.parameters()),
             "text_parameters": sum(p.numel() for p in text.parameters()),

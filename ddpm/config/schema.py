@@ -52,6 +52,10 @@ def unet() -> ml_collections.ConfigDict:
     model.norm_eps = 1e-6  # GroupNorm epsilon (diffusers' default: 1e-5)
     # Strided 3x3 downsampling conv: 0 = pad after the input ("SAME"; DDPM), 1 = both sides
     model.downsample_padding = 0
+    # block: self-attention (+ cross-attention with text) blocks; transformer: Stable
+    # Diffusion's spatial transformers (GEGLU; needs config.text) of transformer_depth blocks
+    model.attention_type = "block"
+    model.transformer_depth = 1
     _denoiser_fields(model)  # time_embed_freqs None = ch // 2
     _common_model_fields(model)
     return model

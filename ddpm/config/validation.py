@@ -503,6 +503,13 @@ def _validate_unet(config: ml_collections.ConfigDict, shape: tuple[int, ...]) ->
     _validate_conv_levels(config, shape)
     number(config, "model.norm_eps", 0, low_inclusive=False)
     choice(config, "model.downsample_padding", (0, 1))
+    choice(config, "model.attention_type", ("block", "transformer"))
+    _positive_ints(config, "model", ("transformer_depth",))
+    if m.attention_type == "transformer" and config.text.source is None:
+        raise UserError(
+            "config.model.attention_type='transformer' cross-attends to text: set config.text "
+            "(e.g. a Stable Diffusion pipeline's, --config=configs/pretrained.py:SD_DIR)"
+        )
     if m.time_embed_freqs is None and m.ch // 2 < 1:
         raise UserError(
             f"config.model.ch={m.ch} gives no time-embedding frequencies (ch // 2 = 0); "

@@ -250,29 +250,33 @@ class CrossAttention(nn.Module):
     context positions excluded from the softmax (their values have no effect), via
     `jax.nn.dot_product_attention`.
 
-    x: [B, T, C], context: [B, L, D], mask: [B, L] bool (at least one True per row).
-    Returns [B, T, C] in `dtype`.
+    x: [B, T, C], context: [B, L, D], mask: [B, L] bool (at least one True per row; None:
+    all). Returns [B, T, C] in `dtype`.
     """
 
     num_heads: int = 1
     kernel_init: nn.initializers.Initializer = default_init
     causal: bool = False  # position i of x also attends only to context positions <= i
+    qkv_bias: bool = True  # False: bias-free q, k, v projections (Stable Diffusion's)
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, context: Array, mask: Array) -> Array:
+    def __call__(self, x: Array, context: Array, mask: Array | None = None) -> Array:
         b, t, c = x.shape
         heads = self.num_heads
-        dense = lambda feats, name: nn.Dense(
+        dense = lambda feats, name, bias=True: nn.Dense(
             feats,
+            use_bias=bias,
             kernel_init=self.kernel_init,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name=name,
         )
-        q = dense(c, "q")(x).reshape(b, t, heads, c // heads)
-        kv = dense(2 * c, "kv")(context.astype(self.dtype))
+        if mask is None:
+            mask = jnp.ones(context.shape[:2], bool)
+        q = dense(c, "q", self.qkv_bias)(x).reshape(b, t, heads, c // heads)
+        kv = dense(2 * c, "kv", self.qkv_bias)(context.astype(self.dtype))
         k, v = jnp.split(kv.reshape(b, context.shape[1], 2, heads, c // heads), 2, axis=2)
         y = jax.nn.dot_product_attention(
             q, k[:, :, 0], v[:, :, 0], mask=mask[:, None, None, :], is_causal=self.causal
@@ -304,3 +308,44 @@ class CrossAttentionBlock(nn.Module):
             y.reshape(b, -1, c), context, mask
         )
         return x + y.reshape(x.shape)
+
+
+class SpatialTransformer(nn.Module):
+    """Stable Diffusion's attention block (diffusers' `Transformer2DModel`): GroupNorm (eps
+    1e-6), a dense projection in (SD 1.x's 1x1 convolution is the same map), `depth`
+    transformer blocks over the H*W positions, a projection out, plus the input:
+
+        h = h + attn1(LN(h), LN(h))           self-attention, bias-free q/k/v
+        h = h + attn2(LN(h), context, mask)   cross-attention onto the text
+        h = h + ff_out(a * gelu(g)),  (a, g) = split(ff_in(LN(h)))   GEGLU, 4x wide
+
+    Heads: `num_heads`, or C // `head_dim` when `head_dim` is set. x: [B, H, W, C] (or
+    [B, L, C]), context: [B, L', D], mask: [B, L'] bool. Returns x's shape in `dtype`.
+    """
+
+    num_heads: int = 8
+    head_dim: int | None = None
+    num_groups: int = 32
+    depth: int = 1
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array, mask: Array) -> Array:
+        b, c = x.shape[0], x.shape[-1]
+        heads = c // self.head_dim if self.head_dim else self.num_heads
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = lambda feats, name: nn.Dense(feats, kernel_init=default_init, name=name, **common)
+        attention = lambda name: CrossAttention(heads, qkv_bias=False, name=name, **common)
+        layer_norm = lambda name: nn.LayerNorm(epsilon=1e-5, name=name, **common)
+
+        h = group_norm(self.num_groups, self.dtype, self.param_dtype, 1e-6, name="norm")(x)
+        h = dense(c, "proj_in")(h.reshape(b, -1, c))
+        for j in range(self.depth):
+            y = layer_norm(f"block{j}_norm1")(h)
+            h = h + attention(f"block{j}_attn1")(y, y)
+            h = h + attention(f"block{j}_attn2")(layer_norm(f"block{j}_norm2")(h), context, mask)
+            y = dense(8 * c, f"block{j}_ff_in")(layer_norm(f"block{j}_norm3")(h))
+            a, g = jnp.split(y, 2, axis=-1)
+            h = h + dense(c, f"block{j}_ff_out")(a * nn.gelu(g, approximate=False))
+        return x + dense(c, "proj_out")(h).reshape(x.shape)

@@ -23,6 +23,7 @@ from ddpm.models.layers import (
     Downsample,
     GuidanceEmbed,
     ResBlock,
+    SpatialTransformer,
     Upsample,
     _conv,
     default_init,
@@ -64,6 +65,10 @@ class UNet(nn.Module):
     remat: bool = False
     context_spec: ContextSpec | None = None  # cross-attention on a token sequence (text)
     guidance_embed: bool = False  # takes the guidance scale as an input (guided distillation)
+    # "block": self-attention (+ cross-attention onto the context) blocks; "transformer":
+    # Stable Diffusion's `SpatialTransformer`s of `transformer_depth` blocks (needs a context)
+    attention_type: str = "block"
+    transformer_depth: int = 1
 
     @nn.compact
     def __call__(
@@ -125,8 +130,20 @@ class UNet(nn.Module):
                 x.shape[0], tokens, context, context_mask
             )
 
+        if self.attention_type == "transformer" and ctx is None:
+            raise ValueError("attention_type='transformer' needs a context_spec (text)")
+
         def attention(h: Array, name: str) -> Array:
             """Self-attention, then cross-attention onto the context (if any)."""
+            if self.attention_type == "transformer":
+                return SpatialTransformer(
+                    self.num_heads,
+                    self.head_dim,
+                    self.num_groups,
+                    self.transformer_depth,
+                    name=name,
+                    **common,
+                )(h, *ctx)
             h = AttentionBlock(*heads, name=name, **common)(h)
             if ctx is not None:
                 h = CrossAttentionBlock(*heads, name=f"{name}_cross", **common)(h, *ctx)
@@ -240,4 +257,6 @@ def unet_from_config(config: ml_collections.ConfigDict, input_shape: tuple[int, 
         remat=m.remat,
         context_spec=context_spec(config),
         guidance_embed=m.guidance_embed,
+        attention_type=m.attention_type,
+        transformer_depth=m.transformer_depth,
     )

@@ -1,6 +1,8 @@
 """Module tables of the blocks diffusers' networks share (`ResnetBlock2D`, `Attention` with a
 group norm) against ours (`ddpm.models.layers.ResBlock`, `AttentionBlock`)."""
 
+from collections.abc import Callable
+
 from ddpm.pretrained.layout import Rule, rule
 
 
@@ -30,9 +32,36 @@ def attention(ours: str, theirs: str) -> list[Rule]:
     ]
 
 
-def middle(ours: str, theirs: str, tensors: dict, with_attention: bool) -> list[Rule]:
-    """A UNetMidBlock2D: ResBlock, attention (optional), ResBlock."""
+def middle(
+    ours: str, theirs: str, tensors: dict, attention: Callable[[str, str], list[Rule]] | None
+) -> list[Rule]:
+    """A UNetMidBlock2D(CrossAttn): ResBlock, `attention`'s table (None: none), ResBlock."""
     table = resblock(f"{ours}mid_res0", f"{theirs}mid_block.resnets.0", tensors)
-    if with_attention:
+    if attention:
         table += attention(f"{ours}mid_attn", f"{theirs}mid_block.attentions.0")
     return table + resblock(f"{ours}mid_res1", f"{theirs}mid_block.resnets.1", tensors)
+
+
+def transformer(ours: str, theirs: str, depth: int = 1) -> list[Rule]:
+    """Our `SpatialTransformer` from a Transformer2DModel (1x1-conv or linear projections:
+    both are dense maps; bias-free q/k/v)."""
+    table = [
+        rule(f"{ours}/norm", f"{theirs}.norm", "norm"),
+        rule(f"{ours}/proj_in", f"{theirs}.proj_in", "dense"),
+        rule(f"{ours}/proj_out", f"{theirs}.proj_out", "dense"),
+    ]
+    for j in range(depth):
+        block = f"{theirs}.transformer_blocks.{j}"
+        for n in (1, 2):
+            attn = f"{block}.attn{n}"
+            table += [
+                rule(f"{ours}/block{j}_attn{n}/q", f"{attn}.to_q", "dense"),
+                rule(f"{ours}/block{j}_attn{n}/kv", (f"{attn}.to_k", f"{attn}.to_v"), "dense"),
+                rule(f"{ours}/block{j}_attn{n}/proj", f"{attn}.to_out.0", "dense"),
+            ]
+        table += [rule(f"{ours}/block{j}_norm{n}", f"{block}.norm{n}", "norm") for n in (1, 2, 3)]
+        table += [
+            rule(f"{ours}/block{j}_ff_in", f"{block}.ff.net.0.proj", "dense"),
+            rule(f"{ours}/block{j}_ff_out", f"{block}.ff.net.2", "dense"),
+        ]
+    return table

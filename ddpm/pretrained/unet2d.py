@@ -7,6 +7,8 @@ The two networks are the same graph: per level `layers_per_block` ResBlocks (+ a
 U-Net cannot express is refused, naming the config.json field.
 """
 
+from collections.abc import Callable
+
 import ml_collections
 
 from ddpm.config import schema
@@ -33,17 +35,24 @@ _FIXED = {
 }
 
 
-def model_section(cfg: dict, source: str) -> tuple[ml_collections.ConfigDict, dict]:
-    """(our `config.model`, data fields {image_size, channels}) of a UNet2DModel config.json
-    (`cfg`; `source` names it in errors)."""
-    require_fixed(cfg, _FIXED, source)
+def level_section(
+    cfg: dict, source: str, fixed: dict, down_kinds: dict, up_kinds: dict
+) -> tuple[ml_collections.ConfigDict, dict]:
+    """(our `config.model` without its attention heads, data fields {image_size, channels})
+    of a diffusers U-Net config.json (`cfg`): its `fixed` fields checked, its levels from
+    `down_kinds` / `up_kinds` (block type -> has attention), channels, groups, time
+    embedding, size. Shared by UNet2DModel and UNet2DConditionModel."""
+    require_fixed(cfg, fixed, source)
     down, up = list(cfg.get("down_block_types", ())), list(cfg.get("up_block_types", ()))
-    for field, types, known in (("down_block_types", down, _DOWN), ("up_block_types", up, _UP)):
+    for field, types, known in (
+        ("down_block_types", down, down_kinds),
+        ("up_block_types", up, up_kinds),
+    ):
         unknown = [b for b in types if b not in known]
         if unknown or not types:
             raise refuse(source, field, types, f"has blocks other than {', '.join(known)}")
-    attn_down = [_DOWN[b] for b in down]
-    if [_UP[b] for b in reversed(up)] != attn_down:
+    attn_down = [down_kinds[b] for b in down]
+    if [up_kinds[b] for b in reversed(up)] != attn_down:
         raise refuse(
             source, "up_block_types", up, f"must mirror down_block_types={down} (attention)"
         )
@@ -56,9 +65,36 @@ def model_section(cfg: dict, source: str) -> tuple[ml_collections.ConfigDict, di
             "must be multiples of the first, one per block (our U-Net: ch * ch_mult)",
         )
     ch = channels[0]
+    if ch % 2:
+        raise refuse(source, "block_out_channels", channels, "must start with an even width")
     if cfg.get("time_embedding_dim") not in (None, 4 * ch):
         raise refuse(source, "time_embedding_dim", cfg["time_embedding_dim"], f"must be {4 * ch}")
-    groups = cfg.get("norm_num_groups", 32)
+    size = cfg.get("sample_size")
+    if isinstance(size, list | tuple):
+        if len(size) != 2 or size[0] != size[1]:
+            raise refuse(source, "sample_size", size, "must be square")
+        size = size[0]
+    if not isinstance(size, int):
+        raise refuse(source, "sample_size", size, "must be the image size (an int)")
+    m = schema.unet()
+    m.ch = ch
+    m.ch_mult = tuple(c // ch for c in channels)
+    m.num_res_blocks = cfg.get("layers_per_block", 2)
+    m.attention_resolutions = tuple(size // 2**i for i in range(len(channels)) if attn_down[i])
+    m.num_groups = cfg.get("norm_num_groups", 32)
+    m.norm_eps = float(cfg.get("norm_eps", 1e-5))
+    m.downsample_padding = cfg.get("downsample_padding", 1)
+    m.dropout = float(cfg.get("dropout", 0.0))
+    m.time_embed_order = "cos_sin" if cfg.get("flip_sin_to_cos", True) else "sin_cos"
+    m.time_embed_freq_shift = float(cfg.get("freq_shift", 0))
+    return m, {"image_size": size, "channels": cfg.get("in_channels", 3)}
+
+
+def model_section(cfg: dict, source: str) -> tuple[ml_collections.ConfigDict, dict]:
+    """(our `config.model`, data fields {image_size, channels}) of a UNet2DModel config.json
+    (`cfg`; `source` names it in errors)."""
+    m, data = level_section(cfg, source, _FIXED, _DOWN, _UP)
+    groups = m.num_groups
     if cfg.get("attn_norm_num_groups") not in (None, groups):
         raise refuse(
             source, "attn_norm_num_groups", cfg["attn_norm_num_groups"], f"must be {groups}"
@@ -76,45 +112,29 @@ def model_section(cfg: dict, source: str) -> tuple[ml_collections.ConfigDict, di
             f"with resnet_time_scale_shift={shift!r} leaves diffusers' middle attention without "
             "a GroupNorm, which ours has",
         )
-    size = cfg.get("sample_size")
-    if isinstance(size, list | tuple):
-        if len(size) != 2 or size[0] != size[1]:
-            raise refuse(source, "sample_size", size, "must be square")
-        size = size[0]
-    if not isinstance(size, int):
-        raise refuse(source, "sample_size", size, "must be the image size (an int)")
-    in_ch, out_ch = cfg.get("in_channels", 3), cfg.get("out_channels", 3)
+    in_ch, out_ch = data["channels"], cfg.get("out_channels", 3)
     if out_ch not in (in_ch, 2 * in_ch):
         raise refuse(
             source, "out_channels", out_ch, f"must be in_channels={in_ch} (or twice: learned sigma)"
         )
-    levels = len(channels)
     head_dim = cfg.get("attention_head_dim", 8)
-
-    m = schema.unet()
-    m.ch = ch
-    m.ch_mult = tuple(c // ch for c in channels)
-    m.num_res_blocks = cfg.get("layers_per_block", 2)
-    m.attention_resolutions = tuple(size // 2**i for i in range(levels) if attn_down[i])
     m.mid_attention = cfg.get("add_attention", True)
     m.num_heads, m.head_dim = (1, None) if head_dim is None else (4, head_dim)
     m.scale_shift_norm = shift == "scale_shift"
-    m.num_groups = groups
-    m.norm_eps = float(cfg.get("norm_eps", 1e-5))
-    m.downsample_padding = cfg.get("downsample_padding", 1)
-    m.dropout = float(cfg.get("dropout", 0.0))
     m.num_classes = cfg.get("num_class_embeds")
     m.learn_sigma = out_ch == 2 * in_ch
-    m.time_embed_order = "cos_sin" if cfg.get("flip_sin_to_cos", True) else "sin_cos"
-    m.time_embed_freq_shift = float(cfg.get("freq_shift", 0))
-    if ch % 2:
-        raise refuse(source, "block_out_channels", channels, "must start with an even width")
-    return m, {"image_size": size, "channels": in_ch}
+    return m, data
 
 
-def rules(m: ml_collections.ConfigDict, size: int, tensors: dict) -> list[Rule]:
+def rules(
+    m: ml_collections.ConfigDict,
+    size: int,
+    tensors: dict,
+    attention: Callable[[str, str], list[Rule]] = blocks.attention,
+) -> list[Rule]:
     """The module table of our U-Net `m` (image size `size`) against a UNet2DModel state
-    dict (`tensors` says which ResBlocks have a 1x1 shortcut)."""
+    dict (`tensors` says which ResBlocks have a 1x1 shortcut); `attention(ours, theirs)`:
+    an attention block's table (UNet2DConditionModel's transformers)."""
 
     def res(ours: str, theirs: str) -> list[Rule]:
         return blocks.resblock(ours, theirs, tensors)
@@ -132,20 +152,18 @@ def rules(m: ml_collections.ConfigDict, size: int, tensors: dict) -> list[Rule]:
         for i in range(m.num_res_blocks):
             table += res(f"down{level}_res{i}", f"down_blocks.{level}.resnets.{i}")
             if attn:
-                table += blocks.attention(
-                    f"down{level}_attn{i}", f"down_blocks.{level}.attentions.{i}"
-                )
+                table += attention(f"down{level}_attn{i}", f"down_blocks.{level}.attentions.{i}")
         if level != levels - 1:
             conv = f"down_blocks.{level}.downsamplers.0.conv"
             table.append(rule(f"down{level}_resample/Conv_0", conv, "conv"))
-    table += blocks.middle("", "", tensors, m.mid_attention)
+    table += blocks.middle("", "", tensors, m.mid_attention and attention)
     for level in reversed(range(levels)):
         block = f"up_blocks.{levels - 1 - level}"
         attn = size // 2**level in m.attention_resolutions
         for i in range(m.num_res_blocks + 1):
             table += res(f"up{level}_res{i}", f"{block}.resnets.{i}")
             if attn:
-                table += blocks.attention(f"up{level}_attn{i}", f"{block}.attentions.{i}")
+                table += attention(f"up{level}_attn{i}", f"{block}.attentions.{i}")
         if level != 0:
             table.append(rule(f"up{level}_resample/Conv_0", f"{block}.upsamplers.0.conv", "conv"))
     table += [rule("norm_out", "conv_norm_out", "norm"), rule("conv_out", "conv_out", "conv")]
