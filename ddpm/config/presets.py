@@ -172,6 +172,48 @@ def mnist_ddpm() -> ml_collections.ConfigDict:
     return config
 
 
+def mnist_progressive_distillation(
+    teacher: ml_collections.ConfigDict,
+    teacher_workdir: str,
+    guidance: tuple[float, float],
+) -> ml_collections.ConfigDict:
+    """`teacher`'s MNIST recipe (`mnist()` or `mnist_ddpm()`) as a guided, then progressive,
+    distillation student of the run in `teacher_workdir`: guided stage 1 at scales drawn from
+    `guidance` (around the teacher's own), then rounds halving DDIM-16 down to 1 step, 140
+    train steps each (700 steps of about 5 network passes: no longer than the teacher's 1,200
+    of 3). Sampled and evaluated at the teacher's guidance scale."""
+    config = teacher
+    config.objective = "distill"
+    config.model.guidance_embed = True
+    config.phema.track = ()
+    d = config.distill
+    d.teacher_workdir = teacher_workdir
+    d.teacher_steps = 16
+    d.final_steps = 1
+    d.guided = True
+    d.guided_steps = 140
+    d.steps_per_round = 140
+    d.guidance_min, d.guidance_max = guidance
+
+    t = config.training
+    t.num_steps = d.guided_steps + 4 * d.steps_per_round  # every round
+    t.learning_rate = 3e-4
+    t.warmup_steps = 0
+    t.lr_schedule = "constant"
+    t.ema_decay = 0.96  # a window of ~25 steps: the EMA restarts every round
+    t.ema_warmup = False
+    t.label_dropout = 0.0
+    t.log_every = 50
+    t.checkpoint_every = 50  # and at the end of each stage
+    t.sample_every = 10_000  # stages end in a grid anyway
+    config.sample.method = "ddim"
+    config.sample.spacing = "trailing"
+    config.sample.num_steps = d.final_steps
+    config.eval.metrics = ("fd", "accuracy")  # no bound: a student is no denoiser at every t
+    config.eval.guidance_scales = (config.sample.guidance_scale,)
+    return config
+
+
 def edm_cifar10() -> ml_collections.ConfigDict:
     """EDM's class-conditional CIFAR-10 run (Karras et al., 2022, table 7; FID 1.79): the
     DDPM++ network, 200M images in batches of 512 (390,625 steps), Adam at 1e-3 after a
