@@ -555,6 +555,7 @@ def sample(
     init: Array | None = None,
     batch_sharding: jax.sharding.Sharding | None = None,
     guide_fn: DenoiseFn | None = None,
+    noise: Array | None = None,
     **options: Any,
 ) -> Array:
     """Draws x_0 by running `options.method` from x_T ~ N(0, I); pure, one `lax.scan`,
@@ -586,6 +587,8 @@ def sample(
         conditioning, `guide_fn(x_t, t, labels)` like denoise_fn; with guidance on, the
         guided output is guide + s (model - guide) instead of classifier-free guidance's
         uncond + s (cond - uncond). Needs no null label; labels may be None (unconditional).
+      noise: x_T itself (`shape`, float32) instead of a draw from rng: another pipeline's
+        starting latents, to reproduce its samples.
       **options: the static configuration, `Options` (method, num_steps, spacing, ...).
 
     Returns:
@@ -610,7 +613,7 @@ def sample(
 
     rows = grid(process, opts.num_steps, opts.spacing_for(process), opts.rho)
     noise_key, step_key = jax.random.split(rng)
-    x = jax.random.normal(noise_key, shape, jnp.float32)
+    x = jax.random.normal(noise_key, shape, jnp.float32) if noise is None else noise
     if batch_sharding is not None:
         x = jax.lax.with_sharding_constraint(x, batch_sharding)
     if opts.strength < 1.0:  # SDEdit: start at a later row from the noised input

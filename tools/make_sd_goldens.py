@@ -21,7 +21,8 @@ project requirements; the tests then run without them. Writes:
   DIR/*/golden.npz  token ids of PROMPTS (truncated and padded to 77), the text encoder's
              last hidden state and its penultimate layer through the final layer norm
              (diffusers' clip_skip=1), U-Net outputs with text conditioning (NHWC), a 4-step
-             DDIM pipeline at guidance 7.5 from fixed latents (its final latents and images),
+             DDIM pipeline (trailing, down to alpha = 1) at guidance 7.5 from fixed latents
+             with a negative prompt per row (its final latents and images),
              and the U-Net output with a random LoRA applied
   DIR/*/pytorch_lora_weights.safetensors  that LoRA, as `save_lora_weights` writes it
   DIR/full_size.json  SD 1.5's and SD 2.1's U-Net configs (with diffusers' defaults filled
@@ -172,6 +173,15 @@ def _write_tokenizer(folder: str) -> None:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
+def _add_fields(path: str, **fields) -> None:
+    """`fields` added to a JSON file: SD 1.5's PNDM config also has clip_sample=false, which
+    PNDMScheduler does not take but DDIM and the other schedulers made from it read."""
+    with open(path) as f:
+        saved = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**saved, **fields}, f, indent=2, sort_keys=True)
+
+
 def _legacy_text_keys(path: str) -> None:
     """The text encoder's weights as the SD releases (saved by transformers 4) have them:
     every key under `text_model.`, plus the `position_ids` buffer."""
@@ -272,6 +282,7 @@ def _pipeline(out: str, name: str, variant: dict):
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     os.remove(os.path.join(folder, "tokenizer", "tokenizer.json"))  # the releases: vocab + merges
+    _add_fields(os.path.join(folder, "scheduler", "scheduler_config.json"), clip_sample=False)
     if variant["legacy_text_keys"]:
         _legacy_text_keys(os.path.join(folder, "text_encoder", "model.safetensors"))
 
@@ -286,7 +297,15 @@ def _pipeline(out: str, name: str, variant: dict):
     with torch.no_grad():
         unet_out = unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(last)).sample
     latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    # DDIM on the trailing grid down to alpha = 1 (999, 749, 499, 249 -> x_0), which our
+    # sampler computes (its leading grid has no steps_offset, see ddpm.pretrained.scheduler)
+    pipe.scheduler = DDIMScheduler.from_config(
+        pipe.scheduler.config,
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+        steps_offset=0,
+        clip_sample=False,
+    )
     prompts, negative = [PROMPTS[0], PROMPTS[1]], ["", "blurry"]
     run = dict(
         prompt=prompts,
