@@ -8,6 +8,7 @@ label dropout and guidance handle every kind alike with `jax.tree.map`.
 """
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +27,17 @@ def _npz(path: str) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 
 def encode(config: ml_collections.ConfigDict, texts: list[str]) -> dict[str, np.ndarray]:
-    """The conditioning dict of `texts` for `config.text.source`: tokens [N, L] int32, or the
-    rows of the precomputed embeddings (every text must be one of the .npz's captions)."""
+    """The conditioning dict of `texts` for `config.text.source`: tokens [N, L] int32, the
+    rows of the precomputed embeddings (every text must be one of the .npz's captions), or
+    the CLIP encoder's hidden states [N, 77, D] ("clip:<pipeline dir>")."""
     t = config.text
     if t.source == "captions":
         return {"tokens": text.tokenize(texts, t.max_length)}
+    if t.source.startswith("clip:"):  # a Stable Diffusion pipeline's frozen CLIP encoder
+        from ddpm.pretrained import clip_text
+
+        context = clip_text.encode_prompts(t.source.removeprefix("clip:"), texts)
+        return {"context": context, "context_mask": np.ones(context.shape[:2], bool)}
     path = t.source.removeprefix("npz:")
     captions, embeddings, mask = _npz(path)
     if embeddings.shape[1:] != (t.max_length, t.width):
@@ -46,6 +53,11 @@ def batch_cond(config: ml_collections.ConfigDict, batch: dict[str, jax.Array]) -
     """The condition of a training batch (traceable): labels, or the caption of each digit
     (`text.caption_ids`) encoded; None for unconditional models."""
     if config.text.source is not None:
+        if config.text.source.startswith("clip:"):
+            raise UserError(
+                f"config.text.source={config.text.source!r}: training on captioned data is not "
+                "implemented yet (sample, img2img, inpaint and eval work)"
+            )
         table = encode(config, text.caption_table())
         ids = text.caption_ids(batch["image"], batch["label"])
         return jax.tree.map(lambda rows: jnp.asarray(rows)[ids], table)
@@ -112,3 +124,22 @@ def take(cond: Cond, start: int, size: int) -> Cond:
         ),
         cond,
     )
+
+
+def with_negative_prompt(config: ml_collections.ConfigDict, params: Any) -> Any:
+    """`params` of a text model with the null context (the unconditional input of
+    classifier-free guidance) replaced by `config.sample.negative_prompt`'s encoding, as
+    Stable Diffusion's pipelines guide away from it; unchanged without one."""
+    negative = config.sample.negative_prompt
+    if negative is None:
+        return params
+    encoded = encode(config, [negative])
+    if "context" not in encoded:
+        raise UserError(
+            f"config.sample.negative_prompt={negative!r} needs a text encoder outside the "
+            f"network (config.text.source='clip:<dir>' or 'npz:<path>', not "
+            f"{config.text.source!r})"
+        )
+    old = params["context"]["null_context"]
+    new = jax.device_put(jnp.asarray(encoded["context"][0], old.dtype), old.sharding)
+    return {**params, "context": {**params["context"], "null_context": new}}

@@ -27,10 +27,13 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[Objective,
 
 
 def restore(objective: Objective, workdir: str, mesh: jax.sharding.Mesh) -> tuple[Any, int]:
-    """(EMA parameters, step) of the latest checkpoint of `workdir` for `objective`."""
-    return build.restore_ema(
+    """(EMA parameters, step) of the latest checkpoint of `workdir` for `objective`; a text
+    model's with config.sample.negative_prompt as its null context
+    (`conditioning.with_negative_prompt`)."""
+    params, step = build.restore_ema(
         objective.config, workdir, objective.model, objective.input_shape, mesh
     )
+    return conditioning.with_negative_prompt(objective.config, params), step
 
 
 def write_posthoc_ema(config: ml_collections.ConfigDict, workdir: str) -> str:

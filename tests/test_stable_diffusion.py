@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm import build, pretrained, samplers
+from ddpm import build, conditioning, generate, pretrained, samplers
 from ddpm.config import schema
 from ddpm.errors import UserError
 from ddpm.models.context import ContextSpec
@@ -105,7 +105,7 @@ def test_text_encoder_refuses_what_it_cannot_compute(tmp_path):
 
 
 def _unet(variant: str):
-    """(our U-Net of the pipeline's unet/, its converted parameters) with the empty prompt's
+    """(our U-Net of the pipeline's unet/, its converted parameters), with the empty prompt's
     encoding as the null context."""
     folder = os.path.join(ASSETS, variant, "unet")
     source = os.path.join(folder, "config.json")
@@ -117,14 +117,13 @@ def _unet(variant: str):
     net = unet_from_config(config, shape).clone(
         context_spec=ContextSpec(text["max_length"], text["width"])
     )
-    encoder, text_params = clip_text.load(os.path.join(ASSETS, variant, "text_encoder"))
-    empty = ClipTokenizer(os.path.join(ASSETS, variant, "tokenizer"))([""])
-    null = encoder.apply({"params": text_params}, jnp.asarray(empty))[0]
-    tensors = unet2d_condition.prepare(
-        files.read_safetensors(os.path.join(folder, files.WEIGHTS)), null
-    )
+    weights = os.path.join(folder, files.WEIGHTS)
+    tensors = unet2d_condition.prepare(files.read_safetensors(weights), weights)
     x = jnp.zeros((1, *shape))
-    context = {"context": jnp.zeros((1, *null.shape)), "context_mask": jnp.ones((1, 77), bool)}
+    context = {
+        "context": jnp.zeros((1, 77, text["width"])),
+        "context_mask": jnp.ones((1, 77), bool),
+    }
     target = jax.eval_shape(lambda: net.init(jax.random.key(0), x, jnp.zeros(1), context))
     table = unet2d_condition.rules(config.model, data["image_size"], tensors)
     return net, layout.convert(tensors, table, target["params"], folder)
@@ -238,3 +237,62 @@ def test_ddim_pipeline_equals_diffusers(variant):
     decoded = vae.net.apply({"params": vae.params}, final / scale, method="decode")
     images = np.clip(np.asarray(decoded) / 2 + 0.5, 0, 1)
     assert np.abs(images - golden["pipe_images"]).max() < 1e-4
+
+
+def test_pipeline_import_and_text_to_image(tmp_path):
+    """--mode=import of the pipeline directory writes the U-Net, whose null context is the
+    empty prompt's encoding; --mode=sample with a prompt decodes 64x64 RGB images through
+    the pipeline's VAE; a negative prompt "" is the same as none, another one changes them."""
+    folder = os.path.join(ASSETS, "sd15")
+    workdir = str(tmp_path / "run")
+    config = pretrained.config_for(folder)
+    assert (config.objective, config.text.source) == ("latent", f"clip:{folder}")
+    assert (config.data.image_size, config.data.channels, config.sample.guidance_scale) == (
+        64,
+        3,
+        7.5,
+    )
+    config.sample.update(method="ddim", num_steps=3, prompt=str(_golden("sd15")["prompts"][0]))
+    pretrained.import_weights(config, workdir)
+    objective, mesh = generate.prepare(config, workdir)
+    params, step = generate.restore(objective, workdir, mesh)
+    empty = clip_text.encode_prompts(folder, [""])[0]
+    np.testing.assert_allclose(params["context"]["null_context"], empty, rtol=1e-6)
+
+    png = generate.sample_from_workdir(config, workdir)
+    samples = np.load(png.replace(".png", ".npz"))["images"]
+    assert samples.shape == (4, 64, 64, 3) and samples.std() > 0
+
+    sampler = objective.sampler(4)
+    cond = conditioning.take(conditioning.grid_cond(config)[0], 0, 4)
+
+    def draw(negative: str | None) -> np.ndarray:
+        config.sample.negative_prompt = negative
+        guided = conditioning.with_negative_prompt(config, params)
+        return np.asarray(sampler(guided, jax.random.key(1), cond))
+
+    plain = draw(None)
+    np.testing.assert_array_equal(draw(""), plain)
+    assert np.abs(draw("blurry") - plain).mean() > 0.01
+
+
+def test_pipelines_we_cannot_run_are_refused_by_field(tmp_path):
+    folder = tmp_path / "sdxl"
+    shutil.copytree(os.path.join(ASSETS, "sd15"), folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(
+        json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"})
+    )
+    with pytest.raises(UserError, match="text_encoder_2"):
+        pretrained.config_for(str(folder))
+    (folder / "model_index.json").write_text(json.dumps(index))
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(
+        json.dumps({**unet, "addition_embed_type": "text_time"})
+    )
+    with pytest.raises(UserError, match="addition_embed_type='text_time'"):
+        pretrained.config_for(str(folder))
+    (folder / "unet" / "config.json").write_text(json.dumps(unet))
+    shutil.rmtree(folder / "tokenizer")
+    with pytest.raises(UserError, match="has no tokenizer/ folder"):
+        pretrained.config_for(str(folder))

@@ -165,15 +165,34 @@ def data_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     return (d.image_size, d.image_size, d.channels)
 
 
+def is_diffusers_model(folder: str) -> bool:
+    """Whether `folder` is a diffusers model folder (config.json with a `_class_name`), such
+    as a Stable Diffusion pipeline's vae/, rather than a run's workdir."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return "_class_name" in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
 @functools.cache
 def _stage1_config(path: str, mtime_ns: int) -> ml_collections.ConfigDict:
     del mtime_ns  # part of the cache key: a retrained stage 1 is read again
-    return load_config(os.path.dirname(path))
+    folder = os.path.dirname(path)
+    if is_diffusers_model(folder):  # a diffusers AutoencoderKL folder, used as it is
+        from ddpm.pretrained import autoencoder_kl, files
+
+        cfg = files.read_json(path)
+        if cfg["_class_name"] != autoencoder_kl.CLASS_NAME:
+            raise UserError(f"{path}: a {cfg['_class_name']}, not an {autoencoder_kl.CLASS_NAME}")
+        return autoencoder_kl.run_config(cfg, path)
+    return load_config(folder)
 
 
 def stage1_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config of `config.latent.autoencoder_workdir`'s run, checked against `config`:
-    a UserError when the workdir holds no autoencoder run or its image shape differs."""
+    """The config of `config.latent.autoencoder_workdir`'s run (or of the diffusers
+    AutoencoderKL folder it names), checked against `config`: a UserError when it holds no
+    autoencoder or its image shape differs."""
     workdir = config.latent.autoencoder_workdir
     if workdir is None:
         raise UserError("config.objective='latent' needs config.latent.autoencoder_workdir")

@@ -144,7 +144,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Text conditioning by cross-attention (ddpm.text, ddpm.models.context); needs
     # model.num_classes = None. source: None (off) | "captions" (MNIST captions measured from
     # each digit, a word-level tokenizer and a text encoder trained with the denoiser) |
-    # "npz:<path>" (precomputed embeddings per caption: captions, embeddings [N, L, D], mask).
+    # "npz:<path>" (precomputed embeddings per caption: captions, embeddings [N, L, D], mask) |
+    # "clip:<dir>" (a Stable Diffusion pipeline's frozen CLIP text encoder; set by the import).
     config.text = ml_collections.ConfigDict()
     config.text.source = placeholder(str)
     config.text.max_length = 12  # tokens L (npz: its L)
@@ -236,6 +237,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.batch_size = 64
     config.sample.labels = placeholder(int)  # None = all classes in rows; else one class id
     config.sample.prompt = placeholder(str)  # text models: None = "a handwritten <digit>" rows
+    # text models with an outside encoder (clip:, npz:): guidance's unconditional branch
+    # encodes this instead of the empty prompt
+    config.sample.negative_prompt = placeholder(str)
     config.sample.clip_x0 = True  # pixel space only
 
     # Latent diffusion (ddpm.objectives.latent). Stage 1 (objective="autoencoder") trains the

@@ -164,10 +164,19 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
     t = config.text
     if t.source is None:
         return
-    if t.source != "captions" and not t.source.startswith("npz:"):
+    if t.source != "captions" and not t.source.startswith(("npz:", "clip:")):
         raise UserError(
-            f"config.text.source={t.source!r} is not one of None, 'captions', 'npz:<path>'"
+            f"config.text.source={t.source!r} is not one of None, 'captions', 'npz:<path>', "
+            "'clip:<Stable Diffusion pipeline dir>'"
         )
+    if t.source.startswith("clip:"):
+        folder = t.source.removeprefix("clip:")
+        for part in ("tokenizer", "text_encoder"):
+            if not os.path.isdir(os.path.join(folder, part)):
+                raise UserError(
+                    f"config.text.source={t.source!r}: {folder} has no {part}/ folder (a "
+                    "Stable Diffusion pipeline directory)"
+                )
     if config.objective == "autoencoder":
         raise UserError(f"config.text.source={t.source!r}: the autoencoder takes no text")
     if config.model.num_classes is not None:
@@ -259,6 +268,11 @@ def _validate_sample(config: ml_collections.ConfigDict) -> None:
                 "(config.model.num_classes is None)"
             )
         number(config, "sample.labels", 0, num_classes, integer=True)
+    if s.negative_prompt is not None and config.text.source is None:
+        raise UserError(
+            f"config.sample.negative_prompt={s.negative_prompt!r} needs a text model "
+            "(config.text.source is None)"
+        )
     if s.prompt is not None and config.text.source is None:
         raise UserError(
             f"config.sample.prompt={s.prompt!r} needs a text model (config.text.source is None)"

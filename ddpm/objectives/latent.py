@@ -1,7 +1,7 @@
 """Latent diffusion's stage 2: the diffusion objective on the latents of a frozen stage-1
-autoencoder (`config.latent.autoencoder_workdir`), whose EMA parameters are what this
-objective keeps frozen. Batches are encoded inside the train step; samples are drawn in latent
-space and decoded."""
+autoencoder (`config.latent.autoencoder_workdir`: a run, whose EMA parameters this objective
+keeps frozen, or a diffusers AutoencoderKL folder such as a Stable Diffusion pipeline's vae/).
+Batches are encoded inside the train step; samples are drawn in latent space and decoded."""
 
 import dataclasses
 import functools
@@ -137,9 +137,15 @@ def create(
     stage1_config = runs.stage1_config(config)
     shape = runs.data_shape(stage1_config)
     stage1 = build.model(stage1_config, shape)
-    params, step = build.restore_ema(stage1_config, stage1_workdir, stage1, shape, mesh)
+    if runs.is_diffusers_model(stage1_workdir):  # a pipeline's vae/, read as it is
+        from ddpm import pretrained  # (imports the objectives' modules)
+
+        params, origin = pretrained.load(stage1_workdir).params, "the diffusers weights"
+    else:
+        params, step = build.restore_ema(stage1_config, stage1_workdir, stage1, shape, mesh)
+        origin = f"EMA parameters of step {step}"
     params = jax.device_put(params, sharding.replicated(mesh))
-    print(f"Frozen autoencoder: EMA parameters of step {step} of {stage1_workdir}", flush=True)
+    print(f"Frozen autoencoder: {origin} of {stage1_workdir}", flush=True)
 
     saved = None if workdir is None else saved_scale_factor(workdir)
     value = config.latent.scale_factor

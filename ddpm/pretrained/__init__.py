@@ -23,15 +23,27 @@ import numpy as np
 from ddpm import build, checkpoint, sharding
 from ddpm.config import runs, schema, validation
 from ddpm.errors import UserError
-from ddpm.pretrained import autoencoder_kl, dit, files, layout, scheduler, unet2d
+from ddpm.pretrained import (
+    autoencoder_kl,
+    dit,
+    files,
+    layout,
+    scheduler,
+    stable_diffusion,
+    unet2d,
+    unet2d_condition,
+)
 
 # diffusers class name -> our family's converter module (model_section, prepare, rules).
-FAMILIES = {m.CLASS_NAME: m for m in (unet2d, autoencoder_kl, dit)}
+FAMILIES = {m.CLASS_NAME: m for m in (unet2d, autoencoder_kl, dit, unet2d_condition)}
 
 
 def describe(path: str) -> tuple[ml_collections.ConfigDict, list[str], files.ModelFiles]:
     """(run config, notes on fields that do not apply, the directory's files) of the
-    diffusers directory `path`; UserError for what our networks cannot express."""
+    diffusers directory `path` (a model, or a Stable Diffusion pipeline:
+    `ddpm.pretrained.stable_diffusion`); UserError for what our networks cannot express."""
+    if stable_diffusion.is_pipeline(path):
+        return stable_diffusion.describe(path)
     found = files.read_model_dir(path)
     family = FAMILIES.get(found.class_name)
     source = f"{found.folder}/config.json"
@@ -40,13 +52,14 @@ def describe(path: str) -> tuple[ml_collections.ConfigDict, list[str], files.Mod
             f"{source}: _class_name={found.class_name!r} is not supported (accepted: "
             f"{', '.join(FAMILIES)})"
         )
+    if family is autoencoder_kl:
+        config = autoencoder_kl.run_config(found.config, source)
+        config.pretrained.path = path
+        return config, autoencoder_kl.notes(found.config, source), found
     config = schema.get_config()
     config.pretrained.path = path
     config.model, data_fields = family.model_section(found.config, source)
     config.data.update(data_fields)
-    if family is autoencoder_kl:
-        config.objective = "autoencoder"
-        return config, autoencoder_kl.notes(found.config, source), found
     config.training.label_dropout = 0.0 if config.model.num_classes is None else 0.1
     notes = []
     if found.scheduler is None:
@@ -82,7 +95,7 @@ def _convert(
     tensors = family.prepare(found.tensors(), found.weights_path)
     net = build.model(config)
     target = build.abstract_params(config, net, runs.input_shape(config))
-    table = family.rules(config.model, config.data.image_size, tensors)
+    table = family.rules(config.model, runs.input_shape(config)[0], tensors)
     params = layout.convert(tensors, table, target, found.weights_path)
     return Converted(config, notes, found, net, params)
 

@@ -25,6 +25,15 @@ _FIXED = {
 }
 
 
+def run_config(cfg: dict, source: str) -> ml_collections.ConfigDict:
+    """The run config (objective "autoencoder") of an AutoencoderKL config.json."""
+    config = schema.get_config()
+    config.objective = "autoencoder"
+    config.model, data_fields = model_section(cfg, source)
+    config.data.update(data_fields)
+    return config
+
+
 def model_section(cfg: dict, source: str) -> tuple[ml_collections.ConfigDict, dict]:
     """(our `config.model`, data fields) of an AutoencoderKL config.json."""
     require_fixed(cfg, _FIXED, source)

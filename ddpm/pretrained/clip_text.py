@@ -7,7 +7,9 @@ Reads a `text_encoder/` folder (config.json + model.safetensors), with the keys 
 (transformers 5). What our encoder cannot express is refused, naming the config.json field.
 """
 
+import functools
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ import numpy as np
 
 from ddpm.models.context import TextEncoder
 from ddpm.pretrained import files, layout
+from ddpm.pretrained.clip_tokenizer import ClipTokenizer
 from ddpm.pretrained.files import refuse
 from ddpm.pretrained.layout import Rule, rule
 
@@ -99,3 +102,17 @@ def load(folder: str, skip_last: int = 0) -> tuple[TextEncoder, dict]:
         prepare(files.read_safetensors(weights)), rules(net.depth), target, weights
     )
     return net, jax.tree.map(np.asarray, params)
+
+
+@functools.cache
+def _prompt_encoder(pipeline: str) -> Callable[[list[str]], np.ndarray]:
+    tokenizer = ClipTokenizer(os.path.join(pipeline, "tokenizer"))
+    net, params = load(os.path.join(pipeline, "text_encoder"))
+    apply = jax.jit(lambda ids: net.apply({"params": params}, ids))
+    return lambda prompts: np.asarray(apply(jnp.asarray(tokenizer(prompts))), np.float32)
+
+
+def encode_prompts(pipeline: str, prompts: list[str]) -> np.ndarray:
+    """The last hidden state [N, 77, D] float32 of `prompts` by the tokenizer and text encoder
+    of the Stable Diffusion pipeline directory `pipeline` (loaded once per process)."""
+    return _prompt_encoder(os.path.abspath(pipeline))(list(prompts))

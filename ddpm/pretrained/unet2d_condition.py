@@ -9,13 +9,16 @@ channels) must give one head width (64). SDXL's added conditions and everything 
 U-Net cannot compute are refused, naming the config.json field.
 
 The learned null context of our conditioning (`ddpm.models.context`) is the text encoder's
-encoding of the empty prompt, Stable Diffusion's unconditional input, passed to `prepare`.
+encoding of the empty prompt, Stable Diffusion's unconditional input (`prepare`).
 """
+
+import os
 
 import ml_collections
 import numpy as np
 
-from ddpm.pretrained import blocks, unet2d
+from ddpm.errors import UserError
+from ddpm.pretrained import blocks, clip_text, unet2d
 from ddpm.pretrained.files import refuse
 from ddpm.pretrained.layout import Rule, rule
 
@@ -89,9 +92,17 @@ def context_fields(cfg: dict) -> dict:
     return {"max_length": 77, "width": cfg.get("cross_attention_dim", 1280)}
 
 
-def prepare(tensors: dict, null_context: np.ndarray) -> dict:
-    """The state dict plus the empty prompt's encoding [77, D] as `null_context.weight`."""
-    return {**tensors, f"{NULL_CONTEXT}.weight": np.asarray(null_context, np.float32)}
+def prepare(tensors: dict, source: str) -> dict:
+    """The state dict (of the weights file `source`, in a pipeline's unet/) plus the empty
+    prompt's encoding [77, D] by the pipeline's text encoder as `null_context.weight`."""
+    pipeline = os.path.dirname(os.path.dirname(os.path.abspath(source)))
+    if not os.path.isdir(os.path.join(pipeline, "text_encoder")):
+        raise UserError(
+            f"{source}: a text-conditioned U-Net is imported from its pipeline directory, "
+            f"which has text_encoder/ and tokenizer/ beside unet/ ({pipeline} has none)"
+        )
+    empty = clip_text.encode_prompts(pipeline, [""])[0]
+    return {**tensors, f"{NULL_CONTEXT}.weight": np.asarray(empty, np.float32)}
 
 
 def rules(m: ml_collections.ConfigDict, size: int, tensors: dict) -> list[Rule]:
