@@ -14,6 +14,7 @@ from ddpm import build, conditioning, images, objectives, posthoc_ema, sharding,
 from ddpm.config import runs, validation
 from ddpm.errors import UserError
 from ddpm.objectives import Objective
+from ddpm.pretrained import lora
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[Objective, jax.sharding.Mesh]:
@@ -27,13 +28,13 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[Objective,
 
 
 def restore(objective: Objective, workdir: str, mesh: jax.sharding.Mesh) -> tuple[Any, int]:
-    """(EMA parameters, step) of the latest checkpoint of `workdir` for `objective`; a text
-    model's with config.sample.negative_prompt as its null context
-    (`conditioning.with_negative_prompt`)."""
-    params, step = build.restore_ema(
-        objective.config, workdir, objective.model, objective.input_shape, mesh
-    )
-    return conditioning.with_negative_prompt(objective.config, params), step
+    """(EMA parameters, step) of the latest checkpoint of `workdir` for `objective`, with
+    config.pretrained.lora merged in (`ddpm.pretrained.lora`) and, for a text model,
+    config.sample.negative_prompt as its null context (`conditioning.with_negative_prompt`)."""
+    config = objective.config
+    params, step = build.restore_ema(config, workdir, objective.model, objective.input_shape, mesh)
+    params = lora.apply_to(config, params)
+    return conditioning.with_negative_prompt(config, params), step
 
 
 def write_posthoc_ema(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -357,9 +357,18 @@ def _lora(folder: str, unet, x: np.ndarray, t: np.ndarray, context: np.ndarray) 
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen))
         out = unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(context)).sample
     StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True
+        folder,
+        unet_lora_layers=get_peft_model_state_dict(unet),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        safe_serialization=True,
     )
     unet.delete_adapters("default")
+    # What the file alone says: loaded back by diffusers, the same outputs.
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    pipe.load_lora_weights(folder, weight_name="pytorch_lora_weights.safetensors")
+    with torch.no_grad():
+        again = pipe.unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(context))
+    assert torch.allclose(again.sample, out, rtol=1e-5, atol=1e-5), "LoRA reload differs"
     return out.numpy().transpose(0, 2, 3, 1)
 
 

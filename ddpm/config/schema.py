@@ -331,6 +331,10 @@ def get_config() -> ml_collections.ConfigDict:
     # (--mode=import); set by configs/pretrained.py:DIR, which also derives the model.
     config.pretrained = ml_collections.ConfigDict()
     config.pretrained.path = placeholder(str)
+    # A Stable Diffusion U-Net's LoRA in diffusers' layout (pytorch_lora_weights.safetensors),
+    # merged into the weights for sample / img2img / inpaint / eval, times lora_scale.
+    config.pretrained.lora = placeholder(str)
+    config.pretrained.lora_scale = 1.0
 
     # Speed only, never results (ddpm.runtime): chosen by platform unless set. The resume
     # check ignores this section.

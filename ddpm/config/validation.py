@@ -268,6 +268,11 @@ def _validate_sample(config: ml_collections.ConfigDict) -> None:
                 "(config.model.num_classes is None)"
             )
         number(config, "sample.labels", 0, num_classes, integer=True)
+    lora = config.pretrained.lora
+    if lora is not None and not os.path.isfile(lora):
+        raise UserError(
+            f"config.pretrained.lora={lora!r} does not exist (a pytorch_lora_weights.safetensors)"
+        )
     if s.negative_prompt is not None and config.text.source is None:
         raise UserError(
             f"config.sample.negative_prompt={s.negative_prompt!r} needs a text model "
