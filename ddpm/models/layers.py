@@ -94,6 +94,12 @@ def _conv(features: int, dtype: DTypeLike, param_dtype: DTypeLike, rank: int = 2
     return nn.Conv(features, dtype=dtype, param_dtype=param_dtype, **kw)
 
 
+def _heads(channels: int, num_heads: int, head_dim: int | None) -> int:
+    """Attention heads over `channels`: channels // head_dim when head_dim is set, else
+    num_heads."""
+    return channels // head_dim if head_dim else num_heads
+
+
 def _rank(x: Array) -> int:
     """Number of spatial axes of x: [B, *spatial, C]."""
     return x.ndim - 2
@@ -227,7 +233,7 @@ class AttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         b, c = x.shape[0], x.shape[-1]
-        heads = c // self.head_dim if self.head_dim else self.num_heads
+        heads = _heads(c, self.num_heads, self.head_dim)
         dense = lambda feats, name: nn.Dense(
             feats,
             kernel_init=default_init,
@@ -302,7 +308,7 @@ class CrossAttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, context: Array, mask: Array) -> Array:
         b, c = x.shape[0], x.shape[-1]
-        heads = c // self.head_dim if self.head_dim else self.num_heads
+        heads = _heads(c, self.num_heads, self.head_dim)
         y = group_norm(self.num_groups, self.dtype, self.param_dtype, self.norm_eps)(x)
         y = CrossAttention(heads, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
             y.reshape(b, -1, c), context, mask
@@ -333,7 +339,7 @@ class SpatialTransformer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, context: Array, mask: Array) -> Array:
         b, c = x.shape[0], x.shape[-1]
-        heads = c // self.head_dim if self.head_dim else self.num_heads
+        heads = _heads(c, self.num_heads, self.head_dim)
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         dense = lambda feats, name: nn.Dense(feats, kernel_init=default_init, name=name, **common)
         attention = lambda name: CrossAttention(heads, qkv_bias=False, name=name, **common)
