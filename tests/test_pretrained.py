@@ -158,8 +158,8 @@ def test_bad_directories_are_user_errors_naming_the_problem(tmp_path):
         pretrained.config_for(str(tmp_path))
 
     wrong_class = _copy_model(tmp_path / "a")
-    _edit_json(os.path.join(wrong_class, "config.json"), _class_name="UNet2DConditionModel")
-    with pytest.raises(UserError, match="_class_name='UNet2DConditionModel' is not supported"):
+    _edit_json(os.path.join(wrong_class, "config.json"), _class_name="UNet3DConditionModel")
+    with pytest.raises(UserError, match="_class_name='UNet3DConditionModel' is not supported"):
         pretrained.config_for(wrong_class)
 
     unsupported = _copy_model(tmp_path / "b")

@@ -130,28 +130,6 @@ def _unet(variant: str, with_table: bool = False):
     return (net, params, table) if with_table else (net, params)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_unet_equals_diffusers(variant):
-    """The text-conditioned U-Net's output within 1e-4 of diffusers' at t = 0, 37, 500, 999
-    (SD 1.x: 1x1-conv projections, 2 heads everywhere; SD 2.x: linear projections, per-level
-    head counts of one width); with the context masked out it is the empty prompt's."""
-    golden = _golden(variant)
-    net, params = _unet(variant)
-    context = jnp.asarray(golden["text_last"])
-    cond = {"context": context, "context_mask": jnp.ones(context.shape[:2], bool)}
-    out = jax.jit(net.apply)({"params": params}, golden["x"], golden["t"], cond)
-    assert _relative_error(out, golden["unet_out"]) < 1e-4
-    empty = {"context": context, "context_mask": jnp.zeros(context.shape[:2], bool)}
-    null = jax.jit(net.apply)({"params": params}, golden["x"], golden["t"], empty)
-    prompt_2 = {
-        "context": jnp.broadcast_to(context[2], context.shape),
-        "context_mask": cond["context_mask"],
-    }
-    reference = jax.jit(net.apply)({"params": params}, golden["x"], golden["t"], prompt_2)
-    assert golden["prompts"][2] == ""
-    np.testing.assert_allclose(null, reference, rtol=1e-5, atol=1e-5)
-
-
 def test_full_size_unets_have_the_released_parameter_counts():
     """SD 1.5's U-Net (859,520,964 parameters) and SD 2.1's (865,910,724) from their
     config.json, without weights; ours adds only the null context (77 x the text width)."""
@@ -300,31 +278,48 @@ def test_pipelines_we_cannot_run_are_refused_by_field(tmp_path):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_lora_from_diffusers_equals_its_output(variant, tmp_path):
-    """A rank-2 LoRA (alpha 3) on every attention projection, saved by diffusers: merged into
-    our weights, the U-Net's output within 1e-4 of diffusers' with the adapter; written back
-    in the same layout, it reads back equal."""
+def test_unet_and_lora_equal_diffusers(variant, tmp_path):
+    """The text-conditioned U-Net's output within 1e-4 of diffusers' at t = 0, 37, 500, 999
+    (SD 1.x: 1x1-conv projections, 2 heads everywhere; SD 2.x: linear projections, per-level
+    head counts of one width); with the context masked out it is the empty prompt's. A rank-2
+    LoRA (alpha 3) on every attention projection, saved by diffusers: merged into our
+    weights, the output within 1e-4 of diffusers' with the adapter (and what sampling merges
+    at lora_scale 0.5 is half of it); written back in the same layout, it reads back equal."""
     golden = _golden(variant)
     net, params, table = _unet(variant, with_table=True)
-    adapters, scale = lora.read(os.path.join(ASSETS, variant, "pytorch_lora_weights.safetensors"))
+    apply = jax.jit(net.apply)
+    context = jnp.asarray(golden["text_last"])
+    valid = jnp.ones(context.shape[:2], bool)
+    out = apply(
+        {"params": params}, golden["x"], golden["t"], {"context": context, "context_mask": valid}
+    )
+    assert _relative_error(out, golden["unet_out"]) < 1e-4
+    null = apply(
+        {"params": params}, golden["x"], golden["t"], {"context": context, "context_mask": ~valid}
+    )
+    empty = {"context": jnp.broadcast_to(context[2], context.shape), "context_mask": valid}
+    assert golden["prompts"][2] == ""
+    reference = apply({"params": params}, golden["x"], golden["t"], empty)
+    np.testing.assert_allclose(null, reference, rtol=1e-5, atol=1e-5)
+
+    path = os.path.join(ASSETS, variant, "pytorch_lora_weights.safetensors")
+    adapters, scale = lora.read(path)
     # 7 transformers (2 down, 1 middle, 4 up) x 2 attentions x q, k, v, out
     assert scale == 1.5 and len(adapters) == 7 * 2 * 4
     merged = lora.merge(params, adapters, scale, table)
-    context = jnp.asarray(golden["text_last"])
-    cond = {"context": context, "context_mask": jnp.ones(context.shape[:2], bool)}
-    out = jax.jit(net.apply)({"params": merged}, golden["x"], golden["t"], cond)
+    cond = {"context": context, "context_mask": valid}
+    out = apply({"params": merged}, golden["x"], golden["t"], cond)
     assert _relative_error(out, golden["lora_out"]) < 1e-4
     assert _relative_error(golden["unet_out"], golden["lora_out"]) > 0.1  # the LoRA matters
     config = pretrained.config_for(os.path.join(ASSETS, variant))  # what sampling merges
-    config.pretrained.lora = os.path.join(ASSETS, variant, "pytorch_lora_weights.safetensors")
-    config.pretrained.lora_scale = 0.5
+    config.pretrained.lora, config.pretrained.lora_scale = path, 0.5
     half = lora.apply_to(config, jax.device_put(params))
     expected = lora.merge(params, adapters, 0.5 * scale, table)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(half), expected)
 
-    path = str(tmp_path / "pytorch_lora_weights.safetensors")
-    lora.write(path, adapters, alpha=3.0)
-    again, again_scale = lora.read(path)
+    written = str(tmp_path / "pytorch_lora_weights.safetensors")
+    lora.write(written, adapters, alpha=3.0)
+    again, again_scale = lora.read(written)
     assert again_scale == scale and again.keys() == adapters.keys()
     for module, pair in adapters.items():
         for leaf in pair:
