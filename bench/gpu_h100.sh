@@ -9,13 +9,20 @@
 # Usage: bash bench/gpu_h100.sh [BUDGET_S]
 # Each step starts only if its estimate fits in what is left, and is stopped at the budget's
 # end (its workers are killed; lines it already wrote stay). For a dry run of this script on
-# a CPU: BENCH_DEVICE=cpu BENCH_CONFIG=configs.mnist PYTHON=/path/to/venv/bin/python.
+# a CPU: BENCH_DEVICE=cpu BENCH_CONFIG=configs.mnist PYTHON=/path/to/venv/bin/python, with a
+# budget of about 1500 s; there torch's CUDA-graph variant (compile-ro) becomes plain compile,
+# bf16 becomes fp32 (bf16 is emulated on these CPUs) and max_batch predicts without running
+# (a CPU swaps instead of running out of memory).
 set -uo pipefail
 deadline=$((SECONDS + ${1:-540}))
 py=${PYTHON:-python3}
 device=${BENCH_DEVICE:-cuda}
 config=${BENCH_CONFIG:-configs.cifar10_ddpm}
 dir=${OUT:-.}
+ro=compile-ro precision=bf16 run=--run
+if [ "$device" = cpu ]; then
+  ro=compile precision=fp32 run=
+fi
 out=$dir/vs_diffusers_gpu.jsonl
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
@@ -45,18 +52,18 @@ vs() {
   local estimate=$1
   shift
   step "$estimate" "$py" -m bench.vs_diffusers --device="$device" --config="$config" \
-    --precision=bf16 --rounds=3 --round-seconds=2 --setup-timeout=240 "$@"
+    --precision="$precision" --rounds=3 --round-seconds=2 --setup-timeout=240 "$@"
 }
 
 # The targets: train step at batch 128 and 32 (bf16 vs bf16 autocast, against eager
 # and torch.compile), DDIM-50 at batch 16 and 256 (against eager and CUDA graphs).
 vs 150 --cases=train@128 --torch=eager,compile
-vs 100 --cases=ddim50@16 --torch=eager,compile-ro
+vs 100 --cases=ddim50@16 --torch=eager,$ro
 vs 150 --cases=train@32 --torch=eager,compile
-vs 100 --cases=ddim50@256 --torch=eager,compile-ro
+vs 100 --cases=ddim50@256 --torch=eager,$ro
 # The largest train batch with and without remat (the allocator may take 95 % of the card):
 # predictions from compiled memory analyses, then checked by running.
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 step 100 "$py" -m bench.max_batch --config="$config" --run
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 step 100 "$py" -m bench.max_batch --config="$config" $run
 # If time is left: TF32 against TF32, then how the train step scales with the batch.
 vs 150 --cases=train@128 --precision=tf32 --torch=eager,compile
 vs 60 --cases=train@1,train@8,train@256 --torch=eager --round-seconds=1

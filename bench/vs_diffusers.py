@@ -18,12 +18,15 @@ A worker that fails or misses `--setup-timeout` gets a `<case>/setup_failed` lin
 case goes on without it; a case whose worker dies mid-round gets `<case>/failed`.
 
 Cases: `train@B` is one full training step at batch B (ours: `ddpm.train.make_train_step`:
-v-prediction min-SNR loss, grad clip, Adam, EMA; theirs: the same loss, `clip_grad_norm_`,
+the config's loss, grad clip, Adam, EMA; theirs: the same loss, `clip_grad_norm_`,
 `torch.optim.Adam`, a foreach EMA). `METHOD{N}@B` (ddim, dpm++2m) samples B images with N steps
 (ours: `ddpm.build.sampler`, one jitted lax.scan; theirs: a Python loop over `UNet2DModel` and
-diffusers' `DDIMScheduler` / `DPMSolverMultistepScheduler` with our schedule's betas). Class-
-conditional, no guidance. `--breakdown` adds train figures for the objective's loss alone
-(`train_fwd`) and loss + gradients (`train_fwdbwd`), to see where the time goes.
+the diffusers scheduler of the config's process, `torch_scheduler`: DDIM / DPM-Solver++ with our
+betas for DDPM, the flow-matching Euler scheduler / DPM-Solver++ on flow sigmas for a flow, the
+EDM Euler / DPM-Solver++ schedulers for EDM). Class-conditional, no guidance. The torch train
+step draws the process's own loss (`torch_noising`). `--breakdown` adds train figures for the
+objective's loss alone (`train_fwd`) and loss + gradients (`train_fwdbwd`), to see where the
+time goes.
 
 Efficiency: each train case also gets `<figure>_b<B>/efficiency` lines: the FLOPs of our
 call (XLA's cost analysis of the lowered computation) per second at the median round, as a
@@ -278,7 +281,7 @@ def torch_worker(args, case, variant: str) -> tuple[dict, dict]:
     if variant != "eager":
         net = torch.compile(unet, mode="reduce-overhead" if variant == "compile-ro" else None)
     autocast = lambda: torch.autocast(dev.type, torch.bfloat16, enabled=args.precision == "bf16")
-    betas = np.asarray(build.process(config).schedule.betas, np.float64)
+    process = build.process(config)
     batch = case["batch"]
     shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
     gen = np.random.default_rng(0)
@@ -288,13 +291,8 @@ def torch_worker(args, case, variant: str) -> tuple[dict, dict]:
     parts, compile_s = {}, {}
 
     if case["kind"] == "train":
-        tr, d = config.training, config.diffusion
-        if d.loss_weighting not in ("none", "min_snr") or config.model.learn_sigma:
-            raise ValueError(
-                f"config.diffusion.loss_weighting={d.loss_weighting!r} / learn_sigma: the torch "
-                "step mirrors weighting none or min_snr without learned variance only"
-            )
-        ab = torch.as_tensor(np.cumprod(1.0 - betas), dtype=torch.float32, device=dev)
+        tr = config.training
+        noised = torch_noising(config, process, torch, dev)
         x0 = torch.as_tensor(gen.uniform(-1, 1, shape), dtype=torch.float32, device=dev)
         params = list(unet.parameters())
         opt = torch.optim.Adam(params, lr=tr.learning_rate, betas=(0.9, tr.adam_b2), foreach=True)
@@ -302,22 +300,15 @@ def torch_worker(args, case, variant: str) -> tuple[dict, dict]:
         null = config.model.num_classes
 
         def loss_fn():
-            """`ddpm.diffusion.loss`: w(t) ||target - net(x_t, t)||^2, t ~ U{0..T-1}."""
-            t = torch.randint(0, len(betas), (batch,), device=dev)
-            noise = torch.randn_like(x0)
-            a, s = ab[t].sqrt().view(-1, 1, 1, 1), (1 - ab[t]).sqrt().view(-1, 1, 1, 1)
+            """The process's loss (`ddpm.processes`): w ||target - net(input, time)||^2."""
+            inputs, time, target, weight = noised(x0)
             y = None
             if null is not None:
                 y = torch.where(torch.rand(batch, device=dev) < tr.label_dropout, null, labels)
             with autocast():
-                out = net(a * x0 + s * noise, t, class_labels=y).sample
-            target = {"eps": noise, "x0": x0, "v": a * noise - s * x0}[d.prediction]
+                out = net(inputs, time, class_labels=y).sample
             per = ((out.float() - target) ** 2).mean(dim=(1, 2, 3))
-            if d.loss_weighting == "min_snr":
-                snr = ab[t] / (1 - ab[t])
-                denominator = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1}
-                per = per * snr.clamp(max=d.min_snr_gamma) / denominator[d.prediction]
-            return per.mean()
+            return (per if weight is None else per * weight).mean()
 
         def step():
             loss = loss_fn()
@@ -340,28 +331,16 @@ def torch_worker(args, case, variant: str) -> tuple[dict, dict]:
         if args.breakdown:
             parts["fwd"], parts["fwdbwd"] = loss_fn, fwdbwd
     else:
-        common = dict(
-            num_train_timesteps=len(betas),
-            trained_betas=betas,
-            prediction_type={"v": "v_prediction", "eps": "epsilon", "x0": "sample"}[
-                config.diffusion.prediction
-            ],
-            timestep_spacing="trailing",
-        )
-        if case["method"] == "ddim":
-            sched = diffusers.DDIMScheduler(clip_sample=bool(config.sample.clip_x0), **common)
-        else:
-            sched = diffusers.DPMSolverMultistepScheduler(
-                algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True, **common
-            )
+        sched, time_scale = torch_scheduler(config, process, case["method"], diffusers)
 
         @torch.inference_mode()
         def sample():
             sched.set_timesteps(case["steps"], device=dev)
-            x = torch.randn(shape, device=dev)
+            x = torch.randn(shape, device=dev) * getattr(sched, "init_noise_sigma", 1.0)
+            scale_input = getattr(sched, "scale_model_input", lambda x, t: x)
             for t in sched.timesteps:
                 with autocast():
-                    out = net(x, t, class_labels=labels).sample
+                    out = net(scale_input(x, t), t * time_scale, class_labels=labels).sample
                 x = sched.step(out.float(), t, x).prev_sample
             return x
 
@@ -382,6 +361,103 @@ def torch_worker(args, case, variant: str) -> tuple[dict, dict]:
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
     )
     return parts, info
+
+
+def torch_noising(config, process, torch, dev):
+    """noised(x0 [B, C, H, W]) -> (network input, model time [B], target, weight [B] or None):
+    one draw of the training loss of config.diffusion.process, in torch, as `ddpm.processes`
+    defines it (DDPM: t ~ U{0..T-1}, the prediction's target, min-SNR weighting; flow: t
+    logit-normal or uniform, shifted, x_t = (1 - t) x0 + t eps, target eps - x0, time 1000 t;
+    EDM: ln sigma ~ N(P_mean, P_std), input c_in (x0 + sigma eps), target (x0 - c_skip x) /
+    c_out, time 250 ln sigma)."""
+    name, d = process.name, config.diffusion
+    if name == "ddpm":
+        if d.loss_weighting not in ("none", "min_snr") or config.model.learn_sigma:
+            raise ValueError(
+                f"config.diffusion.loss_weighting={d.loss_weighting!r} / learn_sigma: the torch "
+                "step mirrors weighting none or min_snr without learned variance only"
+            )
+        betas = np.asarray(process.schedule.betas, np.float64)
+        ab = torch.as_tensor(np.cumprod(1.0 - betas), dtype=torch.float32, device=dev)
+
+        def noised(x0):
+            t = torch.randint(0, len(betas), (x0.shape[0],), device=dev)
+            noise = torch.randn_like(x0)
+            a, s = ab[t].sqrt().view(-1, 1, 1, 1), (1 - ab[t]).sqrt().view(-1, 1, 1, 1)
+            target = {"eps": noise, "x0": x0, "v": a * noise - s * x0}[d.prediction]
+            weight = None
+            if d.loss_weighting == "min_snr":
+                snr = ab[t] / (1 - ab[t])
+                denominator = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1}
+                weight = snr.clamp(max=d.min_snr_gamma) / denominator[d.prediction]
+            return a * x0 + s * noise, t, target, weight
+
+        return noised
+    if name == "flow":
+
+        def noised(x0):
+            b = x0.shape[0]
+            if process.t_sampling == "uniform":
+                t = torch.rand(b, device=dev)
+            else:
+                t = torch.sigmoid(
+                    process.logit_mean + process.logit_std * torch.randn(b, device=dev)
+                )
+            t = process.shift * t / (1 + (process.shift - 1) * t)
+            noise = torch.randn_like(x0)
+            tt = t.view(-1, 1, 1, 1)
+            return (1 - tt) * x0 + tt * noise, 1000 * t, noise - x0, None
+
+        return noised
+    if name == "edm":
+        sd = process.sigma_data
+
+        def noised(x0):
+            sigma = torch.exp(process.p_mean + process.p_std * torch.randn(x0.shape[0], device=dev))
+            s = sigma.view(-1, 1, 1, 1)
+            x = x0 + s * torch.randn_like(x0)
+            total = s**2 + sd**2
+            c_skip, c_out, c_in = sd**2 / total, s * sd / total.sqrt(), 1 / total.sqrt()
+            return c_in * x, 250 * torch.log(sigma), (x0 - c_skip * x) / c_out, None
+
+        return noised
+    raise ValueError(f"config.diffusion.process={name!r} has no torch twin here (ddpm, flow, edm)")
+
+
+def torch_scheduler(config, process, method: str, diffusers):
+    """(diffusers scheduler for `method` on config's process, factor from its timesteps to our
+    model time): DDPM: DDIM / DPM-Solver++ with our betas (trailing); flow: the flow-matching
+    Euler scheduler (DDIM on a flow is Euler) / DPM-Solver++ on flow sigmas, both shifted; EDM:
+    the EDM Euler / DPM-Solver++ schedulers (their timesteps are 0.25 ln sigma)."""
+    second = dict(algorithm_type="dpmsolver++", solver_order=2)
+    if process.name == "ddpm":
+        betas = np.asarray(process.schedule.betas, np.float64)
+        common = dict(
+            num_train_timesteps=len(betas),
+            trained_betas=betas,
+            prediction_type={"v": "v_prediction", "eps": "epsilon", "x0": "sample"}[
+                config.diffusion.prediction
+            ],
+            timestep_spacing="trailing",
+        )
+        if method == "ddim":
+            return diffusers.DDIMScheduler(clip_sample=bool(config.sample.clip_x0), **common), 1
+        return diffusers.DPMSolverMultistepScheduler(lower_order_final=True, **second, **common), 1
+    if process.name == "flow":
+        if method == "ddim":
+            return diffusers.FlowMatchEulerDiscreteScheduler(shift=process.shift), 1
+        flow = dict(
+            use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=process.shift
+        )
+        return diffusers.DPMSolverMultistepScheduler(lower_order_final=True, **second, **flow), 1
+    if process.name == "edm":
+        edm = dict(
+            sigma_min=process.sigma_min, sigma_max=process.sigma_max, sigma_data=process.sigma_data
+        )
+        if method == "ddim":
+            return diffusers.EDMEulerScheduler(**edm), 1000
+        return diffusers.EDMDPMSolverMultistepScheduler(**second, **edm), 1000
+    raise ValueError(f"config.diffusion.process={process.name!r} has no diffusers sampler here")
 
 
 def torch_sync(device: str) -> None:
