@@ -61,6 +61,7 @@ LONGEST_FIRST = (
     "test_phema.py",
     "test_package.py",
     "test_pretrained.py",
+    "test_stable_diffusion.py",
     "test_sweep.py",
     "test_samplers.py",
     "test_vlb.py",
