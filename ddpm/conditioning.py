@@ -56,7 +56,7 @@ def batch_cond(config: ml_collections.ConfigDict, batch: dict[str, jax.Array]) -
         if config.text.source.startswith("clip:"):
             raise UserError(
                 f"config.text.source={config.text.source!r}: training on captioned data is not "
-                "implemented yet (sample, img2img, inpaint and eval work)"
+                "implemented yet (import and sample work)"
             )
         table = encode(config, text.caption_table())
         ids = text.caption_ids(batch["image"], batch["label"])

@@ -97,13 +97,17 @@ def rules(m: ml_collections.ConfigDict, size: int, tensors: dict) -> list[Rule]:
         if level != levels - 1:
             conv = f"{down}.downsamplers.0.conv"
             table.append(rule(f"encoder/down{level}_resample/Conv_0", conv, "conv"))
-    table += blocks.middle("encoder/", "encoder.", tensors, m.mid_attention and blocks.attention)
+    table += blocks.middle(
+        "encoder/", "encoder.", tensors, blocks.attention if m.mid_attention else None
+    )
     table += [
         rule("encoder/GroupNorm_0", "encoder.conv_norm_out", "norm"),
         rule("encoder/conv_out", "encoder.conv_out", "conv"),
         rule("decoder/conv_in", "decoder.conv_in", "conv"),
     ]
-    table += blocks.middle("decoder/", "decoder.", tensors, m.mid_attention and blocks.attention)
+    table += blocks.middle(
+        "decoder/", "decoder.", tensors, blocks.attention if m.mid_attention else None
+    )
     for level in reversed(range(levels)):
         up = f"decoder.up_blocks.{levels - 1 - level}"
         for i in range(m.num_res_blocks + 1):

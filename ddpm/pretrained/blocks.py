@@ -37,7 +37,7 @@ def middle(
 ) -> list[Rule]:
     """A UNetMidBlock2D(CrossAttn): ResBlock, `attention`'s table (None: none), ResBlock."""
     table = resblock(f"{ours}mid_res0", f"{theirs}mid_block.resnets.0", tensors)
-    if attention:
+    if attention is not None:
         table += attention(f"{ours}mid_attn", f"{theirs}mid_block.attentions.0")
     return table + resblock(f"{ours}mid_res1", f"{theirs}mid_block.resnets.1", tensors)
 

@@ -22,10 +22,10 @@ from ddpm.pretrained.files import refuse
 from ddpm.pretrained.layout import Rule, rule
 
 WEIGHTS = "model.safetensors"
-_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
+_ACTIVATIONS = ("quick_gelu", "gelu")  # hidden_act values, our TextEncoder's names too
 
 
-def encoder(cfg: dict, source: str, skip_last: int = 0, dtype=jnp.float32) -> TextEncoder:
+def encoder(cfg: dict, source: str, skip_last: int = 0) -> TextEncoder:
     """Our text encoder of a CLIPTextModel config.json (`cfg`; `source` names it in errors);
     `skip_last` final layers skipped (diffusers' clip_skip)."""
     act = cfg.get("hidden_act", "quick_gelu")
@@ -46,11 +46,10 @@ def encoder(cfg: dict, source: str, skip_last: int = 0, dtype=jnp.float32) -> Te
         depth=depth,
         num_heads=heads,
         mlp_dim=cfg.get("intermediate_size", 2048),
-        activation=_ACTIVATIONS[act],
+        activation=act,
         causal=True,
         norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
         skip_last=skip_last,
-        dtype=dtype,
     )
 
 

@@ -15,8 +15,9 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from ddpm.config import runs
 from ddpm.errors import UserError
-from ddpm.pretrained import files
+from ddpm.pretrained import files, unet2d_condition
 from ddpm.pretrained.layout import Rule
 
 PREFIX = "unet."
@@ -70,8 +71,9 @@ def write(path: str, adapters: Adapters, alpha: float) -> None:
     from safetensors.numpy import save_file
 
     rank = next(iter(adapters.values()))["lora_A"].shape[0]
+    # PEFT's target names: the module's last name, to_out.0 for the attention output
     targets = sorted(
-        {module.rpartition(".")[2] if "to_out" not in module else "to_out.0" for module in adapters}
+        {"to_out.0" if m.endswith("to_out.0") else m.rpartition(".")[2] for m in adapters}
     )
     settings = {
         "unet.r": rank,
@@ -91,14 +93,13 @@ def merge(params: Any, adapters: Adapters, scale: float, table: list[Rule]) -> A
     """`params` (our U-Net's tree) with every adapted kernel W + scale (B A)^T, by the
     converter's `table` of our modules against diffusers'. UserError for an adapter on a
     module the table does not have."""
-    flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
-    owner = {}  # their module -> (our kernel path, its column slice)
+    merged = {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
+    owner = {}  # their module -> (our kernel path, its part of the columns, number of parts)
     for r in table:
         if r.kind != "dense":
             continue
         for i, theirs in enumerate(r.theirs):
             owner[theirs] = (f"{r.ours}/kernel", i, len(r.theirs))
-    merged = dict(flat)
     for module, pair in adapters.items():
         if module not in owner:
             raise UserError(
@@ -131,9 +132,6 @@ def apply_to(config: Any, params: Any) -> Any:
             f"config.pretrained.lora={path!r}: LoRA files adapt a Stable Diffusion U-Net "
             "(an imported pipeline)"
         )
-    from ddpm.config import runs
-    from ddpm.pretrained import unet2d_condition
-
     adapters, scale = read(path)
     table = unet2d_condition.rules(config.model, runs.input_shape(config)[0], {})
     host = jax.device_get(params)

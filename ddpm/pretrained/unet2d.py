@@ -156,7 +156,7 @@ def rules(
         if level != levels - 1:
             conv = f"down_blocks.{level}.downsamplers.0.conv"
             table.append(rule(f"down{level}_resample/Conv_0", conv, "conv"))
-    table += blocks.middle("", "", tensors, m.mid_attention and attention)
+    table += blocks.middle("", "", tensors, attention if m.mid_attention else None)
     for level in reversed(range(levels)):
         block = f"up_blocks.{levels - 1 - level}"
         attn = size // 2**level in m.attention_resolutions

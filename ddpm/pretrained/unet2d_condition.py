@@ -65,12 +65,9 @@ def model_section(cfg: dict, source: str) -> tuple[ml_collections.ConfigDict, di
     if isinstance(heads, int):
         m.num_heads, m.head_dim = heads, None
     else:
-        widths = {c // h for c, h in zip(channels, heads, strict=False)}
-        if (
-            len(heads) != len(channels)
-            or len(widths) != 1
-            or any(c % h for c, h in zip(channels, heads, strict=False))
-        ):
+        pairs = list(zip(channels, heads, strict=False))
+        widths = {c // h for c, h in pairs}
+        if len(heads) != len(channels) or len(widths) != 1 or any(c % h for c, h in pairs):
             raise refuse(
                 source, "attention_head_dim", heads, "must give one head width on every level"
             )
