@@ -193,14 +193,21 @@ def restore_ema(
 ) -> tuple[Any, int]:
     """(EMA parameters, step) of the latest checkpoint of `workdir` (or of checkpoint `step`),
     laid out on `where` as training lays them out (replicated, or split over
-    config.training.fsdp devices).
+    config.training.fsdp devices): `restore_ema_into` the network's parameters."""
+    return restore_ema_into(config, workdir, placed_params(config, net, shape, where), step)
+
+
+def restore_ema_into(
+    config: ml_collections.ConfigDict, workdir: str, target: Any, step: int | None = None
+) -> tuple[Any, int]:
+    """(EMA parameters, step) of the latest checkpoint of `workdir` (or of checkpoint `step`),
+    placed as `target` (`jax.ShapeDtypeStruct`s with shardings) says.
 
     Only the EMA subtree is read (an orbax partial restore), so neither the optimizer section
     nor the devices need to match the run that wrote it. No checkpoint: a UserError. With
     config.phema.sigma_rel (and no `step`): that post-hoc EMA at the latest snapshot
     (`ddpm.posthoc_ema`).
     """
-    target = placed_params(config, net, shape, where)
     if config.phema.sigma_rel is not None and step is None:
         return posthoc_ema.restore(workdir, config.phema.sigma_rel, target)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.training.keep_checkpoints, create=False)

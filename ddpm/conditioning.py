@@ -49,15 +49,46 @@ def encode(config: ml_collections.ConfigDict, texts: list[str]) -> dict[str, np.
     return {"context": embeddings[rows], "context_mask": mask[rows]}
 
 
+CAPTION_KEYS = ("tokens", "context", "context_mask")
+
+
+def check_captions(config: ml_collections.ConfigDict, info) -> None:
+    """Training a text model whose encoder sits outside the network ("clip:") needs captioned
+    data (`info`, a `ddpm.data.DatasetInfo`): UserError otherwise. Cheap: reads nothing."""
+    source = config.text.source
+    if source is not None and source.startswith("clip:") and info.captions is None:
+        raise UserError(
+            f"config.text.source={source!r} trains on captioned images: config.data.source="
+            f"{config.data.source!r} has no captions (a folder with captions.jsonl or a .txt "
+            "per image, see ddpm/data/folder.py)"
+        )
+
+
+def caption_table(config: ml_collections.ConfigDict, info) -> dict[str, np.ndarray] | None:
+    """The conditioning rows of a captioned dataset's captions (`info.captions`, a
+    `ddpm.data.DatasetInfo`'s) for `config.text.source`, encoded once on the host: label i of
+    a batch is caption i. None for a run without text, or whose data has no captions (the
+    digit captions of `text.caption_ids` then)."""
+    if config.text.source is None or info.captions is None:
+        return None
+    return encode(config, info.captions)
+
+
+def attach_captions(batch: dict, table: dict[str, np.ndarray] | None) -> dict:
+    """A host batch {"image", "label"} with its captions' rows of `table` (`caption_table`)
+    added under their conditioning keys; unchanged without a table."""
+    if table is None:
+        return batch
+    return {**batch, **{key: rows[batch["label"]] for key, rows in table.items()}}
+
+
 def batch_cond(config: ml_collections.ConfigDict, batch: dict[str, jax.Array]) -> Cond:
-    """The condition of a training batch (traceable): labels, or the caption of each digit
-    (`text.caption_ids`) encoded; None for unconditional models."""
+    """The condition of a training batch (traceable): its captions' rows (`attach_captions`),
+    the caption of each digit (`text.caption_ids`) encoded, or the labels; None for
+    unconditional models."""
     if config.text.source is not None:
-        if config.text.source.startswith("clip:"):
-            raise UserError(
-                f"config.text.source={config.text.source!r}: training on captioned data is not "
-                "implemented yet (import and sample work)"
-            )
+        if any(key in batch for key in CAPTION_KEYS):
+            return {key: batch[key] for key in CAPTION_KEYS if key in batch}
         table = encode(config, text.caption_table())
         ids = text.caption_ids(batch["image"], batch["label"])
         return jax.tree.map(lambda rows: jnp.asarray(rows)[ids], table)

@@ -32,7 +32,7 @@ def restore(objective: Objective, workdir: str, mesh: jax.sharding.Mesh) -> tupl
     config.pretrained.lora merged in (`ddpm.pretrained.lora`) and, for a text model,
     config.sample.negative_prompt as its null context (`conditioning.with_negative_prompt`)."""
     config = objective.config
-    params, step = build.restore_ema(config, workdir, objective.model, objective.input_shape, mesh)
+    params, step = objective.restore_ema(workdir, mesh)
     params = lora.apply_to(config, params)
     return conditioning.with_negative_prompt(config, params), step
 
@@ -48,8 +48,7 @@ def write_posthoc_ema(config: ml_collections.ConfigDict, workdir: str) -> str:
             "--config.phema.sigma_rel=0.08"
         )
     objective, mesh = prepare(config, workdir)
-    target = build.placed_params(objective.config, objective.model, objective.input_shape, mesh)
-    return posthoc_ema.write(workdir, sigma_rel, target)
+    return posthoc_ema.write(workdir, sigma_rel, objective.placed_params(mesh))
 
 
 def save_samples(stem: str, samples: np.ndarray, labels: np.ndarray, num_cols: int) -> str:

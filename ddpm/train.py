@@ -21,7 +21,7 @@ import ml_collections
 import optax
 from jax.experimental import multihost_utils
 
-from ddpm import build, checkpoint, data, objectives, phema, posthoc_ema, sharding
+from ddpm import build, checkpoint, conditioning, data, objectives, phema, posthoc_ema, sharding
 from ddpm.config import runs, validation
 from ddpm.errors import UserError
 from ddpm.objectives import Objective
@@ -284,11 +284,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train(config: ml_collections.ConfigDict, workdir: str, stop: _StopRequest) -> dict:
     info = validation.validate(config)
     runs.check_resumable(config, workdir, training=True)
+    conditioning.check_captions(config, info)
     mesh = build.mesh(config)
     global_batch = config.training.batch_size
     per_device = sharding.per_device_batch_size(global_batch, mesh, "config.training.batch_size")
     objective = objectives.create(config, workdir=workdir, mesh=mesh, training=True)
     config = objective.config  # completed by the objective (latent: the scale factor)
+    captions = conditioning.caption_table(config, info)  # encoded once
     training = config.training
     grid_images, grid_cols = objective.training_grid(
         jax.random.fold_in(jax.random.key(config.seed), 1)
@@ -351,7 +353,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _StopRequest) 
 
     try:
         while step < training.num_steps:
-            batch = sharding.global_batch(next(data_iter), mesh)
+            batch = conditioning.attach_captions(next(data_iter), captions)
+            batch = sharding.global_batch(batch, mesh)
             state, metrics = step_fn(state, batch, frozen)
             step += 1
             pending.append((step, metrics))
@@ -367,6 +370,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _StopRequest) 
                 last_metrics = read_metrics() or last_metrics
             if save:
                 ckpt.save(step, state, data_iter.get_state(), config_json)
+                if is_main:
+                    objective.export(workdir, state.ema_params)
             if snapshots is not None:
                 snapshots.maybe_save(step, state.phema, last=done)
             if grid:

@@ -11,7 +11,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIME_LIMIT = 30.0  # seconds for a bad input, interpreter start and JAX import included
@@ -35,6 +37,11 @@ def _cases(tmp) -> dict[str, tuple[list[str], str]]:
     shutil.copytree(os.path.join(ROOT, "tests", "assets", "diffusers", "unet_ddpm"), truncated)
     with open(truncated / "diffusion_pytorch_model.safetensors", "r+b") as f:
         f.truncate(1000)
+    sd = os.path.join(ROOT, "tests", "assets", "sd", "sd15")
+    for name in ("plain", "captioned"):
+        os.makedirs(tmp / name)
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp / name / "0.png")
+    (tmp / "captioned" / "0.txt").write_text("a black square")
     base = ["--config=configs/mnist.py", f"--workdir={w}"]
     return {
         "schedule": (
@@ -134,6 +141,26 @@ def _cases(tmp) -> dict[str, tuple[list[str], str]]:
             ["--mode=import", f"--config=configs/pretrained.py:{truncated}", f"--workdir={w}"],
             "diffusion_pytorch_model.safetensors is not a readable safetensors file",
         ),
+        "lora_rank": (
+            [*base, "--config.lora.rank=4"],
+            "config.lora.rank=4: LoRA adapts the U-Net of a Stable Diffusion pipeline",
+        ),
+        "uncaptioned": (
+            [
+                f"--config=configs/pretrained.py:{sd}",
+                f"--workdir={w}",
+                f"--config.data.source=folder:{tmp}/plain",
+            ],
+            f"config.data.source='folder:{tmp}/plain' has no captions",
+        ),
+        "lora_target": (
+            [
+                f"--config=configs/sd_lora.py:{sd},{tmp}/captioned",
+                f"--workdir={w}",
+                "--config.lora.targets=('to_q','attn3')",
+            ],
+            "config.lora.targets names 'attn3'",
+        ),
     }
 
 
@@ -194,6 +221,9 @@ CASES = [
     "process",
     "process_field",
     "bpd_divergence",
+    "lora_rank",
+    "uncaptioned",
+    "lora_target",
 ]
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from ddpm import data
 from ddpm.config.schema import get_config
 from ddpm.data import arrays, folder, pipeline, transforms
+from ddpm.errors import UserError
 
 
 def _config(source="mnist5k", **fields):
@@ -381,6 +382,41 @@ def test_folder_truncated_file_fails_when_decoded(tmp_path):
     config.data.skip_corrupt = True  # replaced by the next example of the folder
     labels, _ = _all_batches(config, batch_size=13, seed=0, num_epochs=1)
     assert len(labels) == 13
+
+
+def test_captioned_folders(tmp_path):
+    """captions.jsonl (nested paths too) or a .txt per image: labels index the distinct
+    captions, which the batches carry in file order; a missing caption, a caption of no
+    image or a malformed line names the file."""
+    texts = ["a gray square", "a dark square", "a gray square"]
+    for i in range(3):
+        _png(tmp_path / "jsonl" / "sub" / f"{i}.png", np.full((32, 32), 40 * i, np.uint8))
+        _png(tmp_path / "txt" / f"{i}.png", np.full((32, 32), 40 * i, np.uint8))
+        (tmp_path / "txt" / f"{i}.txt").write_text(texts[i] + "\n")
+    lines = [json.dumps({"file_name": f"sub/{i}.png", "text": t}) for i, t in enumerate(texts)]
+    (tmp_path / "jsonl" / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    for name in ("jsonl", "txt"):
+        config = _config(f"folder:{tmp_path / name}")
+        info = data.dataset_info(config)
+        assert info.captions == ["a gray square", "a dark square"], name
+        assert info.num_classes is None and info.class_names is None
+        labels, images = _all_batches(config, batch_size=3, seed=0, num_epochs=1)
+        value = np.round((images[:, 0, 0, 0] + 1) * 127.5).astype(int)
+        np.testing.assert_array_equal(labels, [[0, 1, 0][v // 40] for v in value])
+
+    (tmp_path / "txt" / "1.txt").unlink()
+    with pytest.raises(UserError, match=r"1.png has no caption \(1 without one\).*\.txt"):
+        data.validate_data_config(_config(f"folder:{tmp_path / 'txt'}"))
+    jsonl = tmp_path / "jsonl" / "captions.jsonl"
+    jsonl.write_text("\n".join(lines[:2]) + "\n")
+    with pytest.raises(UserError, match="2.png has no caption.*captions.jsonl"):
+        data.validate_data_config(_config(f"folder:{tmp_path / 'jsonl'}"))
+    jsonl.write_text("\n".join(lines) + '\n{"file_name": "sub/9.png", "text": "x"}\n')
+    with pytest.raises(UserError, match="line 4: no image file .*9.png"):
+        data.validate_data_config(_config(f"folder:{tmp_path / 'jsonl'}"))
+    jsonl.write_text('{"file": "sub/0.png"}\n')
+    with pytest.raises(UserError, match='line 1: not a JSON object with "file_name"'):
+        data.validate_data_config(_config(f"folder:{tmp_path / 'jsonl'}"))
 
 
 def test_folder_bad_layouts(tmp_path):

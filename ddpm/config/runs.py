@@ -23,6 +23,9 @@ CONFIG_FILE = "config.json"
 # Sections compared whole by the resume check (besides the model's shape fields).
 _COMPARED = (
     "objective",
+    "lora.rank",
+    "lora.alpha",
+    "lora.targets",
     "diffusion.process",
     "data.image_size",
     "data.channels",

@@ -336,6 +336,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.pretrained.lora = placeholder(str)
     config.pretrained.lora_scale = 1.0
 
+    # LoRA fine-tuning (ddpm.objectives.lora) of the U-Net of config.pretrained.path (a Stable
+    # Diffusion pipeline): rank None = off (train every weight); set, only the adapters train,
+    # on the diffusers modules whose names end in a target (attention projections by
+    # default), scaled by alpha / rank (None: alpha = rank); the frozen base is held in
+    # base_dtype (float32 | bfloat16). The workdir's pytorch_lora_weights.safetensors (the EMA
+    # adapters, rewritten at every checkpoint) loads in diffusers.
+    config.lora = ml_collections.ConfigDict()
+    config.lora.rank = placeholder(int)
+    config.lora.alpha = placeholder(float)
+    config.lora.targets = ("to_q", "to_k", "to_v", "to_out.0")
+    config.lora.base_dtype = "float32"
+
     # Speed only, never results (ddpm.runtime): chosen by platform unless set. The resume
     # check ignores this section.
     config.runtime = ml_collections.ConfigDict()

@@ -130,6 +130,7 @@ def validate(
     _validate_distill(config)
     _validate_consistency(config)
     _validate_phema(config)
+    _validate_lora(config)
     run = runs.derive(config)  # latent diffusion: reads (and checks) its stage-1 run
     _validate_derived(config, run)
     {"unet": _validate_unet, "dit": _validate_dit, "autoencoder": _validate_autoencoder}[
@@ -334,6 +335,28 @@ def _validate_phema(config: ml_collections.ConfigDict) -> None:
             )
     if len(set(p.track)) != len(p.track):
         raise UserError(f"config.phema.track={tuple(p.track)!r} names a width twice")
+
+
+def _validate_lora(config: ml_collections.ConfigDict) -> None:
+    """config.lora: adapters train on an imported Stable Diffusion U-Net only."""
+    lo = config.lora
+    if lo.rank is None:
+        return
+    number(config, "lora.rank", 1, integer=True)
+    if lo.alpha is not None:
+        number(config, "lora.alpha", 0, low_inclusive=False)
+    choice(config, "lora.base_dtype", ("float32", "bfloat16"))
+    if not lo.targets or not all(isinstance(t, str) and t for t in lo.targets):
+        raise UserError(
+            f"config.lora.targets={tuple(lo.targets)!r} must name diffusers modules, e.g. "
+            "('to_q', 'to_k', 'to_v', 'to_out.0')"
+        )
+    if config.model.get("attention_type") != "transformer" or config.pretrained.path is None:
+        raise UserError(
+            f"config.lora.rank={lo.rank}: LoRA adapts the U-Net of a Stable Diffusion pipeline "
+            "(--config=configs/sd_lora.py:DIR or configs/pretrained.py:DIR)"
+        )
+    choice(config, "objective", ("latent", "diffusion"))
 
 
 def _validate_consistency(config: ml_collections.ConfigDict) -> None:

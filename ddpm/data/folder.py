@@ -9,9 +9,16 @@ convert to the configured channels. A file that cannot be read is a ValueError n
 or, with config.data.skip_corrupt, left out with a warning (found at indexing) or replaced
 by the next example (found at decoding). A file whose shorter side is below image_size is
 always an error. One split: "train" and "test" both read the whole folder.
+
+Captions (text-to-image fine-tuning): a `captions.jsonl` in the root, one line
+{"file_name": "<path relative to the root>", "text": "<caption>"} per image (the Hugging Face
+image-folder metadata keys), or a `<name>.txt` beside each image. Then every image needs one,
+the labels are caption ids (into `FolderIndex.captions`, distinct captions in file order) and
+sub-folders are not classes.
 """
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -23,16 +30,20 @@ from ddpm.errors import UserError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 _READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+CAPTIONS_FILE = "captions.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
 class FolderIndex:
-    """Files of an image folder.  paths: [N] str, labels: [N] int32, skipped: unreadable files."""
+    """Files of an image folder.  paths: [N] str, labels: [N] int32, skipped: unreadable
+    files; captions: the distinct captions (labels index them), None for an uncaptioned
+    folder."""
 
     paths: list[str]
     labels: np.ndarray
     class_names: list[str] | None
     skipped: list[str]
+    captions: list[str] | None = None
 
 
 def list_images(root: Path) -> list[Path]:
@@ -52,6 +63,44 @@ def _header_size(path: Path) -> tuple[int, int]:
         return image.size
 
 
+def read_captions(root: Path, files: list[Path]) -> dict[Path, str] | None:
+    """{image: caption} of a captioned folder (`captions.jsonl`, else `.txt` files beside the
+    images), None if it has neither. UserError for a malformed line, a caption of no image,
+    or an image without a caption."""
+    jsonl = root / CAPTIONS_FILE
+    captions: dict[Path, str] = {}
+    if jsonl.is_file():
+        known = set(files)
+        for number, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                path, caption = root / entry["file_name"], entry["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UserError(
+                    f'{jsonl} line {number}: not a JSON object with "file_name" and "text" ({e})'
+                ) from e
+            if path not in known:
+                raise UserError(f"{jsonl} line {number}: no image file {path}")
+            captions[path] = str(caption)
+    else:
+        for path in files:
+            text = path.with_suffix(".txt")
+            if text.is_file():
+                captions[path] = text.read_text(encoding="utf-8").strip()
+        if not captions:
+            return None
+    missing = [str(p) for p in files if p not in captions]
+    if missing:
+        where = CAPTIONS_FILE if jsonl.is_file() else "a .txt file of the same name"
+        raise UserError(
+            f"image file {missing[0]} has no caption ({len(missing)} without one); a captioned "
+            f"folder needs one for every image, in {where}"
+        )
+    return captions
+
+
 def index_folder(root: Path, size: int, *, skip_corrupt: bool) -> FolderIndex:
     """List the images of `root`, read their headers and assign labels (see module docstring)."""
     if not root.is_dir():
@@ -61,8 +110,9 @@ def index_folder(root: Path, size: int, *, skip_corrupt: bool) -> FolderIndex:
         raise UserError(
             f"config.data.source='folder:{root}': no image files ({', '.join(EXTENSIONS)}) found"
         )
+    captions = read_captions(root, files)
     top = [p.relative_to(root).parts for p in files]
-    nested = sum(len(parts) > 1 for parts in top)
+    nested = sum(len(parts) > 1 for parts in top) if captions is None else 0
     if 0 < nested < len(files):
         loose = [str(root.joinpath(*parts)) for parts in top if len(parts) == 1][:3]
         raise UserError(
@@ -94,7 +144,13 @@ def index_folder(root: Path, size: int, *, skip_corrupt: bool) -> FolderIndex:
         logging.warning("folder %s: skipped %d unreadable file(s): %s", root, len(skipped), skipped)
     if not paths:
         raise UserError(f"config.data.source='folder:{root}': no readable image files")
-    return FolderIndex(paths, np.asarray(labels, np.int32), class_names, skipped)
+    table = None
+    if captions is not None:
+        texts = [captions[Path(p)] for p in paths]
+        table = list(dict.fromkeys(texts))
+        ids = {caption: i for i, caption in enumerate(table)}
+        labels = [ids[caption] for caption in texts]
+    return FolderIndex(paths, np.asarray(labels, np.int32), class_names, skipped, table)
 
 
 def decode(path: str, size: int, channels: int) -> np.ndarray:

@@ -33,6 +33,7 @@ class DatasetInfo:
     split_sizes: examples per split, keyed "train" / "test" (whole split, all processes).
     num_classes / class_names: None for an unconditional source (labels are then all 0).
     skipped_files: unreadable files left out (folder source with config.data.skip_corrupt).
+    captions: a captioned folder's distinct captions, which its labels index (None: none).
     """
 
     source: str
@@ -41,6 +42,7 @@ class DatasetInfo:
     num_classes: int | None
     class_names: list[str] | None
     skipped_files: list[str] = dataclasses.field(default_factory=list)
+    captions: list[str] | None = None
 
     def num_examples(self, split: str) -> int:
         """Number of examples of split "train" or "test" (before sharding over processes)."""
@@ -145,6 +147,7 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
             len(names) if names else None,
             names,
             index.skipped,
+            index.captions,
         )
     if kind == "mnist5k":
         for field in ("train_split", "eval_split"):

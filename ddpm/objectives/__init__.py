@@ -11,7 +11,7 @@ import jax
 import ml_collections
 
 from ddpm import autoguide, build
-from ddpm.objectives import consistency, distill, latent
+from ddpm.objectives import consistency, distill, latent, lora
 from ddpm.objectives.autoencoder import Autoencoder
 from ddpm.objectives.base import Objective
 from ddpm.objectives.consistency import Consistency
@@ -63,4 +63,7 @@ def create(
     objective = _FACTORIES[config.objective](
         config, speed, workdir=workdir, mesh=mesh, training=training
     )
-    return dataclasses.replace(objective, mesh=mesh)
+    objective = dataclasses.replace(objective, mesh=mesh)
+    if config.lora.rank is not None:  # adapters on its frozen U-Net
+        objective = lora.create(objective, mesh)
+    return objective

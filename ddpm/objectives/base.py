@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from ddpm import models, runtime
+from ddpm import build, models, runtime
 from ddpm.config import runs
 from ddpm.errors import UserError
 
@@ -64,6 +64,21 @@ class Objective(abc.ABC):
         """Fresh parameters of the network (traceable: jit it)."""
         inputs = models.init_inputs(self.config, self.input_shape)
         return self.model.init(runtime.init_key(rng, self.speed), *inputs)["params"]
+
+    def placed_params(self, mesh: jax.sharding.Mesh) -> Any:
+        """The trained parameters as `jax.ShapeDtypeStruct`s with the shardings training
+        gives them on `mesh` (what checkpoints hold as EMA parameters)."""
+        return build.placed_params(self.config, self.model, self.input_shape, mesh)
+
+    def restore_ema(self, workdir: str, mesh: jax.sharding.Mesh) -> tuple[Any, int]:
+        """(the network's parameters for the samplers, step) from the EMA parameters of the
+        latest checkpoint of `workdir` (`build.restore_ema_into`)."""
+        return build.restore_ema_into(self.config, workdir, self.placed_params(mesh))
+
+    def export(self, workdir: str, ema_params: Any) -> None:
+        """Writes what the objective exports beside each checkpoint, from the EMA parameters
+        (host arrays; process 0). Default: nothing."""
+        del workdir, ema_params
 
     def init_carry(self, params: Any) -> Any:
         """What the objective carries from step to step in the train state, for freshly

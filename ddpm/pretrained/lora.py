@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -89,17 +90,24 @@ def write(path: str, adapters: Adapters, alpha: float) -> None:
     save_file(tensors, path, metadata={"format": "pt", METADATA: json.dumps(settings)})
 
 
-def merge(params: Any, adapters: Adapters, scale: float, table: list[Rule]) -> Any:
-    """`params` (our U-Net's tree) with every adapted kernel W + scale (B A)^T, by the
-    converter's `table` of our modules against diffusers'. UserError for an adapter on a
-    module the table does not have."""
-    merged = {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
-    owner = {}  # their module -> (our kernel path, its part of the columns, number of parts)
+def owners(table: list[Rule]) -> dict[str, tuple[str, int, int]]:
+    """{diffusers module: (our kernel's path "a/b/kernel", its part of the columns, number of
+    parts)} of the converter's dense layers (`table`); k and v share one kernel of ours."""
+    found = {}
     for r in table:
-        if r.kind != "dense":
-            continue
-        for i, theirs in enumerate(r.theirs):
-            owner[theirs] = (f"{r.ours}/kernel", i, len(r.theirs))
+        if r.kind == "dense":
+            for i, theirs in enumerate(r.theirs):
+                found[theirs] = (f"{r.ours}/kernel", i, len(r.theirs))
+    return found
+
+
+def merge(params: Any, adapters: Adapters, scale: float | jax.Array, table: list[Rule]) -> Any:
+    """`params` (our U-Net's tree) with every adapted kernel W + scale (B A)^T in float32, by
+    the converter's `table` of our modules against diffusers'. Traceable (adapters may be
+    traced; the train step of `ddpm.objectives.lora` merges this way). UserError for an
+    adapter on a module the table does not have, or of another shape."""
+    merged = {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
+    owner = owners(table)
     for module, pair in adapters.items():
         if module not in owner:
             raise UserError(
@@ -107,17 +115,16 @@ def merge(params: Any, adapters: Adapters, scale: float, table: list[Rule]) -> A
                 "attention projections to_q / to_k / to_v / to_out.0, ff, proj_in / proj_out)"
             )
         path, part, parts = owner[module]
-        kernel = np.asarray(merged[path])
+        kernel = jnp.asarray(merged[path], jnp.float32)
         width = kernel.shape[-1] // parts
-        update = scale * (pair["lora_B"] @ pair["lora_A"]).T  # [in, out]
+        b, a = jnp.asarray(pair["lora_B"], jnp.float32), jnp.asarray(pair["lora_A"], jnp.float32)
+        update = scale * jnp.matmul(b, a, precision="highest").T  # [in, out]
         if update.shape != (kernel.shape[0], width):
             raise UserError(
                 f"LoRA adapter on {module!r} is {update.shape[::-1]} (out, in); the layer is "
                 f"{(width, kernel.shape[0])}"
             )
-        kernel = kernel.copy()
-        kernel[:, part * width : (part + 1) * width] += update.astype(kernel.dtype)
-        merged[path] = kernel
+        merged[path] = kernel.at[:, part * width : (part + 1) * width].add(update)
     return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in merged.items()})
 
 
