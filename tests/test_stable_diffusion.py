@@ -9,10 +9,11 @@ and SD 2.1's full-size configs.
 """
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ import pytest
 from PIL import Image
 
 from ddpm import build, conditioning, data, generate, objectives, pretrained, samplers, train
-from ddpm.config import schema
+from ddpm.config import runs, schema
 from ddpm.errors import UserError
 from ddpm.models.context import ContextSpec
 from ddpm.models.unet import unet_from_config
@@ -350,7 +351,7 @@ def _sha256(path: str) -> str:
 
 def test_lora_fine_tune_on_a_captioned_folder(tmp_path):
     """configs/sd_lora.py on the tiny SD 1.x pipeline and a captioned folder, through the
-    trainer: only the rank-4 adapters (56 attention projections) are in the checkpoints; the
+    CLI: only the rank-4 adapters (56 attention projections) are in the checkpoints; the
     pipeline's U-Net file is unchanged and the frozen base equals a fresh conversion bit for
     bit; the loss on fixed draws of the folder falls; a run resumed at step 12 ends where the
     run it was copied from does at 24; the exported pytorch_lora_weights.safetensors holds the
@@ -360,19 +361,23 @@ def test_lora_fine_tune_on_a_captioned_folder(tmp_path):
     images = _captioned_images(tmp_path / "images")
     unet_file = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
     before = _sha256(unet_file)
-    spec = importlib.util.spec_from_file_location(
-        "sd_lora", os.path.join(ROOT, "configs/sd_lora.py")
-    )
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    config = recipe.get_config(f"{folder},{images}")
-    assert config.sample.prompt == "a red disc" and config.lora.rank == 4
-    config.training.update(num_steps=24, checkpoint_every=12, sample_every=24, learning_rate=1e-2)
-    config.sample.update(method="ddim", num_steps=3)  # the grid: the import test's sampler
+    overrides = {
+        "training.num_steps": 24,
+        "training.checkpoint_every": 12,
+        "training.sample_every": 24,
+        "training.learning_rate": 0.01,
+        "sample.method": "ddim",  # the grid: the import test's sampler
+        "sample.num_steps": 3,
+    }
+    recipe = f"configs/sd_lora.py:{folder},{images}"
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train.train_and_evaluate(config, straight)
+    cli = [sys.executable, "main.py", f"--config={recipe}", f"--workdir={straight}"]
+    cli += [f"--config.{field}={value}" for field, value in overrides.items()]
+    subprocess.run(cli, cwd=ROOT, check=True, timeout=600)  # as a user runs it
     shutil.copytree(straight, resumed, ignore=shutil.ignore_patterns("24"))  # stopped at 12
+    config = runs.load_config(straight)  # what the CLI trained; resumed in this process
     train.train_and_evaluate(config, resumed)
+    assert config.sample.prompt == "a red disc" and config.lora.rank == 4
     assert _sha256(unet_file) == before
 
     mesh = build.mesh(config)
