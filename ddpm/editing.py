@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from ddpm import data, generate, models, sharding
+from ddpm import conditioning, data, generate, models, sharding
 from ddpm.config import validation
 from ddpm.data import transforms
 from ddpm.errors import UserError
@@ -84,9 +84,17 @@ def load_input(config: ml_collections.ConfigDict) -> tuple[np.ndarray, int | Non
     return transforms.to_float(image), None
 
 
-def _labels(config: ml_collections.ConfigDict, input_label: int | None, n: int):
-    """[n] int32 class ids: config.sample.labels, else the test example's label, else the null
-    label (unconditional); None for an unconditional model."""
+def _condition(config: ml_collections.ConfigDict, input_label: int | None, n: int):
+    """The condition of n results: a text model's config.sample.prompt encoded (UserError
+    without one); else [n] int32 class ids: config.sample.labels, else the test example's
+    label, else the null label (unconditional); None for an unconditional model."""
+    if config.text.source is not None:
+        if config.sample.prompt is None:
+            raise UserError(
+                "editing with a text model needs config.sample.prompt (the text the results "
+                'follow; "" for none)'
+            )
+        return jax.tree.map(jnp.asarray, conditioning.encode(config, [config.sample.prompt] * n))
     if config.model.num_classes is None:
         return None
     label = config.sample.labels
@@ -113,15 +121,16 @@ def edit_from_workdir(config: ml_collections.ConfigDict, workdir: str, mode: str
         shown = [x]
     sampler = objective.sampler(n, **options)
     params, step = generate.restore(objective, workdir, mesh)
-    labels = _labels(config, input_label, n)
+    cond = _condition(config, input_label, n)
     print(
         f"{mode}: {n} results with {s.method}, {s.num_steps} steps, guidance "
         f"{s.guidance_scale}, from the EMA parameters of step {step}",
         flush=True,
     )
     rng = jax.random.fold_in(jax.random.key(config.seed), 3)
-    results = sharding.to_host(sampler(params, rng, labels, **arrays), mesh)
+    results = sharding.to_host(sampler(params, rng, cond, **arrays), mesh)
     row = np.concatenate([np.stack(shown), results])
-    row_labels = np.full(len(row), -1 if labels is None else int(labels[0]), np.int32)
+    label = int(cond[0]) if isinstance(cond, jax.Array) else -1
+    row_labels = np.full(len(row), label, np.int32)
     stem = os.path.join(workdir, "samples", f"{mode}_{s.method}_{s.num_steps}")
     return generate.save_samples(stem, row, row_labels, len(row))

@@ -292,9 +292,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _StopRequest) 
     config = objective.config  # completed by the objective (latent: the scale factor)
     captions = conditioning.caption_table(config, info)  # encoded once
     training = config.training
-    grid_images, grid_cols = objective.training_grid(
-        jax.random.fold_in(jax.random.key(config.seed), 1)
-    )
+    if training.sample_every:
+        grid_images, grid_cols = objective.training_grid(
+            jax.random.fold_in(jax.random.key(config.seed), 1)
+        )
     is_main = jax.process_index() == 0
     if is_main:
         _write_run_files(config, workdir, info.class_names)
@@ -365,7 +366,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _StopRequest) 
             done = step == training.num_steps
             stage_end = objective.ends_stage(step)
             save = step % training.checkpoint_every == 0 or done or stopping or stage_end
-            grid = step % training.sample_every == 0 or done or stage_end
+            grid = training.sample_every and (
+                step % training.sample_every == 0 or done or stage_end
+            )
             if save or grid or step % training.log_every == 0:
                 last_metrics = read_metrics() or last_metrics
             if save:

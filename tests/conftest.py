@@ -52,6 +52,7 @@ os.environ["XLA_FLAGS"] = flags
 # by their number of tests, and two-test files such as test_multihost.py run last.
 LONGEST_FIRST = (
     "test_train.py",
+    "test_stable_diffusion.py",
     "test_evaluate.py",
     "test_distill.py",
     "test_multihost.py",
@@ -61,13 +62,12 @@ LONGEST_FIRST = (
     "test_phema.py",
     "test_package.py",
     "test_pretrained.py",
-    "test_stable_diffusion.py",
     "test_sweep.py",
     "test_samplers.py",
     "test_vlb.py",
     "test_unet.py",
-    "test_entrypoints.py",
     "test_signals.py",
+    "test_entrypoints.py",
     "test_diffusion.py",
     "test_text.py",
     "test_autoguide.py",

@@ -9,11 +9,10 @@ and SD 2.1's full-size configs.
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +20,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm import build, conditioning, data, generate, objectives, pretrained, samplers, train
-from ddpm.config import runs, schema
+from ddpm import (
+    build,
+    conditioning,
+    data,
+    editing,
+    generate,
+    objectives,
+    pretrained,
+    samplers,
+    train,
+)
+from ddpm.config import schema
 from ddpm.errors import UserError
 from ddpm.models.context import ContextSpec
 from ddpm.models.unet import unet_from_config
+from ddpm.objectives import latent
 from ddpm.objectives import lora as lora_objective
 from ddpm.pretrained import clip_text, files, layout, lora, scheduler, unet2d_condition
 from ddpm.pretrained.clip_tokenizer import ClipTokenizer
@@ -350,34 +360,26 @@ def _sha256(path: str) -> str:
 
 
 def test_lora_fine_tune_on_a_captioned_folder(tmp_path):
-    """configs/sd_lora.py on the tiny SD 1.x pipeline and a captioned folder, through the
-    CLI: only the rank-4 adapters (56 attention projections) are in the checkpoints; the
-    pipeline's U-Net file is unchanged and the frozen base equals a fresh conversion bit for
-    bit; the loss on fixed draws of the folder falls; a run resumed at step 12 ends where the
-    run it was copied from does at 24; the exported pytorch_lora_weights.safetensors holds the
-    trained adapters, and merging it into the base gives the weights the workdir samples
-    with."""
+    """configs/sd_lora.py on the tiny SD 1.x pipeline and a captioned folder: only the rank-4
+    adapters (56 attention projections) are in the checkpoints; the pipeline's U-Net file is
+    unchanged and the frozen base equals a fresh conversion bit for bit; the loss on fixed
+    draws of the folder falls; a run resumed at step 12 ends where the run it was copied from
+    does at 24; the exported pytorch_lora_weights.safetensors holds the trained adapters, and
+    merging it into the base gives the weights the workdir samples with."""
     folder = os.path.join(ASSETS, "sd15")
     images = _captioned_images(tmp_path / "images")
     unet_file = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
     before = _sha256(unet_file)
-    overrides = {
-        "training.num_steps": 24,
-        "training.checkpoint_every": 12,
-        "training.sample_every": 24,
-        "training.learning_rate": 0.01,
-        "sample.method": "ddim",  # the grid: the import test's sampler
-        "sample.num_steps": 3,
-    }
-    recipe = f"configs/sd_lora.py:{folder},{images}"
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    cli = [sys.executable, "main.py", f"--config={recipe}", f"--workdir={straight}"]
-    cli += [f"--config.{field}={value}" for field, value in overrides.items()]
-    subprocess.run(cli, cwd=ROOT, check=True, timeout=600)  # as a user runs it
-    shutil.copytree(straight, resumed, ignore=shutil.ignore_patterns("24"))  # stopped at 12
-    config = runs.load_config(straight)  # what the CLI trained; resumed in this process
-    train.train_and_evaluate(config, resumed)
+    spec = importlib.util.spec_from_file_location("sd_lora", f"{ROOT}/configs/sd_lora.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    config = recipe.get_config(f"{folder},{images}")  # as --config=configs/sd_lora.py:...
     assert config.sample.prompt == "a red disc" and config.lora.rank == 4
+    config.training.update(num_steps=24, checkpoint_every=12, sample_every=0, learning_rate=1e-2)
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train.train_and_evaluate(config, straight)  # what --mode=train runs
+    shutil.copytree(straight, resumed, ignore=shutil.ignore_patterns("24"))  # stopped at 12
+    train.train_and_evaluate(config, resumed)
     assert _sha256(unet_file) == before
 
     mesh = build.mesh(config)
@@ -419,4 +421,41 @@ def test_lora_fine_tune_on_a_captioned_folder(tmp_path):
         jax.device_get(sampled),
         jax.device_get(expected),
     )
-    assert os.path.isfile(os.path.join(straight, "samples", "step_0000024.png"))
+
+
+def test_img2img_and_inpaint_a_latent_pipeline_with_a_prompt(tmp_path):
+    """--mode=inpaint / img2img of an imported pipeline edit its latents: the input PNG is
+    encoded, the mask min-pooled to the latents, the prompt encoded, the results decoded.
+    A mask that keeps every pixel gives the VAE's reconstruction of the input (the last
+    replacement sets the latents to the input's); SDEdit at strength 2/3 (2 of 3 steps)
+    changes it, by the prompt."""
+    folder = os.path.join(ASSETS, "sd15")
+    workdir = str(tmp_path / "run")
+    config = pretrained.config_for(folder)
+    config.sample.update(method="ddim", num_steps=3, prompt="a red disc")
+    pretrained.import_weights(config, workdir)
+    images = _captioned_images(tmp_path / "images")
+    white = str(tmp_path / "keep_all.png")
+    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(white)
+    config.edit.update(input=os.path.join(images, "0.png"), mask=white, num_samples=2)
+
+    def results(mode: str) -> np.ndarray:
+        png = editing.edit_from_workdir(config, workdir, mode)
+        return np.load(png.replace(".png", ".npz"))["images"][-2:].astype(np.float32)
+
+    kept = results("inpaint")
+    objective, mesh = generate.prepare(config, workdir)
+    x, _ = editing.load_input(config)
+    stage1 = objective.stage1_apply
+    scale = objective.config.latent.scale_factor
+    latents = latent.encode_latents(
+        stage1, objective.frozen, x[None], None, scale_factor=scale, sample_posterior=False
+    )
+    decoded = latent.decode_latents(stage1, objective.frozen, latents, scale_factor=scale)
+    expected = np.round(np.clip(np.asarray(decoded[0]) / 2 + 0.5, 0, 1) * 255)
+    assert np.abs(kept - expected).max() <= 1  # uint8 rounding of the same image
+    config.edit.strength = 2 / 3
+    edited = results("img2img")
+    assert np.abs(edited - expected).mean() > 5
+    config.sample.prompt = "a blue disc"
+    assert np.abs(results("img2img") - edited).mean() > 1

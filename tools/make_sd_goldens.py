@@ -30,7 +30,8 @@ project requirements; the tests then run without them. Writes:
              device, without weights)
 
 `python tools/make_sd_goldens.py --check-lora PIPELINE_DIR LORA_FILE GOLDEN_NPZ` loads a LoRA
-exported by this project into diffusers and compares the U-Net's outputs with ours.
+exported by this project into diffusers and compares the U-Net's outputs with ours
+(GOLDEN_NPZ: written by `python tools/lora_outputs.py PIPELINE_DIR LORA_FILE GOLDEN_NPZ`).
 """
 
 import json

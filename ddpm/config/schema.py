@@ -201,7 +201,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.log_every = 50
     config.training.checkpoint_every = 1000
     config.training.keep_checkpoints = 3
-    config.training.sample_every = 5000
+    config.training.sample_every = 5000  # steps between sample grids (one at the end); 0: none
     # Devices that split each parameter, its EMA and optimizer state (FSDP); must divide the
     # device count. 1 = plain data parallel. Arrays under fsdp_min_size elements stay whole.
     config.training.fsdp = 1

@@ -306,10 +306,10 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
             "log_every",
             "checkpoint_every",
             "keep_checkpoints",
-            "sample_every",
             "fsdp",
         ),
     )
+    number(config, "training.sample_every", 0, integer=True)
     number(config, "training.learning_rate", 0, low_inclusive=False)
     number(config, "training.fsdp_min_size", 0, integer=True)
     number(config, "training.warmup_steps", 0, integer=True)
@@ -700,8 +700,8 @@ def validate_edit_section(config: ml_collections.ConfigDict, mode: str) -> None:
         number(config, "edit.resample", 1, integer=True)
     else:
         number(config, "edit.strength", 0, 1, low_inclusive=False, high_inclusive=True)
-    if config.objective not in ("diffusion", "distill", "consistency"):
+    if config.objective not in ("diffusion", "latent", "distill", "consistency"):
         raise UserError(
-            f"--mode={mode} edits with a diffusion model in data space; config.objective="
+            f"--mode={mode} edits with a diffusion model; config.objective="
             f"{config.objective!r} is not supported"
         )

@@ -78,15 +78,30 @@ class LatentDiffusion(Diffusion):
         return self.denoising_loss(params, x0, batch, rng), {}
 
     def sampler(self, num: int, **edit: Any) -> Callable[..., Array]:
-        if edit:
-            raise UserError("editing (inpaint, img2img) works in data space, not on latents")
-        sample = super().sampler(num)
-        decode = jax.jit(
+        """Samples in latent space, decoded. Editing (`edit`: inpainting's or SDEdit's
+        options) takes its arrays in data space: `init` / `known` [1 or num, H, W, C] are
+        encoded to the posterior mean's latents, and `mask` [.., H, W, 1] (1 = keep) keeps a
+        latent pixel only where all the pixels it covers are kept (a min-pool by the
+        autoencoder's factor), so every pixel to fill is regenerated."""
+        sample = super().sampler(num, **edit)
+        scale = self.config.latent.scale_factor
+        decode = jax.jit(functools.partial(decode_latents, self.stage1_apply, scale_factor=scale))
+        if not edit:
+            return lambda params, rng, cond: decode(self.frozen, sample(params, rng, cond))
+        encode = jax.jit(
             functools.partial(
-                decode_latents, self.stage1_apply, scale_factor=self.config.latent.scale_factor
+                encode_latents, self.stage1_apply, scale_factor=scale, sample_posterior=False
             )
         )
-        return lambda params, rng, cond: decode(self.frozen, sample(params, rng, cond))
+
+        def edited(params, rng, cond, **arrays):
+            latents = {k: encode(self.frozen, v, rng) for k, v in arrays.items() if k != "mask"}
+            if "mask" in arrays:
+                f = arrays["mask"].shape[1] // self.input_shape[0]  # the autoencoder's factor
+                latents["mask"] = -nn.max_pool(-arrays["mask"], (f, f), strides=(f, f))
+            return decode(self.frozen, sample(params, rng, cond, **latents))
+
+        return edited
 
 
 def estimate_scale_factor(

@@ -101,6 +101,7 @@ class LoRA(Objective):
     def loss(
         self, params: Any, frozen: Any, batch: Batch, rng: Array, carry: Any = None
     ) -> tuple[Array, dict]:
+        del carry
         return self.inner.loss(self.merged(params, frozen["base"]), frozen["inner"], batch, rng)
 
     def training_grid(self, rng: Array) -> tuple[Callable[[Any, int], Array], int]:
