@@ -4,13 +4,12 @@ per kind of operation, at each batch size.
 
     python -m bench.profile_cpu --config=configs.mnist --batches=64,256
 
-Both sides build the train step exactly as `bench.vs_diffusers` does (same network, loss,
-optimizer and EMA; fp32; torch on --torch-threads threads). Each step is warmed up, then
---steps steps are traced. One JSON line per (side, batch, kind): ms per step and its share of
-the step; then a Markdown table. Kinds: convolution forward, convolution gradients (input
-and kernel), matmuls (attention, dense), normalisation, elementwise / fusions, data movement
-(copy, transpose, pad, slice), optimizer + EMA, other. XLA fuses elementwise work into its
-convolutions and matmuls where it can; torch runs it as separate kernels.
+Both sides build the train step as `bench.vs_diffusers` does (same network, loss, optimizer
+and EMA; fp32; torch on --torch-threads threads). Each step is warmed up, then --steps steps
+are traced. One JSON line per (side, batch, kind): ms per step and its share of the traced
+time, with the untraced wall time per step; each side's most expensive operations; then a
+Markdown table. XLA fuses elementwise work into larger kernels where it can, torch runs it
+as separate operators, so compare the convolution and matmul rows first.
 """
 
 import argparse
@@ -26,34 +25,84 @@ from typing import Any
 
 from bench import vs_diffusers
 
-# Kind of an XLA:CPU thunk, by its HLO instruction name (the trace's event names).
-XLA_KINDS = (
-    ("conv gradients", re.compile(r"^(convolution|conv).*(bwd|grad|backward|transpose)", re.I)),
-    ("convolution", re.compile(r"^(convolution|conv|.*convolution)", re.I)),
-    ("matmul", re.compile(r"^(dot|.*dot|gemm|.*matmul|custom-call.*(gemm|matmul))", re.I)),
-    ("data movement", re.compile(r"^(copy|transpose|pad|slice|concatenate|dynamic|gather|scatter|broadcast|reshape|bitcast)", re.I)),
-    ("reduction", re.compile(r"^(reduce|.*reduce)", re.I)),
-    ("elementwise / fusion", re.compile(r"^(fusion|loop_|input_|.*fusion|add|multiply|subtract|divide|exp|select|compare|maximum|minimum|rsqrt|sqrt|negate|log|tanh|logistic|convert)", re.I)),
-)
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = \S+ ([\w-]+)\(")
+_DATA_MOVEMENT = {
+    "copy", "transpose", "pad", "slice", "concatenate", "dynamic-slice",
+    "dynamic-update-slice", "gather", "scatter", "broadcast", "reshape", "bitcast",
+    "tuple", "get-tuple-element",
+}  # fmt: skip
+# Kind of a torch operator (torch.profiler's self time); the backward of a convolution is
+# one operator for both of its gradients. Anything else is elementwise.
 TORCH_KINDS = (
-    ("conv gradients", re.compile(r"convolution_backward")),
-    ("convolution", re.compile(r"(conv2d|convolution|_convolution|mkldnn_convolution)")),
-    ("matmul", re.compile(r"(addmm|^aten::mm$|bmm|matmul|linear|baddbmm|scaled_dot_product|_flash_attention)")),
-    ("normalisation", re.compile(r"(group_norm|layer_norm|batch_norm)")),
-    ("optimizer + EMA", re.compile(r"(_foreach|adam|lerp|clip_grad|norm$|_amp)")),
-    ("data movement", re.compile(r"(copy_|contiguous|permute|transpose|cat|pad|slice|index|view|reshape|to$|clone|empty|zeros|fill_)")),
-    ("elementwise / fusion", re.compile(r"(silu|add|mul|sub|div|exp|sqrt|rsqrt|sin|cos|pow|neg|where|sum|mean|sigmoid|softmax|randn|rand|normal|uniform|gelu)")),
+    ("conv gradients (both)", re.compile(r"convolution_backward")),
+    ("conv forward", re.compile(r"conv2d|convolution")),
+    ("matmul", re.compile(r"addmm|aten::mm$|bmm|matmul|linear|scaled_dot_product|attention")),
+    ("normalisation", re.compile(r"group_norm|layer_norm|batch_norm")),
+    ("optimizer + EMA", re.compile(r"_foreach|adam|lerp|clip_grad")),
+    ("reduction", re.compile(r"aten::(sum|mean|norm|var)")),
+    ("data movement", re.compile(r"copy_|contiguous|permute|transpose|cat$|pad|slice|index")),
 )
 
 
-def kind_of(name: str, kinds) -> str:
-    for kind, pattern in kinds:
+def hlo_kinds(text: str) -> dict[str, str]:
+    """{instruction name: kind} of a compiled module's HLO text (`compiled.as_text()`), for
+    the instructions a trace names (XLA:CPU runs one thunk per instruction of the entry
+    computation and of loop bodies). A fusion takes the kind of what it fuses: a convolution
+    (forward, input gradient, or kernel gradient, whose window spans the feature map), a dot
+    (matmul), a reduction, only copies / transposes (data movement), else elementwise."""
+    computations: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for line in text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            current = computations.setdefault(header.group(1), [])
+            continue
+        found = _INSTRUCTION.match(line)
+        if found and current is not None:
+            current.append((found.group(2), line))
+
+    def kind(opcode: str, line: str) -> str:
+        if opcode == "fusion":
+            called = re.search(r"calls=%([\w.\-]+)", line)
+            inner = computations.get(called.group(1), []) if called else []
+            kinds = {kind(op, text) for op, text in inner if op != "parameter"}
+            if "conv forward" in kinds and "transpose(jvp" in line:  # the fusion's metadata
+                kinds.add("conv input grad")
+            for k in ("conv kernel grad", "conv input grad", "conv forward", "matmul", "reduction"):
+                if k in kinds:
+                    return k
+            return "data movement" if kinds <= {"data movement"} else "elementwise"
+        if opcode == "convolution":
+            window = re.search(r"window=\{size=(\d+)", line)
+            if window is not None and int(window.group(1)) > 3:  # spans the feature map
+                return "conv kernel grad"
+            return "conv input grad" if "transpose(jvp" in line else "conv forward"
+        if opcode == "dot":
+            return "matmul"
+        if opcode in ("reduce", "reduce-window"):
+            return "reduction"
+        if opcode in _DATA_MOVEMENT:
+            return "data movement"
+        if opcode in ("while", "conditional", "call"):
+            return "control"  # its body's thunks are traced on their own
+        return "elementwise"
+
+    names = {}
+    for instructions in computations.values():
+        for opcode, line in instructions:
+            names[_INSTRUCTION.match(line).group(1)] = kind(opcode, line)
+    return names
+
+
+def torch_kind(name: str) -> str:
+    for kind, pattern in TORCH_KINDS:
         if pattern.search(name):
             return kind
-    return "other"
+    return "elementwise"
 
 
-def _args(ns, batch: int):
+def _args(ns, batch: int) -> argparse.Namespace:
     return argparse.Namespace(
         device="cpu",
         precision="fp32",
@@ -68,84 +117,61 @@ def profile_ours(ns, batch: int) -> tuple[dict[str, float], float, dict[str, flo
     """({kind: ms per step}, wall ms per step, {op: ms per step}) of our train step."""
     import jax
 
-    parts, _ = vs_diffusers.ours_worker(_args(ns, batch), {"kind": "train", "batch": batch})
+    executables: dict = {}
+    case = {"kind": "train", "batch": batch}
+    parts, _ = vs_diffusers.ours_worker(_args(ns, batch), case, executables)
+    kinds_of = hlo_kinds(executables["step"].as_text())
     step = parts["step"]
     for _ in range(2):
         jax.block_until_ready(step())
+    start = time.perf_counter()
+    for _ in range(ns.steps):
+        jax.block_until_ready(step())
+    wall = (time.perf_counter() - start) * 1e3 / ns.steps
     with tempfile.TemporaryDirectory() as logdir:
-        start = time.perf_counter()
         with jax.profiler.trace(logdir, create_perfetto_trace=True):
             for _ in range(ns.steps):
                 jax.block_until_ready(step())
-        wall = (time.perf_counter() - start) * 1e3 / ns.steps
-        (path,) = glob.glob(os.path.join(logdir, "**", "*perfetto_trace.json.gz"), recursive=True)
+        (path,) = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True)
         with gzip.open(path) as f:
             trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     per_op: dict[str, float] = collections.defaultdict(float)
-    for e in events:
-        if e.get("ph") != "X" or "dur" not in e:
-            continue
-        name = e.get("name", "")
-        args = e.get("args", {}) or {}
-        # XLA:CPU's thunks are the leaf events of the step; the executable's own span and
-        # Python's are skipped.
-        if "hlo_op" in args or "long_name" in args or _is_thunk(name):
-            per_op[args.get("hlo_op", name)] += e["dur"] / 1e3 / ns.steps
+    for e in events:  # the thunks: the events that name their HLO instruction
+        op = (e.get("args") or {}).get("hlo_op")
+        if e.get("ph") == "X" and op is not None and kinds_of.get(op) != "control":
+            per_op[op] += e["dur"] / 1e3 / ns.steps
     kinds: dict[str, float] = collections.defaultdict(float)
     for op, ms in per_op.items():
-        kinds[kind_of(op, XLA_KINDS)] += ms
+        kinds[kinds_of.get(op, "other")] += ms
     return dict(kinds), wall, dict(per_op)
-
-
-def _is_thunk(name: str) -> bool:
-    return bool(re.match(r"^[a-z][a-z0-9_\-.]*\.\d+$|^(fusion|convolution|dot|copy|transpose)", name))
 
 
 def profile_torch(ns, batch: int) -> tuple[dict[str, float], float, dict[str, float]]:
     """({kind: ms per step}, wall ms per step, {op: ms per step}) of torch's eager step."""
     import torch
 
-    parts, _ = vs_diffusers.torch_worker(_args(ns, batch), {"kind": "train", "batch": batch}, "eager")
+    case = {"kind": "train", "batch": batch}
+    parts, _ = vs_diffusers.torch_worker(_args(ns, batch), case, "eager")
     step = parts["step"]
     for _ in range(2):
         step()
-    activities = [torch.profiler.ProfilerActivity.CPU]
     start = time.perf_counter()
-    with torch.profiler.profile(activities=activities) as prof:
+    for _ in range(ns.steps):
+        step()
+    wall = (time.perf_counter() - start) * 1e3 / ns.steps
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(ns.steps):
             step()
-    wall = (time.perf_counter() - start) * 1e3 / ns.steps
     per_op = {
-        a.key: a.self_cpu_time_total / 1e3 / ns.steps for a in prof.key_averages() if a.self_cpu_time_total
+        a.key: a.self_cpu_time_total / 1e3 / ns.steps
+        for a in prof.key_averages()
+        if a.self_cpu_time_total
     }
     kinds: dict[str, float] = collections.defaultdict(float)
     for op, ms in per_op.items():
-        kinds[kind_of(op, TORCH_KINDS)] += ms
+        kinds[torch_kind(op)] += ms
     return dict(kinds), wall, per_op
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs.mnist")
-    parser.add_argument("--batches", default="64,256")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--torch-threads", type=int, default=os.cpu_count())
-    parser.add_argument("--top", type=int, default=12, help="ops listed per side and batch")
-    ns = parser.parse_args()
-    rows: list[dict[str, Any]] = []
-    for batch in map(int, ns.batches.split(",")):
-        for side, fn in (("ours", profile_ours), ("torch", profile_torch)):
-            kinds, wall, per_op = fn(ns, batch)
-            traced = sum(kinds.values())
-            for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
-                row = dict(side=side, batch=batch, kind=kind, ms_per_step=round(ms, 2),
-                           share=round(ms / traced, 3), step_ms=round(wall, 1))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-            top = sorted(per_op.items(), key=lambda kv: -kv[1])[: ns.top]
-            print(json.dumps(dict(side=side, batch=batch, top_ops={k: round(v, 2) for k, v in top})), flush=True)
-    print(table(rows))
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -160,8 +186,38 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     walls = {(r["side"], r["batch"]): r["step_ms"] for r in rows}
     cells = [f"{walls.get((s, b), 0):.1f}" for b in batches for s in ("ours", "torch")]
-    lines.append("| **step (wall)** | " + " | ".join(cells) + " |")
+    lines.append("| **step, wall, untraced** | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs.mnist")
+    parser.add_argument("--batches", default="64,256")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    parser.add_argument("--top", type=int, default=8, help="operations listed per side, batch")
+    ns = parser.parse_args()
+    rows: list[dict[str, Any]] = []
+    for batch in map(int, ns.batches.split(",")):
+        for side, fn in (("ours", profile_ours), ("torch", profile_torch)):
+            kinds, wall, per_op = fn(ns, batch)
+            traced = sum(kinds.values())
+            for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
+                row = dict(
+                    side=side,
+                    batch=batch,
+                    kind=kind,
+                    ms_per_step=round(ms, 2),
+                    share=round(ms / traced, 3),
+                    step_ms=round(wall, 1),
+                )
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            top = sorted(per_op.items(), key=lambda kv: -kv[1])[: ns.top]
+            top_ops = {k: round(v, 2) for k, v in top}
+            print(json.dumps(dict(side=side, batch=batch, top_ops=top_ops)), flush=True)
+    print(table(rows))
 
 
 if __name__ == "__main__":

@@ -145,8 +145,9 @@ def _calibrate(fn, round_seconds: float, sync) -> int:
     return max(1, math.ceil(round_seconds / max(once, 1e-6)))
 
 
-def ours_worker(args, case) -> tuple[dict, dict]:
-    """(parts: name -> fn doing one call, info). JAX on args.device."""
+def ours_worker(args, case, executables: dict | None = None) -> tuple[dict, dict]:
+    """(parts: name -> fn doing one call, info). JAX on args.device. `executables`, if given,
+    receives each part's compiled executable (bench.profile_cpu reads their HLO)."""
     import jax
     import jax.numpy as jnp
 
@@ -170,6 +171,8 @@ def ours_worker(args, case) -> tuple[dict, dict]:
         lowered = fn.lower(*call)
         out = lowered.compile()
         compile_s[name] = round(time.perf_counter() - start, 2)
+        if executables is not None:
+            executables[name] = out
         flops[name] = (lowered.cost_analysis() or {}).get("flops")
         return out
 
