@@ -119,9 +119,9 @@ def edit_from_workdir(config: ml_collections.ConfigDict, workdir: str, mode: str
     else:
         options, arrays = dict(strength=e.strength), {"init": jnp.asarray(x)[None]}
         shown = [x]
+    cond = _condition(config, input_label, n)
     sampler = objective.sampler(n, **options)
     params, step = generate.restore(objective, workdir, mesh)
-    cond = _condition(config, input_label, n)
     print(
         f"{mode}: {n} results with {s.method}, {s.num_steps} steps, guidance "
         f"{s.guidance_scale}, from the EMA parameters of step {step}",

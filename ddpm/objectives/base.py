@@ -76,8 +76,8 @@ class Objective(abc.ABC):
         return build.restore_ema_into(self.config, workdir, self.placed_params(mesh))
 
     def export(self, workdir: str, ema_params: Any) -> None:
-        """Writes what the objective exports beside each checkpoint, from the EMA parameters
-        (host arrays; process 0). Default: nothing."""
+        """Writes what the objective exports into `workdir` at each checkpoint, from the EMA
+        parameters (the train state's arrays; called on process 0). Default: nothing."""
         del workdir, ema_params
 
     def init_carry(self, params: Any) -> Any:
