@@ -359,41 +359,40 @@ def _sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def test_lora_fine_tune_on_a_captioned_folder(tmp_path):
-    """configs/sd_lora.py on the tiny SD 1.x pipeline and a captioned folder: only the rank-4
-    adapters (56 attention projections) are in the checkpoints; the pipeline's U-Net file is
-    unchanged and the frozen base equals a fresh conversion bit for bit; the loss on fixed
-    draws of the folder falls; a run resumed at step 12 ends where the run it was copied from
-    does at 24; the exported pytorch_lora_weights.safetensors holds the trained adapters, and
-    merging it into the base gives the weights the workdir samples with."""
+def _lora_run(tmp_path) -> tuple:
+    """configs/sd_lora.py on the tiny SD 1.x pipeline and a captioned folder, 24 steps at
+    1e-2 without grids -> (config, workdir, the U-Net file's sha256 before)."""
     folder = os.path.join(ASSETS, "sd15")
     images = _captioned_images(tmp_path / "images")
-    unet_file = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
-    before = _sha256(unet_file)
+    before = _sha256(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
     spec = importlib.util.spec_from_file_location("sd_lora", f"{ROOT}/configs/sd_lora.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     config = recipe.get_config(f"{folder},{images}")  # as --config=configs/sd_lora.py:...
     assert config.sample.prompt == "a red disc" and config.lora.rank == 4
     config.training.update(num_steps=24, checkpoint_every=12, sample_every=0, learning_rate=1e-2)
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train.train_and_evaluate(config, straight)  # what --mode=train runs
-    shutil.copytree(straight, resumed, ignore=shutil.ignore_patterns("24"))  # stopped at 12
-    train.train_and_evaluate(config, resumed)
-    assert _sha256(unet_file) == before
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir)  # what --mode=train runs
+    return config, workdir, before
 
+
+def test_lora_fine_tune_on_a_captioned_folder(tmp_path):
+    """Only the rank-4 adapters (56 attention projections) are in the checkpoints; the
+    pipeline's U-Net file is unchanged and the frozen base equals a fresh conversion bit for
+    bit; the loss on fixed draws of the folder falls; the exported
+    pytorch_lora_weights.safetensors holds the trained adapters, and merging it into the base
+    gives the weights the workdir samples with."""
+    config, workdir, before = _lora_run(tmp_path)
+    folder = config.pretrained.path
+    assert _sha256(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")) == before
     mesh = build.mesh(config)
-    objective = objectives.create(config, workdir=straight, mesh=mesh)
+    objective = objectives.create(config, workdir=workdir, mesh=mesh)
     fresh = pretrained.load(folder).params
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(objective.frozen["base"]), fresh)
-    target = objective.placed_params(mesh)
-    adapters = {}
-    for workdir in (straight, resumed):
-        adapters[workdir], step = build.restore_ema_into(config, workdir, target)
-        assert step == 24
-    jax.tree.map(np.testing.assert_array_equal, adapters[straight], adapters[resumed])
-    trained = lora_objective.flatten(jax.device_get(adapters[straight]))
-    assert len(trained) == 56 and sum(a.size for a in jax.tree.leaves(trained)) == 6720
+    adapters, step = build.restore_ema_into(config, workdir, objective.placed_params(mesh))
+    trained = lora_objective.flatten(jax.device_get(adapters))
+    assert step == 24 and len(trained) == 56
+    assert sum(a.size for a in jax.tree.leaves(trained)) == 6720
 
     # The loss of the folder's 4 images at 16 fixed (t, noise) draws each: with the base
     # model (what training starts from) and with the trained adapters.
@@ -401,20 +400,19 @@ def test_lora_fine_tune_on_a_captioned_folder(tmp_path):
     batch = next(data.create_dataset(config, "train", batch_size=4, seed=0, shuffle=False))
     batch = conditioning.attach_captions(batch, conditioning.caption_table(config, info))
     keys = jax.random.split(jax.random.key(7), 16)
-
     losses = jax.jit(jax.vmap(objective.loss, in_axes=(None, None, None, 0)))
 
     def mean_loss(params):
         return float(np.mean(losses(params, objective.frozen, batch, keys)[0]))
 
-    start = mean_loss(jax.tree.map(jnp.zeros_like, adapters[straight]))  # B = 0: the base
-    end = mean_loss(adapters[straight])
+    start = mean_loss(jax.tree.map(jnp.zeros_like, adapters))  # B = 0: the base
+    end = mean_loss(adapters)
     assert end < 0.9 * start, (start, end)
 
-    exported, scale = lora.read(os.path.join(straight, "pytorch_lora_weights.safetensors"))
+    exported, scale = lora.read(os.path.join(workdir, "pytorch_lora_weights.safetensors"))
     assert scale == 1.0 and exported.keys() == trained.keys()
     jax.tree.map(np.testing.assert_array_equal, exported, trained)
-    sampled, _ = generate.restore(objective, straight, mesh)  # merged in a compiled call
+    sampled, _ = generate.restore(objective, workdir, mesh)  # merged in a compiled call
     expected = lora.merge(fresh, exported, scale, objective.table)  # op by op
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
@@ -423,12 +421,27 @@ def test_lora_fine_tune_on_a_captioned_folder(tmp_path):
     )
 
 
+@pytest.mark.slow
+def test_lora_run_resumes_exactly(tmp_path):
+    """A copy of the LoRA run stopped at its step-12 checkpoint, resumed, ends where the run
+    does at 24, bit for bit (adapters, optimizer state and data position restored; the base
+    converted again)."""
+    config, workdir, _ = _lora_run(tmp_path)
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(workdir, resumed, ignore=shutil.ignore_patterns("24"))
+    train.train_and_evaluate(config, resumed)
+    mesh = build.mesh(config)
+    target = objectives.create(config, workdir=workdir, mesh=mesh).placed_params(mesh)
+    ends = [build.restore_ema_into(config, w, target)[0] for w in (workdir, resumed)]
+    jax.tree.map(np.testing.assert_array_equal, *jax.device_get(ends))
+
+
 def test_img2img_and_inpaint_a_latent_pipeline_with_a_prompt(tmp_path):
     """--mode=inpaint / img2img of an imported pipeline edit its latents: the input PNG is
     encoded, the mask min-pooled to the latents, the prompt encoded, the results decoded.
-    A mask that keeps every pixel gives the VAE's reconstruction of the input (the last
-    replacement sets the latents to the input's); SDEdit at strength 2/3 (2 of 3 steps)
-    changes it, by the prompt."""
+    A mask that keeps every pixel, and SDEdit at a strength that keeps no step, give the
+    VAE's reconstruction of the input; regenerating the left half changes it (one compiled
+    inpainting sampler for both masks)."""
     folder = os.path.join(ASSETS, "sd15")
     workdir = str(tmp_path / "run")
     config = pretrained.config_for(folder)
@@ -443,8 +456,7 @@ def test_img2img_and_inpaint_a_latent_pipeline_with_a_prompt(tmp_path):
         png = editing.edit_from_workdir(config, workdir, mode)
         return np.load(png.replace(".png", ".npz"))["images"][-2:].astype(np.float32)
 
-    kept = results("inpaint")
-    objective, mesh = generate.prepare(config, workdir)
+    objective, _ = generate.prepare(config, workdir)
     x, _ = editing.load_input(config)
     stage1 = objective.stage1_apply
     scale = objective.config.latent.scale_factor
@@ -453,9 +465,8 @@ def test_img2img_and_inpaint_a_latent_pipeline_with_a_prompt(tmp_path):
     )
     decoded = latent.decode_latents(stage1, objective.frozen, latents, scale_factor=scale)
     expected = np.round(np.clip(np.asarray(decoded[0]) / 2 + 0.5, 0, 1) * 255)
-    assert np.abs(kept - expected).max() <= 1  # uint8 rounding of the same image
-    config.edit.strength = 2 / 3
-    edited = results("img2img")
-    assert np.abs(edited - expected).mean() > 5
-    config.sample.prompt = "a blue disc"
-    assert np.abs(results("img2img") - edited).mean() > 1
+    assert np.abs(results("inpaint") - expected).max() <= 1  # uint8 rounding of one image
+    config.edit.strength = 0.2  # floor(0.2 * 3) = 0 steps: the encoded input, decoded
+    assert np.abs(results("img2img") - expected).max() <= 1
+    config.edit.mask = "left_half"
+    assert np.abs(results("inpaint") - expected).mean() > 5
