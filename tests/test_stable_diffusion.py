@@ -436,6 +436,7 @@ def test_lora_run_resumes_exactly(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, *jax.device_get(ends))
 
 
+@pytest.mark.slow  # 30 s of compiling: kept out of CI's 15 minutes (-m slow runs it)
 def test_img2img_and_inpaint_a_latent_pipeline_with_a_prompt(tmp_path):
     """--mode=inpaint / img2img of an imported pipeline edit its latents: the input PNG is
     encoded, the mask min-pooled to the latents, the prompt encoded, the results decoded.
