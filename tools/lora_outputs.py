@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm import pretrained
-from ddpm.config import runs
-from ddpm.pretrained import lora, unet2d_condition
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ddpm import pretrained  # noqa: E402
+from ddpm.pretrained import lora  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
@@ -28,10 +29,8 @@ def main(argv: list[str]) -> None:
         sys.exit(__doc__)
     folder, lora_file, out = argv[1:]
     converted = pretrained.load(folder)
-    config = converted.config
-    table = unet2d_condition.rules(config.model, runs.input_shape(config)[0], {})
     adapters, scale = lora.read(lora_file)
-    merged = lora.merge(converted.params, adapters, scale, table)
+    merged = lora.merge(converted.params, adapters, scale, lora.unet_table(converted.config))
     golden = np.load(os.path.join(folder, "golden.npz"))
     context = golden["text_last"]
     cond = {"context": jnp.asarray(context), "context_mask": jnp.ones(context.shape[:2], bool)}

@@ -26,10 +26,9 @@ import numpy as np
 from flax import traverse_util
 
 from ddpm import sharding
-from ddpm.config import runs
 from ddpm.errors import UserError
 from ddpm.objectives.base import Array, Batch, Objective
-from ddpm.pretrained import lora, unet2d_condition
+from ddpm.pretrained import lora
 from ddpm.pretrained.layout import Rule
 
 EXPORT_FILE = "pytorch_lora_weights.safetensors"
@@ -71,12 +70,21 @@ def flatten(tree: Any) -> lora.Adapters:
 class LoRA(Objective):
     """inner: the pipeline run's objective (latent diffusion); frozen: {"base": the U-Net's
     weights, "inner": what `inner` keeps frozen}; table: the converter's rules of the U-Net;
-    modules: the adapted diffusers modules; scale: alpha / rank."""
+    modules: the adapted diffusers modules."""
 
     inner: Objective
     table: list[Rule]
     modules: tuple[str, ...]
-    scale: float
+
+    @property
+    def alpha(self) -> float:
+        """config.lora.alpha, which defaults to the rank."""
+        return self.config.lora.alpha or self.config.lora.rank
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank, the factor of B A."""
+        return self.alpha / self.config.lora.rank
 
     def merged(self, params: Any, base: Any) -> Any:
         """The U-Net's weights `base` with the adapters `params` merged (traceable)."""
@@ -128,9 +136,8 @@ class LoRA(Objective):
         """`pytorch_lora_weights.safetensors` of the EMA adapters (written, then renamed);
         they are replicated, so this process's copy is all of them."""
         path = os.path.join(workdir, EXPORT_FILE)
-        alpha = self.scale * self.config.lora.rank
         adapters = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), flatten(ema_params))
-        lora.write(path + ".tmp", adapters, alpha)
+        lora.write(path + ".tmp", adapters, self.alpha)
         os.replace(path + ".tmp", path)
 
 
@@ -142,7 +149,7 @@ def create(inner: Objective, mesh: jax.sharding.Mesh) -> LoRA:
 
     config = inner.config
     lo = config.lora
-    table = unet2d_condition.rules(config.model, runs.input_shape(config)[0], {})
+    table = lora.unet_table(config)
     modules = adapted_modules(table, tuple(lo.targets))
     base = pretrained.load(config.pretrained.path).params
     base = jax.tree.map(lambda w: w.astype(jnp.dtype(lo.base_dtype)), base)
@@ -157,7 +164,6 @@ def create(inner: Objective, mesh: jax.sharding.Mesh) -> LoRA:
         inner=inner,
         table=table,
         modules=modules,
-        scale=(lo.alpha or lo.rank) / lo.rank,
     )
     shapes = jax.eval_shape(objective.init_params, jax.random.key(0))
     print(

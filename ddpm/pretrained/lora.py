@@ -90,6 +90,12 @@ def write(path: str, adapters: Adapters, alpha: float) -> None:
     save_file(tensors, path, metadata={"format": "pt", METADATA: json.dumps(settings)})
 
 
+def unet_table(config: Any) -> list[Rule]:
+    """The converter's table (`unet2d_condition.rules`) of the Stable Diffusion U-Net that
+    `config.model` describes: which of our parameters each diffusers module is."""
+    return unet2d_condition.rules(config.model, runs.input_shape(config)[0], {})
+
+
 def owners(table: list[Rule]) -> dict[str, tuple[str, int, int]]:
     """{diffusers module: (our kernel's path "a/b/kernel", its part of the columns, number of
     parts)} of the converter's dense layers (`table`); k and v share one kernel of ours."""
@@ -140,8 +146,7 @@ def apply_to(config: Any, params: Any) -> Any:
             "(an imported pipeline)"
         )
     adapters, scale = read(path)
-    table = unet2d_condition.rules(config.model, runs.input_shape(config)[0], {})
     host = jax.device_get(params)
-    merged = merge(host, adapters, scale * config.pretrained.lora_scale, table)
+    merged = merge(host, adapters, scale * config.pretrained.lora_scale, unet_table(config))
     shardings = jax.tree.map(lambda leaf: leaf.sharding, params)
     return jax.device_put(merged, shardings)
