@@ -45,7 +45,8 @@ def sampler(objective, batch: int, **sample):
     config = objective.config.copy_and_resolve_references()
     config.sample.update(sample)
     shape = (batch, *objective.input_shape)
-    return jax.jit(build.sampler(config, objective.apply, objective.process, shape))
+    fn = build.sampler(config, objective.apply, objective.process, shape)
+    return jax.jit(fn, compiler_options=objective.speed.compiler_options)
 
 
 def python_loop_ddim(model_fn, schedule, params, x_T, labels, num_steps, prediction):

@@ -155,6 +155,7 @@ def sampler(
         churn=s.churn,
         batch_sharding=None if mesh is None else sharding.sample_sharding(mesh, shape[0]),
         guide_model_fn=guide.process.denoiser(guide_fn) if guidance and guide else None,
+        compiler_options=run_runtime(config).compiler_options,
         **edit,
     )
     if guidance and guide is not None:

@@ -8,7 +8,10 @@ outputs (up to float summation order):
   (XLA:CPU's kernel gradient slows down sharply with batch size);
 - `group_norm`: group normalisation with a hand-written two-pass gradient (reverse mode only).
 On GPU/TPU neither is used. `Runtime.init_key` picks the PRNG of parameter initialisation
-("rbg" compiles initialisers 3-4x faster on CPU).
+("rbg" compiles initialisers 3-4x faster on CPU). `Runtime.compiler_options` are the XLA
+options the train step and the samplers are compiled with: on an AVX-512 CPU they turn
+XLA:CPU's YNNPACK fusions off, so convolutions run on XLA's own (Eigen) kernels, whose
+gradients are 1.5x faster there (bench/README.md).
 """
 
 import dataclasses
@@ -25,19 +28,30 @@ from jax import lax
 
 Array = jax.Array
 # Examples per kernel-gradient chunk on a single CPU device: the MNIST batch-64 step is 1.28x
-# faster with 16 (bench/README.md); batches of at most 16 are unaffected.
+# faster with 16 with YNNPACK's convolutions (bench/README.md); batches of at most 16 are
+# unaffected. XLA's own convolutions are faster unchunked.
 CPU_CONV_GRAD_CHUNK = 16
+# The XLA option that keeps XLA:CPU from handing convolutions (and matmuls, elementwise
+# fusions) to YNNPACK: an empty list of fusion kinds.
+NO_YNNPACK = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
     """`config.runtime` resolved for a platform: conv_grad_chunk (0 = plain convolutions),
-    fast_group_norm, init_key ("rbg" | "threefry"), async_checkpoint."""
+    fast_group_norm, init_key ("rbg" | "threefry"), async_checkpoint, cpu_kernels ("ynnpack":
+    XLA:CPU's default, "xla": without its YNNPACK fusions)."""
 
     conv_grad_chunk: int = 0
     fast_group_norm: bool = False
     init_key: str = "threefry"
     async_checkpoint: bool = True
+    cpu_kernels: str = "ynnpack"
+
+    @property
+    def compiler_options(self) -> dict[str, str] | None:
+        """`jax.jit(..., compiler_options=)` of the train step and the samplers."""
+        return dict(NO_YNNPACK) if self.cpu_kernels == "xla" else None
 
     def config_values(self) -> dict[str, Any]:
         """The `config.runtime` fields that resolve to this Runtime on any platform."""
@@ -46,22 +60,41 @@ class Runtime:
             "group_norm": "fast" if self.fast_group_norm else "flax",
             "init_key": self.init_key,
             "async_checkpoint": self.async_checkpoint,
+            "cpu_kernels": self.cpu_kernels,
         }
 
 
+def host_has_avx512() -> bool:
+    """Whether this machine's CPU has AVX-512 (Linux's /proc/cpuinfo; False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
 def resolve(
-    runtime: ml_collections.ConfigDict, platform: str | None = None, num_devices: int | None = None
+    runtime: ml_collections.ConfigDict,
+    platform: str | None = None,
+    num_devices: int | None = None,
+    avx512: bool | None = None,
 ) -> Runtime:
     """`config.runtime` with its "auto" / None values decided for `platform` (default: that of
-    jax.devices()) and the device count: the CPU speed-ups only on CPU, kernel-gradient
-    chunking only on a single CPU device (on a mesh each chunk's gradient would be
-    all-reduced on its own)."""
+    jax.devices()), the device count and the CPU (`avx512`, default: this host's): the CPU
+    speed-ups only on CPU; XLA's own kernels (no YNNPACK) on an AVX-512 CPU, measured faster
+    there (an AVX2 CPU keeps YNNPACK until measured); kernel-gradient chunking only on a
+    single CPU device with YNNPACK (on a mesh each chunk's gradient would be all-reduced on
+    its own)."""
     platform = platform or jax.devices()[0].platform
     num_devices = jax.device_count() if num_devices is None else num_devices
     cpu = platform == "cpu"
+    kernels = runtime.cpu_kernels
+    if kernels == "auto":
+        avx512 = host_has_avx512() if avx512 is None else avx512
+        kernels = "xla" if cpu and avx512 else "ynnpack"
     chunk = runtime.conv_grad_chunk
     if chunk is None:
-        chunk = CPU_CONV_GRAD_CHUNK if cpu and num_devices == 1 else 0
+        chunk = CPU_CONV_GRAD_CHUNK if cpu and num_devices == 1 and kernels == "ynnpack" else 0
     group_norm = runtime.group_norm
     init_key = runtime.init_key
     return Runtime(
@@ -69,7 +102,29 @@ def resolve(
         fast_group_norm=group_norm == "fast" or (group_norm == "auto" and cpu),
         init_key=("rbg" if cpu else "threefry") if init_key == "auto" else init_key,
         async_checkpoint=bool(runtime.async_checkpoint),
+        cpu_kernels=kernels,
     )
+
+
+def jit(fn: Callable[..., Any], compiler_options: dict[str, str] | None, **jit_kwargs) -> Any:
+    """`jax.jit(fn, **jit_kwargs)` compiled with `compiler_options` (a Runtime's) when called
+    at the top level. JAX refuses compiler options on a jit nested in another: called with
+    traced arguments (inside a user's `jax.jit`), the result is the plain jit, compiled with
+    the outer one's options. `.lower` lowers the top-level version; `._cache_size()` counts
+    both versions' compiles."""
+    plain = jax.jit(fn, **jit_kwargs)
+    if not compiler_options:
+        return plain
+    tuned = jax.jit(fn, compiler_options=compiler_options, **jit_kwargs)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nested = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs)))
+        return (plain if nested else tuned)(*args, **kwargs)
+
+    call.lower = tuned.lower
+    call._cache_size = lambda: tuned._cache_size() + plain._cache_size()  # compile-once tests
+    return call
 
 
 def init_key(rng: Array, runtime: Runtime) -> Array:

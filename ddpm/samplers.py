@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm import processes
+from ddpm import processes, runtime
 from ddpm.diffusion import (
     PREDICTIONS,
     VARIANCES,
@@ -661,6 +661,7 @@ def make_sampler(
     guidance: bool = False,
     batch_sharding: jax.sharding.Sharding | None = None,
     guide_model_fn: Callable[[Any, Array, Array, Array | None], Array] | None = None,
+    compiler_options: dict[str, str] | None = None,
     **options: Any,
 ) -> Callable[..., Array]:
     """A jitted `fn(params, rng, labels=None, guidance_scale=None, *, known=None, mask=None,
@@ -673,6 +674,7 @@ def make_sampler(
     `batch_sharding`: the samples' layout (see `sample`), e.g. split over a mesh's devices.
     `guide_model_fn(guide_params, x_t, t, labels)`: autoguidance by a weaker model (`sample`'s
     guide_fn); fn's params are then the pair (params, guide_params).
+    `compiler_options`: XLA's, for a top-level call (`ddpm.runtime.jit`).
     """
     for name in ("guidance_scale", "labels", "known", "mask", "init"):
         if name in options:
@@ -713,5 +715,5 @@ def make_sampler(
         )
 
     if batch_sharding is None:
-        return jax.jit(run)
-    return jax.jit(run, out_shardings=batch_sharding)
+        return runtime.jit(run, compiler_options)
+    return runtime.jit(run, compiler_options, out_shardings=batch_sharding)

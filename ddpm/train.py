@@ -21,7 +21,17 @@ import ml_collections
 import optax
 from jax.experimental import multihost_utils
 
-from ddpm import build, checkpoint, conditioning, data, objectives, phema, posthoc_ema, sharding
+from ddpm import (
+    build,
+    checkpoint,
+    conditioning,
+    data,
+    objectives,
+    phema,
+    posthoc_ema,
+    runtime,
+    sharding,
+)
 from ddpm.config import runs, validation
 from ddpm.errors import UserError
 from ddpm.objectives import Objective
@@ -192,8 +202,9 @@ def make_train_step(
     """
     step = functools.partial(train_step, objective=objective, tx=tx, lr_fn=lr_fn)
     state_shardings = _shardings(abstract_train_state(objective, tx, mesh))
-    return jax.jit(
+    return runtime.jit(
         step,
+        objective.speed.compiler_options,
         in_shardings=(state_shardings, sharding.batch_sharded(mesh), sharding.replicated(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,

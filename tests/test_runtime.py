@@ -123,27 +123,59 @@ def test_chunked_kernel_grad_equals_one_convolution(
     assert str(jaxpr).count("conv_general_dilated[") == expected
 
 
+XLA = "xla"
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
 @pytest.mark.parametrize(
-    "platform,devices,overrides,expected",
+    "platform,devices,avx512,overrides,expected",
     [
-        ("cpu", 1, {}, runtime.Runtime(16, True, "rbg")),
-        ("cpu", 4, {}, runtime.Runtime(0, True, "rbg")),  # no per-chunk all-reduces on a mesh
-        ("gpu", 1, {}, runtime.Runtime(0, False, "threefry")),
-        ("tpu", 8, {}, runtime.Runtime(0, False, "threefry")),
+        ("cpu", 1, False, {}, runtime.Runtime(16, True, "rbg")),
+        ("cpu", 4, False, {}, runtime.Runtime(0, True, "rbg")),  # no per-chunk all-reduces
+        ("cpu", 1, True, {}, runtime.Runtime(0, True, "rbg", cpu_kernels=XLA)),
+        ("cpu", 1, True, {"cpu_kernels": "ynnpack"}, runtime.Runtime(16, True, "rbg")),
+        ("cpu", 1, False, {"cpu_kernels": XLA}, runtime.Runtime(0, True, "rbg", cpu_kernels=XLA)),
+        ("gpu", 1, True, {}, runtime.Runtime(0, False, "threefry")),
+        ("tpu", 8, False, {}, runtime.Runtime(0, False, "threefry")),
         (
             "cpu",
             1,
+            False,
             {"conv_grad_chunk": 0, "group_norm": "flax", "init_key": "threefry"},
             runtime.Runtime(0, False, "threefry"),
         ),
-        ("gpu", 1, {"conv_grad_chunk": 8, "group_norm": "fast"}, runtime.Runtime(8, True)),
-        ("gpu", 1, {"async_checkpoint": False}, runtime.Runtime(async_checkpoint=False)),
+        ("gpu", 1, False, {"conv_grad_chunk": 8, "group_norm": "fast"}, runtime.Runtime(8, True)),
+        ("gpu", 1, False, {"async_checkpoint": False}, runtime.Runtime(async_checkpoint=False)),
     ],
 )
-def test_runtime_resolves_by_platform(platform, devices, overrides, expected):
+def test_runtime_resolves_by_platform(platform, devices, avx512, overrides, expected):
     section = schema.get_config().runtime
     section.update(overrides)
-    assert runtime.resolve(section, platform, devices) == expected
+    assert runtime.resolve(section, platform, devices, avx512) == expected
+
+
+def test_xla_kernels_compile_without_ynnpack_and_agree():
+    """cpu_kernels="xla": a compiled convolution gradient has no YNNPACK fusion (the default
+    has them on an x86 CPU) and the same values as the default's; `runtime.jit` nests."""
+    lhs = jax.random.normal(jax.random.key(0), (4, 8, 8, 32))
+    rhs = jax.random.normal(jax.random.key(1), (3, 3, 32, 32)) / 17
+
+    def loss(x, k):
+        y = lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=NHWC)
+        return jnp.sum(jnp.tanh(y) ** 2)
+
+    grads = {}
+    for kernels in ("ynnpack", XLA):
+        options = runtime.Runtime(cpu_kernels=kernels).compiler_options
+        fn = runtime.jit(jax.grad(loss, argnums=(0, 1)), options)
+        text = fn.lower(lhs, rhs).compile().as_text()
+        assert ("__ynn_fusion" in text) == (kernels == "ynnpack"), kernels
+        grads[kernels] = fn(lhs, rhs)
+        # Inside a user's jit (where JAX refuses compiler options) it is the plain jit.
+        nested = jax.jit(lambda x, k, fn=fn: fn(x, k))
+        assert "__ynn_fusion" in nested.lower(lhs, rhs).compile().as_text()
+    for a, b in zip(grads[XLA], grads["ynnpack"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
 
 
 def test_wrap_is_the_identity_without_speedups():

@@ -37,6 +37,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 RECON_LOSSES = ("l1", "l2")
 GROUP_NORMS = ("auto", "fast", "flax")
 INIT_KEYS = ("auto", "rbg", "threefry")
+CPU_KERNELS = ("auto", "ynnpack", "xla")
 
 
 def _fmt(values: Iterable) -> str:
@@ -604,6 +605,7 @@ def _validate_runtime(config: ml_collections.ConfigDict) -> None:
     choice(config, "runtime.group_norm", GROUP_NORMS)
     choice(config, "runtime.init_key", INIT_KEYS)
     choice(config, "runtime.async_checkpoint", (True, False))
+    choice(config, "runtime.cpu_kernels", CPU_KERNELS)
 
 
 EVAL_METRICS = ("bpd", "fd", "accuracy", "pr", "fid")
