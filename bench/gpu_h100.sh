@@ -11,8 +11,8 @@
 # end (its workers are killed; lines it already wrote stay). For a dry run of this script on
 # a CPU: BENCH_DEVICE=cpu BENCH_CONFIG=configs.mnist PYTHON=/path/to/venv/bin/python, with a
 # budget of about 1500 s; there torch's CUDA-graph variant (compile-ro) becomes plain compile,
-# bf16 becomes fp32 (bf16 is emulated on these CPUs) and max_batch predicts without running
-# (a CPU swaps instead of running out of memory).
+# bf16 becomes fp32 (bf16 is emulated on these CPUs) and max_batch predicts for 24 GiB
+# without running (a CPU swaps instead of running out of memory).
 set -uo pipefail
 deadline=$((SECONDS + ${1:-540}))
 py=${PYTHON:-python3}
@@ -21,7 +21,7 @@ config=${BENCH_CONFIG:-configs.cifar10_ddpm}
 dir=${OUT:-.}
 ro=compile-ro precision=bf16 run=--run
 if [ "$device" = cpu ]; then
-  ro=compile precision=fp32 run=
+  ro=compile precision=fp32 run=--memory-gib=24  # a CPU reports no limit: the machine's RAM
 fi
 out=$dir/vs_diffusers_gpu.jsonl
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
