@@ -353,7 +353,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.runtime = ml_collections.ConfigDict()
     # The train step's and samplers' kernels on CPU: "ynnpack" (XLA:CPU's default: YNNPACK
     # fusions for convolutions, matmuls), "xla" (XLA's own, Eigen convolutions), "auto" ("xla"
-    # on an AVX-512 CPU, where the batch-64 step is 1.2x faster and batch 256 1.4x;
+    # on an AVX-512 CPU, where the train step is 1.3x faster at batch 64 and 256;
     # "ynnpack" on other CPUs until measured there). No effect on GPU/TPU.
     config.runtime.cpu_kernels = "auto"
     # Convolution kernel gradients summed over chunks of this many examples (YNNPACK's
