@@ -30,17 +30,9 @@ def measure(ns) -> None:
 
     from bench import vs_diffusers
 
-    load_config = vs_diffusers.load_config
-
-    def with_setting(module, batch, precision):
-        config = load_config(module, batch, precision)
-        config.runtime.update(SETTINGS[ns.setting])
-        return config
-
-    vs_diffusers.load_config = with_setting
     case = vs_diffusers.parse_case(ns.case)
     args = argparse.Namespace(config=ns.config, precision="fp32", breakdown=False, device="cpu")
-    parts, info = vs_diffusers.ours_worker(args, case)
+    parts, info = vs_diffusers.ours_worker(args, case, runtime=SETTINGS[ns.setting])
     (call,) = parts.values()
     for _ in range(2):
         jax.block_until_ready(call())
@@ -66,6 +58,7 @@ def main() -> None:
     if ns.worker:
         measure(ns)
         return
+    from bench import vs_diffusers
     from ddpm import runtime
 
     settings = ns.settings.split(",")
@@ -88,19 +81,11 @@ def main() -> None:
                 case=case,
                 setting=setting,
                 images_s=figures,
-                cpu=_cpu_model(),
+                **vs_diffusers.machine(),
                 avx512=runtime.host_has_avx512(),
                 load_1m=round(os.getloadavg()[0], 2),
             )
             print(json.dumps(line), flush=True)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

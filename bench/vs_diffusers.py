@@ -145,9 +145,12 @@ def _calibrate(fn, round_seconds: float, sync) -> int:
     return max(1, math.ceil(round_seconds / max(once, 1e-6)))
 
 
-def ours_worker(args, case, executables: dict | None = None) -> tuple[dict, dict]:
+def ours_worker(
+    args, case, executables: dict | None = None, runtime: dict | None = None
+) -> tuple[dict, dict]:
     """(parts: name -> fn doing one call, info). JAX on args.device. `executables`, if given,
-    receives each part's compiled executable (bench.profile_cpu reads their HLO)."""
+    receives each part's compiled executable (bench.profile_cpu reads their HLO); `runtime`:
+    `config.runtime` fields set over the recipe's (bench.cpu_kernels)."""
     import jax
     import jax.numpy as jnp
 
@@ -157,6 +160,7 @@ def ours_worker(args, case, executables: dict | None = None) -> tuple[dict, dict
     if args.precision == "fp32":
         jax.config.update("jax_default_matmul_precision", "highest")
     config = load_config(args.config, case["batch"], args.precision)
+    config.runtime.update(runtime or {})
     mesh = build.mesh(config)
     objective = objectives.create(config, workdir=None, mesh=mesh)
     batch = case["batch"]

@@ -64,8 +64,10 @@ class Runtime:
         }
 
 
+@functools.cache
 def host_has_avx512() -> bool:
-    """Whether this machine's CPU has AVX-512 (Linux's /proc/cpuinfo; False elsewhere)."""
+    """Whether this machine's CPU has AVX-512 (Linux's /proc/cpuinfo, read once per process;
+    False elsewhere). `resolve` asks it for every objective and sampler built."""
     try:
         with open("/proc/cpuinfo") as f:
             return any(line.startswith("flags") and " avx512f" in line for line in f)
